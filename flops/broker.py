@@ -1,0 +1,171 @@
+"""The broker behind a small interface: a Mosquitto subprocess (embedded default) or an external URL.
+
+When no broker URL is configured, ``flops broker`` and ``flops manager`` start Mosquitto from PATH with the
+development config of ``mosquitto/dev.conf`` (loopback, anonymous, TCP_NODELAY). A broker that is already
+listening on the default address is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from flops.errors import BrokerStartFailed
+from flops.settings import BrokerAddress
+
+log = structlog.get_logger(__name__)
+
+DEV_CONFIG = """\
+# Written by FLOps for an embedded development broker (see mosquitto/dev.conf).
+per_listener_settings false
+allow_anonymous true
+listener {port} {host}
+protocol mqtt
+set_tcp_nodelay true
+max_inflight_messages 0
+max_queued_messages 1000000
+message_size_limit 1048576
+{persistence}
+log_dest stderr
+log_type error
+log_type warning
+"""
+
+
+class Broker(Protocol):
+    """Something clients can connect to."""
+
+    @property
+    def address(self) -> BrokerAddress: ...
+
+    def stop(self) -> None: ...
+
+
+class ExternalBroker:
+    """A broker someone else runs; we only know its address."""
+
+    def __init__(self, address: BrokerAddress) -> None:
+        self._address = address
+
+    @property
+    def address(self) -> BrokerAddress:
+        return self._address
+
+    def stop(self) -> None:
+        return None
+
+
+class MosquittoBroker:
+    """Mosquitto started from PATH as our child process, with the development config."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        data_dir: Path | None = None,
+        binary: str | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self._binary = binary or shutil.which("mosquitto") or _sbin("mosquitto")
+        if not self._binary:
+            raise BrokerStartFailed(
+                "no mosquitto binary on PATH (apt-get install mosquitto) and no FLOPS_BROKER_URL given"
+            )
+        self.host = host
+        self.port = port or free_port(host)
+        self._dir = Path(tempfile.mkdtemp(prefix="flops-broker-")) if data_dir is None else data_dir
+        self._dir.mkdir(parents=True, exist_ok=True)
+        persistence = (
+            f"persistence true\npersistence_location {self._dir}/\nautosave_interval 5"
+            if data_dir is not None
+            else "persistence false"
+        )
+        config = self._dir / "mosquitto.conf"
+        config.write_text(DEV_CONFIG.format(port=self.port, host=host, persistence=persistence))
+        self._log_path = self._dir / "mosquitto.log"
+        self._log_file = self._log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [self._binary, "-c", str(config)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(host, self.port, start_timeout, self._proc)
+        except BrokerStartFailed:
+            self.stop()
+            tail = self._log_path.read_text(errors="replace")[-2000:]
+            raise BrokerStartFailed(f"mosquitto did not listen on {host}:{self.port}: {tail}") from None
+        log.info("embedded mosquitto started", address=self.address.url, pid=self._proc.pid)
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress(host=self.host, port=self.port)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def wait(self) -> int:
+        return self._proc.wait()
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._log_file.close()
+
+
+def embedded_or_external(url: str | None, address: BrokerAddress, data_dir: Path | None = None) -> Broker:
+    """The broker a server process should use: the configured URL, one already listening, or a new one."""
+    if url:
+        return ExternalBroker(address)
+    if port_open(address.host, address.port):
+        log.info("using the broker already listening", address=address.url)
+        return ExternalBroker(address)
+    return MosquittoBroker(address.host, address.port, data_dir=data_dir)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll until something accepts connections on host:port, the process dies, or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerStartFailed(f"process exited with {proc.returncode}")
+        if port_open(host, port, timeout=0.2):
+            return
+        time.sleep(0.02)  # polling a port that has no event to wait on
+    raise BrokerStartFailed(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+def _sbin(name: str) -> str | None:
+    for candidate in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}"):
+        if Path(candidate).exists():
+            return candidate
+    return None

@@ -1,0 +1,291 @@
+"""The ``flops`` command line: broker, manager, agent, projects, data and the demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from flops import logs
+from flops.errors import FlopsError
+from flops.lifecycle_stages import Outcome, Stage
+from flops.messages import ProjectEvent, ProjectState, describe
+from flops.settings import Settings
+from flops.sla import ProjectSLA
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated-learning operations over MQTT.")
+project_app = typer.Typer(no_args_is_help=True, help="Submit and follow projects.")
+app.add_typer(project_app, name="project")
+
+EXIT_BY_OUTCOME = {Outcome.COMPLETED: 0, Outcome.FAILED: 1, Outcome.CANCELLED: 2}
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj  # type: ignore[no-any-return]
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    broker_url: Annotated[str | None, typer.Option(help="mqtt://host:port or mqtts://… [env FLOPS_BROKER_URL]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where state is kept [env FLOPS_DATA_DIR]")] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto|console|json [env FLOPS_LOG_FORMAT]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error")] = None,
+) -> None:
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "broker_url": broker_url,
+            "data_dir": data_dir,
+            "log_format": log_format,
+            "log_level": log_level,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        Console(stderr=True).print(f"[red]bad setting:[/] {describe(exc)}")
+        raise typer.Exit(78) from None
+    logs.configure(settings.log_format, settings.log_level)
+    ctx.obj = settings
+
+
+# --- servers ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def broker(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback)")] = 1883,
+) -> None:
+    """Start the embedded development broker (Mosquitto from PATH) and keep it running."""
+    from flops.broker import MosquittoBroker
+
+    settings = _settings(ctx)
+    with _errors():
+        running = MosquittoBroker("127.0.0.1", port, data_dir=settings.data_dir / "broker")
+    Console(stderr=True).print(f"broker listening on {running.address.url} (Ctrl-C stops it)")
+    _wait_for_signal(running.wait, running.stop)
+
+
+@app.command()
+def manager(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None, typer.Option(help="SQLite file, or memory:// (default: DATA_DIR/manager.sqlite3)")
+    ] = None,
+) -> None:
+    """Run the manager: owns every project's state machine; resumes unfinished projects at start."""
+    from flops.broker import embedded_or_external
+    from flops.manager import Manager
+    from flops.store import open_store
+    from flops.store_sqlite import SQLiteStore
+
+    settings = _settings(ctx)
+    with _errors():
+        address = settings.broker()
+        running = embedded_or_external(settings.broker_url, address, settings.data_dir / "broker")
+        chosen = store or str(settings.store_path)
+        db = open_store(chosen) if chosen == "memory://" else SQLiteStore(chosen, settings.sqlite_synchronous)
+        service = Manager(settings, db, running.address)
+        service.start()
+    Console(stderr=True).print(f"manager running on {running.address.url}, store {chosen}")
+
+    def stop() -> None:
+        service.stop()
+        running.stop()
+
+    _wait_for_signal(lambda: service._stop.wait(), stop)
+
+
+# --- projects --------------------------------------------------------------------------------------
+
+
+@project_app.command("submit")
+def project_submit(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Project SLA (JSON), e.g. examples/projects/digits.json")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reply as JSON")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the manager's reply")] = 15.0,
+) -> None:
+    """Submit a project request; prints the new project id (or the field errors, exit 1)."""
+    from flops.client import Client
+
+    settings = _settings(ctx)
+    out = Console()
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]cannot read {file}:[/] {exc}")
+        raise typer.Exit(1) from None
+    sla_data = raw.get("sla", raw) if isinstance(raw, dict) else raw
+    try:
+        sla = ProjectSLA.model_validate(sla_data)
+    except ValidationError as exc:
+        _print_errors([(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()], as_json)
+        raise typer.Exit(1) from None
+    with _errors(), Client(settings.broker()) as client:
+        reply = client.submit(sla, timeout=timeout)
+    if reply.errors:
+        _print_errors([(e.field, e.message) for e in reply.errors], as_json)
+        raise typer.Exit(1)
+    if as_json:
+        out.print_json(reply.model_dump_json(exclude_none=True))
+    else:
+        out.print(reply.project_id)
+
+
+@project_app.command("status")
+def project_status(
+    ctx: typer.Context,
+    project_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the retained state")] = 5.0,
+) -> None:
+    """Show a project's current stage, outcome and progress."""
+    from flops.client import Client
+
+    with _errors(), Client(_settings(ctx).broker()) as client:
+        state = client.state(project_id, timeout=timeout)
+    if as_json:
+        Console().print_json(state.model_dump_json())
+        return
+    _print_state(Console(), state)
+
+
+@project_app.command("list")
+def project_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List every project the broker holds a state for."""
+    from flops.client import Client
+
+    with _errors(), Client(_settings(ctx).broker()) as client:
+        states = client.states()
+    if as_json:
+        Console().print_json(json.dumps([json.loads(s.model_dump_json()) for s in states]))
+        return
+    table = Table("project", "stage", "outcome", "round", "reason")
+    for s in states:
+        rounds = f"{s.progress.round}/{s.progress.rounds}" if s.progress.rounds else ""
+        table.add_row(s.project_id, s.stage.value, s.outcome.value if s.outcome else "", rounds, s.reason or "")
+    Console().print(table)
+
+
+@project_app.command("watch")
+def project_watch(
+    ctx: typer.Context,
+    project_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 3600.0,
+) -> None:
+    """Follow a project live until it is finished; exit 0 completed, 1 failed, 2 cancelled."""
+    from flops.client import Client
+
+    out = Console()
+    last: ProjectState | None = None
+    with _errors(), Client(_settings(ctx).broker()) as client:
+        for item in client.follow(project_id, timeout=timeout):
+            if as_json:
+                kind = "event" if isinstance(item, ProjectEvent) else "state"
+                print(json.dumps({"type": kind, **json.loads(item.model_dump_json())}), flush=True)
+            elif isinstance(item, ProjectEvent):
+                style = {"rejected": "red", "warning": "yellow", "stage.changed": "bold"}.get(item.kind, "")
+                out.print(
+                    f"[{style}]{item.stage or '':<13} {item.kind:<16} {item.message}[/]"
+                    if style
+                    else f"{item.stage or '':<13} {item.kind:<16} {item.message}"
+                )
+            if isinstance(item, ProjectState):
+                last = item
+    if last is None or last.stage is not Stage.FINISHED:
+        raise typer.Exit(1)
+    if not as_json:
+        _print_state(out, last)
+    raise typer.Exit(EXIT_BY_OUTCOME[last.outcome or Outcome.FAILED])
+
+
+@project_app.command("cancel")
+def project_cancel(
+    ctx: typer.Context,
+    project_id: str,
+    reason: Annotated[str, typer.Option(help="Why (shown to everyone watching)")] = "cancelled by user",
+) -> None:
+    """Cancel a project in any stage; whatever it runs is stopped."""
+    from flops.client import Client
+
+    with _errors(), Client(_settings(ctx).broker()) as client:
+        reply = client.cancel(project_id, reason)
+    if reply.errors:
+        _print_errors([(e.field, e.message) for e in reply.errors], False)
+        raise typer.Exit(1)
+    Console().print(f"cancel accepted for {project_id}")
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _print_state(out: Console, s: ProjectState) -> None:
+    out.print(f"[bold]{s.project_id}[/]  stage [cyan]{s.stage.value}[/]", end="")
+    if s.outcome:
+        color = {"completed": "green", "failed": "red", "cancelled": "yellow"}[s.outcome.value]
+        out.print(f"  outcome [{color}]{s.outcome.value}[/]", end="")
+    out.print()
+    if s.reason:
+        out.print(f"  reason: {s.reason}")
+    if s.progress.rounds:
+        out.print(
+            f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
+        )
+    if s.model_url:
+        out.print(f"  model served at {s.model_url}")
+
+
+def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"errors": [{"field": f, "message": m} for f, m in errors]}))
+        return
+    err = Console(stderr=True)
+    err.print("[red]request rejected:[/]")
+    for field, message in errors:
+        err.print(f"  {field}: {message}")
+
+
+class _errors:
+    """Map FLOps errors to a message and an exit code at the edge."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, FlopsError):
+            Console(stderr=True).print(f"[red]error:[/] {exc}")
+            raise typer.Exit(exc.exit_code)
+        return False
+
+
+def _wait_for_signal(wait: Any, stop: Any) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:
+        wait()
+    finally:
+        stop()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Client side of the protocol (what the CLI and tests use): submit, cancel, read state, follow events."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+
+from pydantic import ValidationError
+
+from flops import topics
+from flops.bus import Bus, BusOptions, Inbound
+from flops.errors import TimedOut
+from flops.lifecycle_stages import Stage
+from flops.messages import CancelRequest, ProjectEvent, ProjectRequest, ProjectState, Reply, new_id
+from flops.settings import BrokerAddress
+from flops.sla import ProjectSLA
+
+
+class Client:
+    """A short-lived MQTT client for one user action."""
+
+    def __init__(self, address: BrokerAddress, *, ca_file: str | None = None) -> None:
+        self.bus = Bus(address, BusOptions(client_id=new_id("flops-cli"), ca_file=ca_file))
+
+    def __enter__(self) -> Client:
+        self.bus.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bus.close()
+
+    def _request(self, topic: str, request_id: str, payload: bytes, timeout: float) -> Reply:
+        reply_topic = topics.request_reply(request_id)
+        # No wait for SUBACK needed: the broker handles one connection's packets in order, so the reply
+        # subscription exists before the request is seen.
+        self.bus.subscribe([reply_topic])
+        self.bus.publish(topic, payload, response_topic=reply_topic)
+        for message in self._messages(timeout):
+            if message.topic == reply_topic:
+                return Reply.model_validate_json(message.payload)
+        raise TimedOut("reply from the manager (is `flops manager` running?)", timeout)
+
+    def submit(self, sla: ProjectSLA, *, timeout: float = 15.0, request_id: str | None = None) -> Reply:
+        request = ProjectRequest(request_id=request_id or new_id("r"), sla=sla)
+        return self._request(topics.requests(), request.request_id, request.to_bytes(), timeout)
+
+    def submit_raw(self, payload: bytes, request_id: str, *, timeout: float = 15.0) -> Reply:
+        return self._request(topics.requests(), request_id, payload, timeout)
+
+    def cancel(self, project_id: str, reason: str, *, timeout: float = 15.0) -> Reply:
+        request = CancelRequest(request_id=new_id("c"), reason=reason)
+        return self._request(topics.project_cancel(project_id), request.request_id, request.to_bytes(), timeout)
+
+    def state(self, project_id: str, *, timeout: float = 5.0) -> ProjectState:
+        topic = topics.project_state(project_id)
+        self.bus.subscribe([topic])
+        for message in self._messages(timeout):
+            if message.topic == topic and message.payload:
+                return ProjectState.model_validate_json(message.payload)
+        raise TimedOut(f"state of project {project_id}", timeout)
+
+    def states(self, *, timeout: float = 5.0) -> list[ProjectState]:
+        """Every retained project state. A marker published after subscribing tells when they all arrived."""
+        marker = f"{topics.PREFIX}/clients/{self.bus.options.client_id}/marker"
+        self.bus.subscribe([topics.ALL_PROJECT_STATES, marker])
+        self.bus.publish(marker, b"end", qos=1)
+        found: dict[str, ProjectState] = {}
+        for message in self._messages(timeout):
+            if message.topic == marker:
+                return sorted(found.values(), key=lambda s: s.stage_timestamps.get("preparation_at", 0))
+            if message.payload:
+                try:
+                    state = ProjectState.model_validate_json(message.payload)
+                except ValidationError:
+                    continue
+                found[state.project_id] = state
+        raise TimedOut("project list", timeout)
+
+    def follow(self, project_id: str, *, timeout: float) -> Iterator[ProjectState | ProjectEvent]:
+        """States and events of one project until it is finished (or ``timeout`` passes)."""
+        state_topic, events_topic = topics.project_state(project_id), topics.project_events(project_id)
+        self.bus.subscribe([state_topic, events_topic])
+        for message in self._messages(timeout):
+            if not message.payload:
+                continue
+            if message.topic == events_topic:
+                yield ProjectEvent.model_validate_json(message.payload)
+            elif message.topic == state_topic:
+                state = ProjectState.model_validate_json(message.payload)
+                yield state
+                if state.stage is Stage.FINISHED:
+                    return
+        raise TimedOut(f"end of project {project_id}", timeout)
+
+    def _messages(self, timeout: float) -> Iterator[Inbound]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                yield self.bus.inbox.get(timeout=left)
+            except queue.Empty:
+                return

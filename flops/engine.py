@@ -1,0 +1,470 @@
+"""The manager's event engine: turns one inbound message into one committed unit of work.
+
+No MQTT here: the engine takes decoded input, runs the lifecycle machine and the stage hooks, and writes
+the project, the dedup record, the transition log and the outgoing messages (outbox) in one store unit.
+The service (:mod:`flops.manager`) feeds it from the bus and publishes what it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from flops import topics
+from flops.agents import AgentRegistry
+from flops.hooks import Decision, Internal, StageHooks
+from flops.lifecycle import EDGES, Lifecycle, Project
+from flops.lifecycle_stages import Outcome, Stage
+from flops.messages import (
+    AgentStatus,
+    CancelRequest,
+    Command,
+    CommandKind,
+    ErrorEvent,
+    FieldError,
+    Progress,
+    ProjectEvent,
+    ProjectRequest,
+    ProjectState,
+    Reply,
+    ReportBase,
+    decode_report,
+    describe,
+    field_errors,
+    new_id,
+)
+from flops.settings import Settings
+from flops.sla import ProjectSLA
+from flops.store import OutboxItem, ProjectRecord, Store, Transition, Unit
+from stages import hooks_by_stage
+
+log = structlog.get_logger(__name__)
+
+_OUTCOMES = {e.trigger: e.outcome for e in EDGES if e.outcome is not None}
+
+
+@dataclass
+class Result:
+    """What one handled message produced: the outcome and the messages to publish after the commit."""
+
+    verdict: str
+    reason: str = ""
+    project_id: str | None = None
+    outbox: list[OutboxItem] = field(default_factory=list)
+
+
+class _Effects:
+    """Side effects gathered while one event is handled; the StageContext the hooks see."""
+
+    def __init__(self, engine: Engine, unit: Unit) -> None:
+        self.engine = engine
+        self.unit = unit
+        self.settings = engine.settings
+        self.agents = engine.agents
+        self.items: list[OutboxItem] = []
+        self.touched: dict[str, Project] = {}
+        self.resolves: list[Project] = []
+
+    # StageContext
+    def command(self, project: Project, agent_id: str, kind: CommandKind, spec: dict[str, Any]) -> str:
+        counter = project.ctx.get("commands", 0) + 1
+        project.ctx["commands"] = counter
+        command_id = f"{project.project_id}.{counter}.{kind}"
+        agents = project.ctx.setdefault("agents", [])
+        if agent_id not in agents:
+            agents.append(agent_id)
+        cmd = Command(command_id=command_id, project_id=project.project_id, kind=kind, agent_id=agent_id, spec=spec)
+        self.items.append(OutboxItem(f"cmd:{command_id}", topics.agent_commands(agent_id), cmd.to_bytes()))
+        self.event(project, "report.accepted", f"{kind} sent to {agent_id}", command_id=command_id)
+        return command_id
+
+    def event(self, project: Project, kind: str, message: str, **data: Any) -> None:
+        project.record.seq += 1
+        ev = ProjectEvent(
+            project_id=project.project_id,
+            seq=project.record.seq,
+            kind=kind,  # type: ignore[arg-type]
+            stage=project.stage,
+            message=message,
+            data={k: v for k, v in data.items() if v is not None},
+            ts=self.engine.clock(),
+        )
+        self.items.append(
+            OutboxItem(f"ev:{project.project_id}:{ev.seq}", topics.project_events(project.project_id), ev.to_bytes())
+        )
+        self.touched[project.project_id] = project
+
+    def get_artifact(self, key: str) -> dict[str, Any] | None:
+        return self.unit.get_artifact(key)
+
+    def put_artifact(self, key: str, artifact: dict[str, Any]) -> None:
+        self.unit.put_artifact(key, artifact)
+
+    def resolve_commit(self, project: Project) -> None:
+        self.resolves.append(project)
+
+    def now(self) -> float:
+        return self.engine.clock()
+
+    def ports_in_use(self, agent_id: str) -> set[int]:
+        used = set()
+        for other in self.engine.lifecycle.projects.values():
+            agg = other.ctx.get("aggregator")
+            if agg and agg.get("agent_id") == agent_id:
+                used.add(int(agg["port"]))
+        return used
+
+
+class Engine:
+    """All projects' machines plus the rules for turning messages into committed transitions."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        resolver: Callable[[str, str, str | None], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.resolver = resolver
+        self.lifecycle = Lifecycle()
+        self.agents = AgentRegistry()
+        self.hooks: dict[Stage, StageHooks] = hooks_by_stage()
+
+    # --- boot ------------------------------------------------------------------------------------
+
+    def boot(self) -> list[OutboxItem]:
+        """Put every unfinished project back into the machine; returns the outbox still to publish."""
+        records = self.store.unfinished()
+        for record in records:
+            self._load(record)
+        for record in records:
+            project = self.lifecycle.projects[record.project_id]
+            hooks = self.hooks[project.stage]
+            self._in_unit(project, None, lambda p, fx, h=hooks: h.on_resume(p, fx))
+        log.info("projects resumed", count=len(records))
+        return self.store.outbox()
+
+    def _load(self, record: ProjectRecord) -> Project:
+        project = Project(record=record, sla=ProjectSLA.model_validate(record.sla), on_change=self._on_change)
+        return self.lifecycle.add(project)
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def request(self, payload: bytes, reply_to: str | None) -> Result:
+        """A project request: validate, create, reply (or reply with field errors)."""
+        try:
+            request = ProjectRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            request_id = _peek_request_id(payload)
+            errors = field_errors(exc)
+            topic = reply_to or (topics.request_reply(request_id) if request_id else None)
+            if topic is None:
+                return self._error(topics.requests(), f"invalid request: {describe(exc)}")
+            reply = Reply(request_id=request_id or "?", errors=errors)
+            with self.store.unit() as unit:
+                items = unit.enqueue([OutboxItem(f"reply:{new_id('r')}", topic, reply.to_bytes())])
+            return Result("reject", describe(exc), outbox=items)
+        topic = reply_to or topics.request_reply(request.request_id)
+        dedup = f"req:{request.request_id}"
+        with self.store.unit() as unit:
+            existing = unit.seen(dedup)
+            if existing is not None:
+                reply = Reply(request_id=request.request_id, project_id=existing, duplicate=True)
+                items = unit.enqueue([OutboxItem(f"reply:{request.request_id}", topic, reply.to_bytes())])
+                return Result("ignore", "duplicate request", existing, items)
+        project_id = new_id("p")
+        now = self.clock()
+        record = ProjectRecord(
+            project_id=project_id,
+            stage=Stage.PREPARATION,
+            sla=request.sla.model_dump(mode="json", by_alias=True),
+            created_at=now,
+            stage_entered_at=now,
+            timestamps={f"{Stage.PREPARATION.value}_at": now},
+            request_id=request.request_id,
+        )
+        record.deadline_at = now + self._deadline(request.sla, Stage.PREPARATION)
+        project = self._load(record)
+        reply = Reply(request_id=request.request_id, project_id=project_id)
+
+        def create(p: Project, fx: _Effects) -> Decision | None:
+            fx.unit.insert(p.record)
+            fx.unit.mark_seen(dedup, project_id, project_id)
+            fx.items.append(OutboxItem(f"reply:{request.request_id}", topic, reply.to_bytes()))
+            fx.event(p, "project.created", f"project created for {p.sla.customerID}", request_id=request.request_id)
+            fx.unit.log_transition(Transition(project_id, None, Stage.PREPARATION, "create", dedup, now))
+            return self.hooks[Stage.PREPARATION].on_enter(p, fx)
+
+        result = self._in_unit(project, None, create, created=True)
+        result.project_id = project_id
+        return result
+
+    def cancel(self, project_id: str, payload: bytes, reply_to: str | None) -> Result:
+        try:
+            request = CancelRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            return self._reject_for(project_id, f"invalid cancel request: {describe(exc)}", reply_to)
+        project = self.lifecycle.projects.get(project_id)
+        topic = reply_to or topics.request_reply(request.request_id)
+        if project is None:
+            known = self.store.get(project_id)
+            reason = f"project {project_id} is already finished" if known else f"unknown project {project_id}"
+            reply = Reply(request_id=request.request_id, errors=[FieldError(field="project_id", message=reason)])
+            with self.store.unit() as unit:
+                items = unit.enqueue([OutboxItem(f"reply:{request.request_id}", topic, reply.to_bytes())])
+            return Result("reject", reason, project_id, items)
+
+        def do(p: Project, fx: _Effects) -> Decision | None:
+            fx.items.append(
+                OutboxItem(
+                    f"reply:{request.request_id}",
+                    topic,
+                    Reply(request_id=request.request_id, project_id=project_id).to_bytes(),
+                )
+            )
+            return Decision.accept("cancel", reason=request.reason)
+
+        return self._in_unit(project, f"cancel:{request.request_id}", do)
+
+    def report(self, project_id: str, payload: bytes) -> Result:
+        """A worker report on ``projects/{project_id}/reports``."""
+        try:
+            report = decode_report(payload)
+        except ValidationError as exc:
+            return self._reject_for(project_id, f"invalid report: {describe(exc)}")
+        if report.project_id != project_id:
+            return self._reject_for(project_id, f"report names project {report.project_id} on another's topic")
+        project = self.lifecycle.projects.get(project_id)
+        if project is None:
+            known = self.store.get(project_id)
+            if known is None:
+                return self._error(topics.project_reports(project_id), f"unknown project {project_id}")
+            return self._reject_for(
+                project_id,
+                f"{report.kind} {report.event_id} for finished project {project_id}",
+                seen_check=report,
+            )
+
+        def do(p: Project, fx: _Effects) -> Decision | None:
+            return self.hooks[p.stage].on_report(p, report, fx)
+
+        return self._in_unit(project, report.event_id, do)
+
+    def agent_status(self, payload: bytes) -> Result:
+        try:
+            status = AgentStatus.model_validate_json(payload)
+        except ValidationError as exc:
+            return self._error("agents/status", f"invalid agent status: {describe(exc)}")
+        previous = self.agents.update(status)
+        if previous is not None and previous.model_copy(update={"ts": 0}) == status.model_copy(update={"ts": 0}):
+            return Result("ignore", "status unchanged")
+        out = Result("accept")
+        for project in list(self.lifecycle.projects.values()):
+            hooks = self.hooks[project.stage]
+            involved = status.agent_id in project.ctx.get("agents", [])
+            if project.stage is not Stage.PREPARATION and not (involved and not status.online):
+                continue
+            result = self._in_unit(project, None, lambda p, fx, h=hooks: h.on_agent(p, status, fx))
+            out.outbox.extend(result.outbox)
+        return out
+
+    def internal(self, event: Internal) -> Result:
+        project = self.lifecycle.projects.get(event.project_id)
+        if project is None:
+            return Result("ignore", f"project {event.project_id} is not active")
+        hooks = self.hooks[project.stage]
+        return self._in_unit(project, None, lambda p, fx: hooks.on_internal(p, event, fx))
+
+    def check_deadlines(self) -> list[OutboxItem]:
+        """Fail every project whose current stage ran past its deadline."""
+        now = self.clock()
+        items: list[OutboxItem] = []
+        for project in list(self.lifecycle.projects.values()):
+            deadline = project.record.deadline_at
+            if deadline is None or now < deadline:
+                continue
+            stage = project.stage
+            seconds = self._deadline(project.sla, stage)
+            reason = f"timed out in {stage.value} after {seconds:g} s"
+            items.extend(
+                self._in_unit(
+                    project,
+                    None,
+                    lambda p, fx, s=stage, r=reason: Decision.accept("time_out", stage=s, now=now, reason=r),
+                ).outbox
+            )
+        return items
+
+    # --- the one place a unit of work happens ----------------------------------------------------
+
+    def _in_unit(
+        self,
+        project: Project,
+        message_id: str | None,
+        handler: Callable[[Project, _Effects], Decision | None],
+        *,
+        created: bool = False,
+    ) -> Result:
+        expected = project.stage
+        pid = project.project_id
+        bound = log.bind(project_id=pid, event_id=message_id, stage=expected.value)
+        try:
+            with self.store.unit() as unit:
+                if message_id is not None and unit.seen(message_id) is not None:
+                    bound.info("duplicate ignored")
+                    return Result("ignore", "duplicate", pid)
+                fx = _Effects(self, unit)
+                project.effects = fx
+                decision = handler(project, fx) or Decision.accept()
+                decision = self._apply(project, decision, fx)
+                if message_id is not None:
+                    unit.mark_seen(message_id, pid, decision.verdict)
+                if decision.verdict == "reject":
+                    fx.event(project, "rejected", decision.reason, event_id=message_id)
+                if fx.touched or created:
+                    fx.items.append(self._state_item(project))
+                # Compare-and-set against the stage this event was read in (a new project: as inserted).
+                unit.update(project.record, Stage.PREPARATION if created else expected)
+                items = unit.enqueue(fx.items)
+        except Exception:
+            bound.exception("handling failed; project reloaded from the store")
+            self._reload(pid)
+            raise
+        finally:
+            project.effects = None
+            project.follow_up = None
+        for p in fx.resolves:
+            if self.resolver is not None:
+                self.resolver(p.project_id, p.sla.ml_repo_url, p.sla.ml_repo_commit)
+        if project.stage is Stage.FINISHED:
+            self.lifecycle.remove(pid)
+        bound.info(
+            "event handled",
+            verdict=decision.verdict,
+            reason=decision.reason or None,
+            now_stage=project.stage.value,
+        )
+        return Result(decision.verdict, decision.reason, pid, items)
+
+    def _apply(self, project: Project, decision: Decision, fx: _Effects) -> Decision:
+        """Fire the decision's trigger, then every follow-up trigger that stage entries return."""
+        current = decision
+        while current.trigger is not None:
+            if not self.lifecycle.fire(project, current.trigger, **current.data):
+                if current.optional:
+                    break
+                if current is decision:
+                    return Decision.reject(project.refusal or "refused")
+                fx.event(project, "warning", f"follow-up {current.trigger} refused: {project.refusal}")
+                break
+            current, project.follow_up = project.follow_up, None
+            if current is None:
+                break
+        return decision
+
+    def _on_change(self, project: Project, source: Stage, dest: Stage, trigger: str, data: dict[str, Any]) -> None:
+        """Bookkeeping after every transition: stamp, deadline, log, event; then enter the new stage."""
+        fx: _Effects = project.effects
+        now = self.clock()
+        record = project.record
+        record.stage = dest
+        record.stage_entered_at = now
+        record.timestamps[f"{dest.value}_at"] = now
+        seconds = self._deadline(project.sla, dest)
+        record.deadline_at = None if seconds is None else now + seconds
+        if dest is Stage.FINISHED:
+            record.outcome = _OUTCOMES[trigger]
+            record.reason = str(data.get("reason") or record.outcome.value)
+            if record.outcome is Outcome.FAILED:
+                record.failed_stage = source
+        fx.unit.log_transition(Transition(project.project_id, source, dest, trigger, None, now))
+        message = f"{source.value} -> {dest.value}"
+        if dest is Stage.FINISHED:
+            message += f": {record.outcome.value if record.outcome else ''} ({record.reason})"
+        fx.event(project, "stage.changed", message, source=source.value, trigger=trigger)
+        follow = self.hooks[dest].on_enter(project, fx)
+        if follow is not None and follow.trigger is not None:
+            project.follow_up = follow
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _deadline(self, sla: ProjectSLA, stage: Stage) -> float | None:
+        return self.settings.deadlines.for_stage(stage, sla.deadlines)
+
+    def _state_item(self, project: Project) -> OutboxItem:
+        r = project.record
+        progress = r.ctx.get("progress", {})
+        state = ProjectState(
+            project_id=r.project_id,
+            stage=r.stage,
+            outcome=r.outcome,
+            reason=r.reason,
+            failed_stage=r.failed_stage,
+            stage_timestamps=r.timestamps,
+            deadline_at=r.deadline_at,
+            progress=Progress(**{k: v for k, v in progress.items() if k in Progress.model_fields}),
+            model_url=r.ctx.get("model_url"),
+            customer=project.sla.customerID,
+            seq=r.seq,
+            updated_at=self.clock(),
+        )
+        return OutboxItem(f"state:{r.project_id}", topics.project_state(r.project_id), state.to_bytes(), retain=True)
+
+    def _reload(self, project_id: str) -> None:
+        self.lifecycle.remove(project_id)
+        record = self.store.get(project_id)
+        if record is not None and record.stage is not Stage.FINISHED:
+            self._load(record)
+
+    def _reject_for(
+        self, project_id: str, reason: str, reply_to: str | None = None, seen_check: ReportBase | None = None
+    ) -> Result:
+        """A rejected message about a project: an event on its stream (it exists) or the error topic."""
+        record = self.store.get(project_id)
+        if record is None:
+            return self._error(topics.project_reports(project_id), reason)
+        with self.store.unit() as unit:
+            if seen_check is not None and unit.seen(seen_check.event_id) is not None:
+                return Result("ignore", "duplicate", project_id)
+            record.seq += 1
+            ev = ProjectEvent(
+                project_id=project_id, seq=record.seq, kind="rejected", stage=record.stage, message=reason
+            )
+            unit.update(record, record.stage)
+            if seen_check is not None:
+                unit.mark_seen(seen_check.event_id, project_id, "reject")
+            items = [OutboxItem(f"ev:{project_id}:{record.seq}", topics.project_events(project_id), ev.to_bytes())]
+            items = unit.enqueue(items)
+        log.warning("message rejected", project_id=project_id, reason=reason)
+        return Result("reject", reason, project_id, items)
+
+    def _error(self, topic: str, reason: str) -> Result:
+        log.warning("message rejected", topic=topic, reason=reason)
+        ev = ErrorEvent(topic=topic, reason=reason, ts=self.clock())
+        with self.store.unit() as unit:
+            items = unit.enqueue([OutboxItem(f"err:{new_id('e')}", topics.errors(), ev.to_bytes())])
+        return Result("reject", reason, None, items)
+
+
+def _peek_request_id(payload: bytes) -> str | None:
+    """The request id of an invalid request, if one can be read, so the error reaches its sender."""
+    import json
+
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = data.get("request_id") if isinstance(data, dict) else None
+    try:
+        return topics._segment(value) if isinstance(value, str) and len(value) <= 128 else None
+    except ValueError:
+        return None

@@ -1,0 +1,281 @@
+"""Typed messages on the bus: requests, replies, worker reports, commands, project state and events.
+
+Bytes become these objects in one place (:func:`decode`); a validation failure is an error outcome carrying
+pydantic's field-level text, never a ``KeyError`` deep inside a handler.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from flops.lifecycle_stages import Outcome, Stage
+from flops.sla import ProjectSLA
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+def new_id(prefix: str) -> str:
+    """A fresh, topic-safe id such as ``p-1f3a...``."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def now() -> float:
+    return time.time()
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+# --- client -> manager -------------------------------------------------------------------------------
+
+
+class ProjectRequest(Message):
+    request_id: Id
+    sla: ProjectSLA
+    ts: float = Field(default_factory=now)
+
+
+class CancelRequest(Message):
+    request_id: Id
+    reason: Annotated[str, Field(max_length=1000)] = "cancelled by user"
+    ts: float = Field(default_factory=now)
+
+
+class FieldError(Message):
+    field: str
+    message: str
+
+
+class Reply(Message):
+    request_id: str
+    project_id: str | None = None
+    errors: list[FieldError] | None = None
+    duplicate: bool = False
+
+
+# --- workers -> manager ------------------------------------------------------------------------------
+
+
+class ReportBase(Message):
+    event_id: Id
+    project_id: Id
+    source: Annotated[str, Field(min_length=1, max_length=256)]
+    command_id: Id | None = None
+    ts: float = Field(default_factory=now)
+
+
+class ArtifactRef(Message):
+    ref: str
+    key: str | None = None
+    commit: str | None = None
+    details: dict[str, Any] = {}
+
+
+class BuildStarted(ReportBase):
+    kind: Literal["build.started"] = "build.started"
+
+
+class BuildSucceeded(ReportBase):
+    kind: Literal["build.succeeded"] = "build.succeeded"
+    artifact: ArtifactRef
+    cached: bool = False
+    warnings: list[str] = []
+    duration_s: float | None = None
+
+
+class BuildFailed(ReportBase):
+    kind: Literal["build.failed"] = "build.failed"
+    reason: str
+    log_tail: str = ""
+
+
+class LearnerReady(ReportBase):
+    kind: Literal["learner.ready"] = "learner.ready"
+    agent_id: Id
+    examples: int | None = None
+
+
+class LearnerFailed(ReportBase):
+    kind: Literal["learner.failed"] = "learner.failed"
+    agent_id: Id
+    reason: str
+    log_tail: str = ""
+
+
+class AggregatorStarted(ReportBase):
+    kind: Literal["aggregator.started"] = "aggregator.started"
+    address: str
+
+
+class RoundCompleted(ReportBase):
+    kind: Literal["round.completed"] = "round.completed"
+    round: Annotated[int, Field(ge=1)]
+    loss: float | None = None
+    accuracy: float | None = None
+    examples: int | None = None
+    duration_s: float | None = None
+
+
+class TrainingSucceeded(ReportBase):
+    kind: Literal["training.succeeded"] = "training.succeeded"
+    best_round: int
+    loss: float | None = None
+    accuracy: float | None = None
+    model_ref: str
+
+
+class TrainingFailed(ReportBase):
+    kind: Literal["training.failed"] = "training.failed"
+    reason: str
+    log_tail: str = ""
+
+
+class ModelBuilt(ReportBase):
+    kind: Literal["model.built"] = "model.built"
+    image_ref: str
+
+
+class ModelServed(ReportBase):
+    kind: Literal["model.served"] = "model.served"
+    url: str
+
+
+class ModelFailed(ReportBase):
+    kind: Literal["model.failed"] = "model.failed"
+    reason: str
+    log_tail: str = ""
+
+
+class CommandFailed(ReportBase):
+    """An agent could not carry out a command at all (unknown kind, bad spec, child crashed at start)."""
+
+    kind: Literal["command.failed"] = "command.failed"
+    reason: str
+    log_tail: str = ""
+
+
+WorkerReport = Annotated[
+    BuildStarted
+    | BuildSucceeded
+    | BuildFailed
+    | LearnerReady
+    | LearnerFailed
+    | AggregatorStarted
+    | RoundCompleted
+    | TrainingSucceeded
+    | TrainingFailed
+    | ModelBuilt
+    | ModelServed
+    | ModelFailed
+    | CommandFailed,
+    Field(discriminator="kind"),
+]
+
+
+# --- agents ------------------------------------------------------------------------------------------
+
+AgentRole = Literal["learner", "builder", "aggregator", "serve"]
+
+
+class AgentStatus(Message):
+    agent_id: Id
+    online: bool
+    roles: list[AgentRole] = []
+    data_tags: dict[str, int] = {}
+    cluster: str | None = None
+    platform: str = "linux/amd64"
+    host: str = "127.0.0.1"
+    data_server: str | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+    ts: float = Field(default_factory=now)
+
+
+# --- manager -> agents -------------------------------------------------------------------------------
+
+CommandKind = Literal["build", "run_learner", "run_aggregator", "build_model_image", "serve_model", "stop_project"]
+
+
+class Command(Message):
+    command_id: Id
+    project_id: Id
+    kind: CommandKind
+    agent_id: Id
+    spec: dict[str, Any] = {}
+    ts: float = Field(default_factory=now)
+
+
+# --- manager -> everyone -----------------------------------------------------------------------------
+
+
+class Progress(Message):
+    round: int = 0
+    rounds: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
+
+
+class ProjectState(Message):
+    project_id: str
+    stage: Stage
+    outcome: Outcome | None = None
+    reason: str | None = None
+    failed_stage: Stage | None = None
+    stage_timestamps: dict[str, float] = {}
+    deadline_at: float | None = None
+    progress: Progress = Progress()
+    model_url: str | None = None
+    customer: str | None = None
+    seq: int = 0
+    updated_at: float = Field(default_factory=now)
+
+
+EventKind = Literal["project.created", "stage.changed", "round.completed", "report.accepted", "warning", "rejected"]
+
+
+class ProjectEvent(Message):
+    project_id: str
+    seq: int
+    kind: EventKind
+    stage: Stage | None = None
+    message: str = ""
+    data: dict[str, Any] = {}
+    ts: float = Field(default_factory=now)
+
+
+class ErrorEvent(Message):
+    """A rejected message the manager cannot attribute to a project or request."""
+
+    topic: str
+    reason: str
+    ts: float = Field(default_factory=now)
+
+
+# --- decoding ----------------------------------------------------------------------------------------
+
+_REPORT = TypeAdapter(WorkerReport)
+
+
+def decode_report(payload: bytes) -> ReportBase:
+    return _REPORT.validate_json(payload)
+
+
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    """Pydantic's errors as (dotted field path, message) pairs a user can act on."""
+    out = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"]) or "(message)"
+        out.append(FieldError(field=path, message=err["msg"]))
+    return out
+
+
+def describe(exc: ValidationError) -> str:
+    return "; ".join(f"{e.field}: {e.message}" for e in field_errors(exc))

@@ -1,0 +1,105 @@
+"""Settings from flags or ``FLOPS_*`` environment variables, built once in ``main()`` and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flops.errors import ConfigError
+from flops.lifecycle_stages import Stage
+
+DEFAULT_PORT = 1883
+
+
+class StageDeadlines(BaseModel):
+    """How long a project may stay in each stage before it fails with "timed out in <stage>"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preparation: float = Field(600.0, gt=0)
+    start: float = Field(60.0, gt=0)
+    builder: float = Field(1800.0, gt=0)
+    learners: float = Field(600.0, gt=0)
+    aggregation: float = Field(3600.0, gt=0)
+    post_training: float = Field(900.0, gt=0)
+
+    def for_stage(self, stage: Stage, overrides: dict[Stage, float] | None = None) -> float | None:
+        if stage is Stage.FINISHED:
+            return None
+        if overrides and stage in overrides:
+            return overrides[stage]
+        return float(getattr(self, stage.value))
+
+
+class BrokerAddress(BaseModel):
+    """A parsed broker URL: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"}:
+            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r}: no host")
+        tls = parts.scheme in {"mqtts", "ssl"}
+        try:
+            port = parts.port or (8883 if tls else DEFAULT_PORT)
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r}: {exc}") from exc
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Everything configurable. ``FLOPS_BROKER_URL``, ``FLOPS_DATA_DIR``, ``FLOPS_DEADLINES__BUILDER`` …"""
+
+    model_config = SettingsConfigDict(env_prefix="FLOPS_", env_nested_delimiter="__", extra="ignore")
+
+    broker_url: str | None = Field(
+        None, description="mqtt://host:port or mqtts://host:port; unset = embedded broker on 127.0.0.1:1883"
+    )
+    broker_username: str | None = None
+    broker_password: SecretStr | None = None
+    broker_ca_file: Path | None = None
+    broker_client_cert: Path | None = None
+    broker_client_key: Path | None = None
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".flops")
+    deadlines: StageDeadlines = StageDeadlines()
+    max_payload_bytes: int = Field(256 * 1024, gt=0)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    deadline_check_interval_s: float = Field(0.5, gt=0)
+    aggregator_ports: tuple[int, int] = (19100, 19999)
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def broker(self) -> BrokerAddress:
+        addr = BrokerAddress.parse(self.broker_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}")
+        username = self.broker_username or addr.username
+        password = self.broker_password.get_secret_value() if self.broker_password else addr.password
+        return addr.model_copy(update={"username": username, "password": password})
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "manager.sqlite3"

@@ -1,0 +1,119 @@
+"""The manager's store: one port (:class:`Store`), two adapters (SQLite and in-memory), one contract.
+
+Holds projects (stage as a name, never a pickle), the transition log, processed message ids, the artifact
+cache and an outbox of messages to publish. A handled event is one :meth:`Store.unit` of work: the dedup
+record, the new stage (compare-and-set on the stage it was read in) and the outgoing messages commit
+together, so a crash can never leave half an event applied. Several units may share one durable commit
+(:meth:`Store.batch`) without losing their individual atomicity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flops.lifecycle_stages import Outcome, Stage
+
+
+@dataclass
+class ProjectRecord:
+    """A project as persisted: plain data, JSON-able."""
+
+    project_id: str
+    stage: Stage
+    sla: dict[str, Any]
+    created_at: float
+    stage_entered_at: float
+    deadline_at: float | None = None
+    outcome: Outcome | None = None
+    reason: str | None = None
+    failed_stage: Stage | None = None
+    ctx: dict[str, Any] = field(default_factory=dict)
+    timestamps: dict[str, float] = field(default_factory=dict)
+    seq: int = 0
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A message committed with the event that caused it and published after the commit.
+
+    ``key`` deduplicates: a newer item with the same key (e.g. the retained state of one project)
+    replaces an older one that was not sent yet.
+    """
+
+    key: str
+    topic: str
+    payload: bytes
+    retain: bool = False
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Transition:
+    project_id: str
+    source: Stage | None
+    dest: Stage
+    trigger: str
+    event_id: str | None
+    ts: float
+
+
+class Unit(Protocol):
+    """One event's worth of reads and writes; all or nothing."""
+
+    def seen(self, message_id: str) -> str | None:
+        """The result stored when ``message_id`` was handled, or None if it is new."""
+
+    def mark_seen(self, message_id: str, project_id: str | None, result: str = "") -> None: ...
+
+    def get(self, project_id: str) -> ProjectRecord | None: ...
+
+    def insert(self, record: ProjectRecord) -> None: ...
+
+    def update(self, record: ProjectRecord, expected_stage: Stage) -> None:
+        """Write ``record`` if the stored stage is still ``expected_stage``; raise StaleWrite otherwise."""
+
+    def log_transition(self, transition: Transition) -> None: ...
+
+    def enqueue(self, items: list[OutboxItem]) -> list[OutboxItem]:
+        """Add items; returns them numbered (``seq``) as :meth:`Store.sent` expects them back."""
+
+    def get_artifact(self, key: str) -> dict[str, Any] | None: ...
+
+    def put_artifact(self, key: str, artifact: dict[str, Any]) -> None: ...
+
+
+class Store(Protocol):
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Group the units opened inside into one durable commit."""
+
+    def unit(self) -> contextlib.AbstractContextManager[Unit]:
+        """One atomic unit of work (a savepoint inside a batch, a transaction outside one)."""
+
+    def get(self, project_id: str) -> ProjectRecord | None: ...
+
+    def unfinished(self) -> list[ProjectRecord]: ...
+
+    def projects(self, limit: int = 1000) -> list[ProjectRecord]: ...
+
+    def transitions(self, project_id: str) -> list[Transition]: ...
+
+    def outbox(self, limit: int = 10_000) -> list[OutboxItem]: ...
+
+    def sent(self, items: list[OutboxItem]) -> None:
+        """Forget outbox items the broker acknowledged (only if not replaced by a newer item meanwhile)."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """``memory://`` or a SQLite file path."""
+    if url == "memory://":
+        from flops.store_memory import MemoryStore
+
+        return MemoryStore()
+    from flops.store_sqlite import SQLiteStore
+
+    return SQLiteStore(url)

@@ -1,0 +1,82 @@
+"""Aggregation: start the Flower aggregator, follow its rounds, keep the best model it reports."""
+
+from __future__ import annotations
+
+from flops.hooks import Decision, StageContext, StageHooks
+from flops.lifecycle import Project
+from flops.messages import (
+    AgentStatus,
+    AggregatorStarted,
+    CommandFailed,
+    LearnerFailed,
+    LearnerReady,
+    ReportBase,
+    RoundCompleted,
+    TrainingFailed,
+    TrainingSucceeded,
+)
+
+
+class Aggregation(StageHooks):
+    def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
+        tc = project.sla.training_configuration
+        aggregator = project.ctx["aggregator"]
+        project.ctx["aggregator_command_id"] = ctx.command(
+            project,
+            aggregator["agent_id"],
+            "run_aggregator",
+            {
+                "artifact": project.ctx.get("artifact", {}),
+                "port": aggregator["port"],
+                "address": aggregator["address"],
+                "rounds": tc.training_rounds,
+                "min_available_clients": tc.min_available_clients,
+                "min_fit_clients": tc.min_fit_clients,
+                "min_evaluate_clients": tc.min_evaluate_clients,
+                "strategy": tc.strategy.value,
+                "learners": len(project.ctx.get("learners", {})),
+            },
+        )
+        project.ctx["progress"] = {"round": 0, "rounds": tc.training_rounds}
+        project.ctx["critical_agents"] = [aggregator["agent_id"]]
+        return None
+
+    def on_report(self, project: Project, report: ReportBase, ctx: StageContext) -> Decision:
+        pending = project.ctx.get("aggregator_command_id")
+        if isinstance(report, AggregatorStarted) and report.command_id == pending:
+            project.ctx["aggregator"]["address"] = report.address
+            ctx.event(project, "report.accepted", f"aggregator listening on {report.address}")
+            return Decision.accept()
+        if isinstance(report, RoundCompleted) and report.command_id == pending:
+            progress = project.ctx.setdefault("progress", {})
+            if report.round > progress.get("round", 0):
+                progress.update(round=report.round, loss=report.loss, accuracy=report.accuracy)
+            ctx.event(
+                project,
+                "round.completed",
+                f"round {report.round}/{progress.get('rounds')}: loss {report.loss} accuracy {report.accuracy}",
+                **report.model_dump(include={"round", "loss", "accuracy", "examples", "duration_s"}),
+            )
+            return Decision.accept()
+        if isinstance(report, TrainingSucceeded):
+            if report.command_id == pending:
+                project.ctx["model"] = report.model_dump(include={"best_round", "loss", "accuracy", "model_ref"})
+            return Decision.accept("trained", command_id=report.command_id)
+        if isinstance(report, TrainingFailed | CommandFailed) and report.command_id == pending:
+            tail = f"\n{report.log_tail}" if report.log_tail else ""
+            return Decision.fail(f"training failed: {report.reason}{tail}")
+        if isinstance(report, LearnerFailed):
+            ctx.event(project, "warning", f"learner on {report.agent_id} failed: {report.reason}")
+            return Decision.accept()
+        if isinstance(report, LearnerReady):
+            return Decision.ignore("learner.ready after aggregation started")
+        return super().on_report(project, report, ctx)
+
+    def on_agent(self, project: Project, status: AgentStatus, ctx: StageContext) -> Decision:
+        if not status.online and status.agent_id in project.ctx.get("learners", {}):
+            ctx.event(project, "warning", f"learner agent {status.agent_id} went offline")
+            return Decision.accept()
+        return super().on_agent(project, status, ctx)
+
+
+HOOKS = Aggregation()

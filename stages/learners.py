@@ -1,0 +1,81 @@
+"""Learners: pick agents holding the data, pick the aggregator's place, start one learner per agent."""
+
+from __future__ import annotations
+
+from flops.hooks import Decision, StageContext, StageHooks
+from flops.lifecycle import Project
+from flops.messages import AgentStatus, CommandFailed, LearnerFailed, LearnerReady, ReportBase
+from flops.sla import TrainingMode
+
+
+def allocate_port(project: Project, agent_id: str, ctx: StageContext, in_use: set[int]) -> int:
+    """The lowest port of the aggregator range that no unfinished project uses on that agent."""
+    low, high = ctx.settings.aggregator_ports
+    for port in range(low, high + 1):
+        if port not in in_use:
+            return port
+    raise RuntimeError(f"no free aggregator port on {agent_id} in {low}-{high}")
+
+
+class Learners(StageHooks):
+    def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
+        tc = project.sla.training_configuration
+        need = tc.min_available_clients
+        candidates = ctx.agents.learners_for(tc.data_tags)
+        if tc.mode is TrainingMode.HIERARCHICAL:
+            return Decision.fail("hierarchical mode is not supported yet: submit it in classic mode")
+        if len(candidates) < need:
+            return Decision.fail(f"only {len(candidates)} of {need} learner agents with the data are online")
+        aggregators = ctx.agents.online("aggregator")
+        if not aggregators:
+            return Decision.fail("no online aggregator agent")
+        aggregator = aggregators[0]
+        port = allocate_port(project, aggregator.agent_id, ctx, ctx.ports_in_use(aggregator.agent_id))
+        address = f"{aggregator.host}:{port}"
+        project.ctx["aggregator"] = {"agent_id": aggregator.agent_id, "port": port, "address": address}
+        learners = {}
+        for index, agent in enumerate(candidates[:need]):
+            learners[agent.agent_id] = ctx.command(
+                project,
+                agent.agent_id,
+                "run_learner",
+                {
+                    "artifact": project.ctx.get("artifact", {}),
+                    "data_tags": tc.data_tags,
+                    "aggregator_address": address,
+                    "index": index,
+                },
+            )
+        project.ctx["learners"] = learners
+        project.ctx["learners_ready"] = []
+        project.ctx["critical_agents"] = sorted(learners)
+        return None
+
+    def on_report(self, project: Project, report: ReportBase, ctx: StageContext) -> Decision:
+        learners: dict[str, str] = project.ctx.get("learners", {})
+        if isinstance(report, LearnerReady):
+            if learners.get(report.agent_id) != report.command_id:
+                return Decision.ignore(f"learner.ready from {report.agent_id} answers no pending command")
+            ready: list[str] = project.ctx["learners_ready"]
+            if report.agent_id not in ready:
+                ready.append(report.agent_id)
+                ready.sort()
+                ctx.event(
+                    project,
+                    "report.accepted",
+                    f"learner on {report.agent_id} ready ({len(ready)}/{len(learners)})",
+                    examples=report.examples,
+                )
+            return Decision.advance_if_ready("learners_ready")
+        if isinstance(report, LearnerFailed | CommandFailed) and report.command_id in learners.values():
+            tail = f"\n{report.log_tail}" if report.log_tail else ""
+            return Decision.fail(f"learner failed: {report.reason}{tail}")
+        return super().on_report(project, report, ctx)
+
+    def on_agent(self, project: Project, status: AgentStatus, ctx: StageContext) -> Decision:
+        if not status.online and status.agent_id == project.ctx.get("aggregator", {}).get("agent_id"):
+            return Decision.fail(f"aggregator agent {status.agent_id} went offline")
+        return super().on_agent(project, status, ctx)
+
+
+HOOKS = Learners()
