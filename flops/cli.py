@@ -106,6 +106,54 @@ def manager(
     _wait_for_signal(lambda: service._stop.wait(), stop)
 
 
+@app.command()
+def agent(
+    ctx: typer.Context,
+    agent_id: Annotated[str, typer.Option("--id", help="Unique id of this node's agent")],
+    data_dir: Annotated[Path, typer.Option(help="This agent's directory (data/, work/, builds/, state/)")],
+    roles: Annotated[
+        str, typer.Option(help="Comma-separated: learner,builder,aggregator,serve")
+    ] = "learner,builder,aggregator,serve",
+    cluster: Annotated[str | None, typer.Option(help="Cluster label (hierarchical mode)")] = None,
+    host: Annotated[str, typer.Option(help="Address other nodes reach this node at")] = "127.0.0.1",
+    bind_host: Annotated[str, typer.Option(help="Address this node's services listen on")] = "127.0.0.1",
+    data_port: Annotated[int, typer.Option(help="Arrow Flight data server port (0: any free port)")] = 0,
+) -> None:
+    """Run a node agent: announces the node, serves its data, runs learners/aggregators/builds for projects."""
+    from flops.agent import ROLES, Agent, AgentConfig
+
+    chosen = tuple(r.strip() for r in roles.split(",") if r.strip())
+    unknown = sorted(set(chosen) - set(ROLES))
+    if unknown:
+        Console(stderr=True).print(f"[red]unknown roles:[/] {', '.join(unknown)} (choose from {', '.join(ROLES)})")
+        raise typer.Exit(2)
+    settings = _settings(ctx)
+    config = AgentConfig(agent_id, data_dir, chosen, cluster, host, bind_host, data_port)
+    with _errors():
+        running = Agent(config, settings.broker()).start()
+    Console(stderr=True).print(f"agent {agent_id} running (roles {','.join(chosen)})")
+    _wait_for_signal(running.wait, running.stop)
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Where the demo keeps its files (default DATA_DIR/demo)")
+    ] = None,
+    agents: Annotated[int, typer.Option(min=2, max=8, help="How many agents (learners) to start")] = 3,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+) -> None:
+    """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
+    from flops.demo import print_result, run_demo
+
+    settings = _settings(ctx)
+    console = Console()
+    with _errors():
+        result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
+    raise typer.Exit(print_result(result, console))
+
+
 # --- projects --------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,434 @@
+"""The node agent: announces the node (retained birth, last will), serves its data, runs commands.
+
+One agent per node. It owns a data directory (``<data-dir>/data`` served over Arrow Flight), a work
+directory for project children (learners, aggregators, model servers, each with its own log file) and a
+builder cache. Commands are idempotent by ``command_id`` (the ids handled are kept on disk); every outcome,
+including a child that crashes, becomes a report on the project's reports topic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import queue
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from flops import topics
+from flops.bus import Bus, BusOptions, Will
+from flops.messages import AgentStatus, Command, decode_report
+from flops.settings import BrokerAddress
+from flops.supervisor import Child, Supervisor, kill_group
+
+log = structlog.get_logger(__name__)
+
+ROLES = ("learner", "builder", "aggregator", "serve")
+# What a child's failure is reported as, by the command that started it.
+FAILURE_KIND = {"run_learner": "learner.failed", "run_aggregator": "training.failed", "serve_model": "model.failed"}
+TERMINAL = {"learner.failed", "training.succeeded", "training.failed", "model.served", "model.failed"}
+
+
+@dataclass
+class AgentConfig:
+    agent_id: str
+    data_dir: Path
+    roles: tuple[str, ...] = ROLES
+    cluster: str | None = None
+    host: str = "127.0.0.1"  # the address others reach this node's services at
+    bind_host: str = "127.0.0.1"
+    data_port: int = 0
+    builder_workers: int = 1
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, address: BrokerAddress, *, ca_file: str | None = None) -> None:
+        self.config = config
+        self.id = config.agent_id
+        self.dirs = {name: config.data_dir / name for name in ("data", "work", "builds", "state")}
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        self._handled_path = self.dirs["state"] / "commands.jsonl"
+        self._running_path = self.dirs["state"] / "running.json"
+        self._handled = self._load_handled()
+        self._log = log.bind(agent_id=self.id)
+        self.data_server = None
+        if "learner" in config.roles:
+            from flops.data.server import DataServer
+
+            self.data_server = DataServer(
+                self.dirs["data"], config.bind_host, config.data_port, advertise_host=config.host
+            )
+        self.supervisor = Supervisor(self._child_report, self._child_exit)
+        self._builds = ThreadPoolExecutor(max_workers=config.builder_workers, thread_name_prefix="build")
+        self._stop = threading.Event()
+        self._seq_lock = threading.Lock()
+        self.bus = Bus(
+            address,
+            BusOptions(
+                client_id=f"flops-agent-{self.id}",
+                subscriptions=[topics.agent_commands(self.id)],
+                clean_start=False,
+                session_expiry_s=3600,
+                manual_ack=True,
+                will=Will(topics.agent_status(self.id), self._status(online=False).to_bytes()),
+                birth=lambda: (topics.agent_status(self.id), self._status(online=True).to_bytes()),
+                ca_file=ca_file,
+            ),
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        if self.data_server is not None:
+            self.data_server.on_change = lambda inventory: self._announce()
+            self.data_server.start()
+        self.bus.connect()
+        self._reconcile()
+        threading.Thread(target=self._run, daemon=True, name="agent").start()
+        self._log.info("agent ready", roles=self.config.roles, data_server=self._data_location())
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.supervisor.stop_all()
+        self._builds.shutdown(wait=False, cancel_futures=True)
+        if self.bus.connected:
+            self.bus.publish_wait(topics.agent_status(self.id), self._status(online=False).to_bytes(), retain=True)
+        self.bus.close()
+        if self.data_server is not None:
+            self.data_server.stop()
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def _data_location(self) -> str | None:
+        return self.data_server.location if self.data_server is not None else None
+
+    def _status(self, online: bool) -> AgentStatus:
+        from flops.data.server import inventory
+
+        memory_mb = None
+        with contextlib.suppress(ValueError, OSError):
+            memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+        return AgentStatus(
+            agent_id=self.id,
+            online=online,
+            roles=list(self.config.roles),  # type: ignore[arg-type]
+            data_tags=inventory(self.dirs["data"]) if "learner" in self.config.roles else {},
+            cluster=self.config.cluster,
+            platform="linux/arm64" if platform.machine() in {"aarch64", "arm64"} else "linux/amd64",
+            host=self.config.host,
+            data_server=self._data_location() if online else None,
+            cpus=os.cpu_count(),
+            memory_mb=memory_mb,
+        )
+
+    def _announce(self) -> None:
+        """Re-publish the retained status (data arrived or left)."""
+        self.bus.publish(topics.agent_status(self.id), self._status(online=True).to_bytes(), retain=True)
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.bus.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                command = Command.model_validate_json(message.payload)
+            except ValueError as exc:
+                self._log.warning("unreadable command", error=str(exc)[:300])
+                self.bus.ack(message)
+                continue
+            bound = self._log.bind(project_id=command.project_id, command_id=command.command_id, kind=command.kind)
+            if command.command_id in self._handled:
+                bound.info("duplicate command ignored")
+                self.bus.ack(message)
+                continue
+            self._mark_handled(command.command_id)
+            self.bus.ack(message)
+            try:
+                self._execute(command)
+                bound.info("command accepted")
+            except Exception as exc:
+                bound.exception("command failed")
+                self._report(command, "command.failed", reason=f"{type(exc).__name__}: {exc}")
+
+    def _execute(self, cmd: Command) -> None:
+        if cmd.kind == "build":
+            self._builds.submit(self._build, cmd)
+        elif cmd.kind == "run_learner":
+            self._run_learner(cmd)
+        elif cmd.kind == "run_aggregator":
+            self._run_aggregator(cmd)
+        elif cmd.kind == "build_model_image":
+            self._builds.submit(self._build_model_image, cmd)
+        elif cmd.kind == "serve_model":
+            self._serve_model(cmd)
+        elif cmd.kind == "stop_project":
+            keep = set(cmd.spec.get("keep", []))
+            stopped = self.supervisor.stop_project(cmd.project_id, keep)
+            self._forget_running({c.command_id for c in stopped})
+            self._log.info("project stopped", project_id=cmd.project_id, children=len(stopped))
+
+    def _build(self, cmd: Command) -> None:
+        from flops.build import EnvBuilder
+
+        self._report(cmd, "build.started")
+        result = EnvBuilder().build(cmd.spec, self.dirs["builds"])
+        payload = result.to_payload()
+        if result.kind == "build.succeeded":
+            artifact = payload["artifact"]
+            self._report(
+                cmd,
+                "build.succeeded",
+                artifact={
+                    "ref": f"env://{artifact['key']}",
+                    "key": artifact["key"],
+                    "commit": artifact["commit"],
+                    "details": artifact,
+                },
+                cached=payload["cached"],
+                warnings=payload["warnings"],
+                duration_s=payload["duration_s"],
+            )
+        else:
+            self._report(cmd, "build.failed", reason=payload["reason"], log_tail=payload["log_tail"][-4000:])
+
+    def _artifact(self, cmd: Command) -> dict[str, Any]:
+        """The built environment; built here when it is not on this node (another host built it)."""
+        details = dict(cmd.spec.get("artifact", {}).get("details", {}))
+        if details.get("python") and Path(details["python"]).exists() and Path(details["repo_dir"]).exists():
+            return details
+        from flops.build import EnvBuilder
+
+        spec = {k: details.get(k) for k in ("repo_url", "commit", "flavor", "platforms") if details.get(k)}
+        result = EnvBuilder().build(spec, self.dirs["builds"])
+        if result.kind != "build.succeeded":
+            raise RuntimeError(f"local build failed: {result.to_payload()['reason']}")
+        return result.to_payload()["artifact"]
+
+    def _workdir(self, cmd: Command) -> Path:
+        path = self.dirs["work"] / cmd.project_id / cmd.command_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _spawn(self, cmd: Command, argv: list[str], artifact: dict[str, Any]) -> Child:
+        work = self._workdir(cmd)
+        env = {**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"}
+        child = self.supervisor.spawn(
+            cmd.project_id,
+            cmd.command_id,
+            cmd.kind,
+            [artifact["python"], "-m", *argv],
+            log_path=work / f"{cmd.kind}.log",
+            env=env,
+            cwd=work,
+        )
+        self._remember_running(child)
+        return child
+
+    def _run_learner(self, cmd: Command) -> None:
+        if self.data_server is None:
+            raise RuntimeError("this agent has no learner role")
+        artifact = self._artifact(cmd)
+        tags = ",".join(cmd.spec.get("data_tags", []))
+        self._spawn(
+            cmd,
+            [
+                "flops.runtime.learner",
+                "--repo",
+                artifact["repo_dir"],
+                "--aggregator",
+                cmd.spec["aggregator_address"],
+                "--data-server",
+                self.data_server.location,
+                "--data-tags",
+                tags,
+                "--work-dir",
+                str(self._workdir(cmd)),
+            ],
+            artifact,
+        )
+
+    def _run_aggregator(self, cmd: Command) -> None:
+        artifact = self._artifact(cmd)
+        spec = cmd.spec
+        work = self._workdir(cmd)
+        self._spawn(
+            cmd,
+            [
+                "flops.runtime.aggregator",
+                "--repo",
+                artifact["repo_dir"],
+                "--rounds",
+                str(spec["rounds"]),
+                "--min-available-clients",
+                str(spec["min_available_clients"]),
+                "--min-fit-clients",
+                str(spec["min_fit_clients"]),
+                "--min-evaluate-clients",
+                str(spec["min_evaluate_clients"]),
+                "--strategy",
+                spec.get("strategy", "fedavg"),
+                "--address",
+                f"{self.config.bind_host}:{spec['port']}",
+                "--model-out",
+                str(work / "model"),
+                "--work-dir",
+                str(work / "flower"),
+            ],
+            artifact,
+        )
+
+    def _build_model_image(self, cmd: Command) -> None:
+        from flops.build import package_model
+
+        try:
+            artifact = self._artifact(cmd)
+            model_ref = Path(cmd.spec["model"]["model_ref"])
+            out = self._workdir(cmd) / "package"
+            if out.exists():
+                shutil.rmtree(out)
+            package = package_model(
+                model_ref.parent if model_ref.is_file() else model_ref, artifact, Path(artifact["repo_dir"]), out
+            )
+            self._report(cmd, "model.built", image_ref=f"dir://{package.path}")
+        except Exception as exc:
+            self._report(cmd, "model.failed", reason=f"packaging failed: {type(exc).__name__}: {exc}")
+
+    def _serve_model(self, cmd: Command) -> None:
+        package = cmd.spec["image_ref"].removeprefix("dir://")
+        manifest = json.loads((Path(package) / "manifest.json").read_text())
+        python = manifest.get("python") or sys.executable
+        self._spawn(
+            cmd,
+            [
+                manifest.get("entry_module", "flops.runtime.serve"),
+                "--package",
+                package,
+                "--host",
+                self.config.bind_host,
+                "--port",
+                "0",
+            ],
+            {"python": python},
+        )
+
+    # --- child reports -> MQTT -------------------------------------------------------------------
+
+    def _child_report(self, child: Child, kind: str, payload: dict[str, Any]) -> None:
+        if kind in TERMINAL:
+            child.terminal_reported = True
+        fields = dict(payload)
+        if kind.startswith("learner."):
+            fields["agent_id"] = self.id
+            fields.pop("node_id", None)
+            fields.pop("aggregator", None)
+        # Deterministic ids: a report re-sent after a restart is recognised by the manager.
+        self._send(child.project_id, child.command_id, kind, fields, event_id=f"{child.command_id}.r{child.lines}")
+
+    def _child_exit(self, child: Child, code: int) -> None:
+        self._forget_running({child.command_id})
+        if child.stopped or child.terminal_reported:
+            return
+        kind = FAILURE_KIND.get(child.kind, "command.failed")
+        fields: dict[str, Any] = {
+            "reason": f"{child.kind} exited with code {code} before reporting an outcome",
+            "log_tail": child.log_tail(),
+        }
+        if kind == "learner.failed":
+            fields["agent_id"] = self.id
+        self._send(child.project_id, child.command_id, kind, fields, event_id=f"{child.command_id}.exit")
+
+    def _report(self, cmd: Command, kind: str, **fields: Any) -> None:
+        self._send(cmd.project_id, cmd.command_id, kind, fields, event_id=f"{cmd.command_id}.{kind}")
+
+    def _send(self, project_id: str, command_id: str, kind: str, fields: dict[str, Any], *, event_id: str) -> None:
+        body = {
+            "event_id": event_id,
+            "project_id": project_id,
+            "source": f"agent/{self.id}",
+            "command_id": command_id,
+            "kind": kind,
+            **fields,
+        }
+        try:
+            report = decode_report(json.dumps(body).encode())
+        except ValueError as exc:
+            self._log.warning("dropping malformed child report", kind=kind, error=str(exc)[:300])
+            return
+        self.bus.publish(topics.project_reports(project_id), report.to_bytes())
+
+    # --- idempotency and restart bookkeeping -----------------------------------------------------
+
+    def _load_handled(self) -> set[str]:
+        if not self._handled_path.exists():
+            return set()
+        return {line.strip() for line in self._handled_path.read_text().splitlines() if line.strip()}
+
+    def _mark_handled(self, command_id: str) -> None:
+        self._handled.add(command_id)
+        with self._handled_path.open("a") as fh:
+            fh.write(command_id + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _read_running(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self._running_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_running(self, running: dict[str, dict[str, Any]]) -> None:
+        tmp = self._running_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(running))
+        tmp.replace(self._running_path)
+
+    def _remember_running(self, child: Child) -> None:
+        with self._seq_lock:
+            running = self._read_running()
+            running[child.command_id] = {"project_id": child.project_id, "kind": child.kind, "pid": child.pid}
+            self._write_running(running)
+
+    def _forget_running(self, command_ids: set[str]) -> None:
+        with self._seq_lock:
+            running = self._read_running()
+            for command_id in command_ids:
+                running.pop(command_id, None)
+            self._write_running(running)
+
+    def _reconcile(self) -> None:
+        """After a restart: children of the previous run are gone for us; stop leftovers and say so."""
+        previous = self._read_running()
+        for command_id, entry in previous.items():
+            kill_group(int(entry["pid"]), 15)
+            kind = FAILURE_KIND.get(entry["kind"], "command.failed")
+            fields: dict[str, Any] = {"reason": f"agent {self.id} restarted; its {entry['kind']} no longer runs"}
+            if kind == "learner.failed":
+                fields["agent_id"] = self.id
+            self._send(entry["project_id"], command_id, kind, fields, event_id=f"{command_id}.lost")
+        self._write_running({})
+
+
+def run_agent(config: AgentConfig, address: BrokerAddress) -> None:
+    agent = Agent(config, address).start()
+    try:
+        while not agent._stop.wait(1.0):
+            time.sleep(0)
+    finally:
+        agent.stop()

@@ -1,0 +1,79 @@
+"""The builder's typed inputs and outputs: the build spec, the artifact it produces, success and failure.
+
+`BuildResult.to_payload()` / `BuildFailure.to_payload()` are exactly the payloads of the
+`build.succeeded` / `build.failed` worker reports; `kind` names the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BuildSpec(BaseModel):
+    """What to build: the `spec` of a `build` command. `commit=None` means HEAD of the default branch."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    repo_url: str = Field(min_length=1)
+    commit: str | None = None
+    flavor: str = "default"
+    platforms: tuple[str, ...] = ()
+
+
+class ArtifactRef(BaseModel):
+    """Where a built environment lives: enough for an agent to start a learner or aggregator from it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["python-env"] = "python-env"
+    key: str
+    python: str  # the environment's interpreter
+    repo_dir: str  # checkout of the ML repo at `commit`; the learner's working directory
+    repo_url: str
+    commit: str
+    flavor: str
+    platforms: tuple[str, ...]
+    dependency_file: str
+    requirements: tuple[str, ...]
+
+
+class BuildResult(BaseModel):
+    """A successful build (fresh or from the cache)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["build.succeeded"] = "build.succeeded"
+    artifact: ArtifactRef
+    cached: bool
+    warnings: tuple[str, ...] = ()
+    duration_s: float
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact.model_dump(mode="json"),
+            "cached": self.cached,
+            "warnings": list(self.warnings),
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+class BuildFailure(BaseModel):
+    """A build that failed for a reason the user can act on; `step` says where (clone, contract, …)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["build.failed"] = "build.failed"
+    step: str
+    reason: str
+    log_tail: str = ""
+    duration_s: float = 0.0
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "log_tail": self.log_tail,
+            "step": self.step,
+            "duration_s": round(self.duration_s, 3),
+        }

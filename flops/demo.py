@@ -1,0 +1,273 @@
+"""``flops demo``: the base case on one machine, start to finish.
+
+Starts the embedded broker, the manager and three agents (real processes, each with its own data
+directory), pushes IID partitions of scikit-learn's digits to them, submits the example project (the
+example ML repo, three learners, three rounds, both post-training steps), shows stage and round progress,
+prints the final accuracy, asks the inference server about held-out digits, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flops import topics
+from flops.bus import Bus, BusOptions
+from flops.errors import FlopsError, TimedOut
+from flops.lifecycle_stages import Outcome, Stage
+from flops.messages import AgentStatus, ProjectEvent, ProjectState, new_id
+from flops.settings import BrokerAddress, Settings
+from flops.sla import ProjectSLA
+
+log = structlog.get_logger(__name__)
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_REPO = SOURCE_ROOT / "examples" / "ml_repos" / "digits_sklearn"
+EXAMPLE_SLA = SOURCE_ROOT / "examples" / "projects" / "digits.json"
+
+
+@dataclass
+class DemoResult:
+    project_id: str
+    state: ProjectState
+    stage_seconds: dict[str, float]
+    total_seconds: float
+    predictions: list[int]
+    labels: list[int]
+
+
+def example_repo(work: Path) -> str:
+    """The example ML repo as a git repository (the builder clones repos); reused while unchanged."""
+    if not EXAMPLE_REPO.is_dir():
+        raise FlopsError(f"example repo not found at {EXAMPLE_REPO}: run flops demo from a source checkout")
+    repo = work / "digits_sklearn"
+    same = repo.is_dir() and all(
+        (repo / f.name).exists() and (repo / f.name).read_bytes() == f.read_bytes()
+        for f in EXAMPLE_REPO.iterdir()
+        if f.is_file()
+    )
+    if not same:
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.copytree(EXAMPLE_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
+        git = ["git", "-C", str(repo), "-c", "user.email=demo@flops", "-c", "user.name=flops demo"]
+        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, timeout=30)
+        subprocess.run([*git, "add", "."], check=True, timeout=30)
+        subprocess.run([*git, "commit", "-qm", "example ML repo"], check=True, timeout=30)
+    return f"file://{repo}"
+
+
+class Fleet:
+    """Three ``flops agent`` processes on this machine."""
+
+    def __init__(self, work: Path, address: BrokerAddress, n: int) -> None:
+        self.work = work
+        self.address = address
+        self.ids = [f"node-{i}" for i in range(n)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json"}
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        for agent_id in self.ids:
+            agent_dir = self.work / "agents" / agent_id
+            # Fresh data and state every run; builds (and so the builder cache) survive between runs.
+            for sub in ("data", "state", "work"):
+                shutil.rmtree(agent_dir / sub, ignore_errors=True)
+            roles = "learner,builder,aggregator,serve" if agent_id == self.ids[0] else "learner"
+            with (self.work / "logs" / f"{agent_id}.log").open("wb") as out:
+                self.procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "flops.cli",
+                            "agent",
+                            "--id",
+                            agent_id,
+                            "--data-dir",
+                            str(agent_dir),
+                            "--roles",
+                            roles,
+                        ],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+
+    def wait_online(self, timeout: float = 60.0) -> dict[str, AgentStatus]:
+        seen: dict[str, AgentStatus] = {}
+        with Bus(
+            self.address, BusOptions(client_id=new_id("demo-fleet"), subscriptions=[topics.ALL_AGENT_STATUS])
+        ) as bus:
+            deadline = time.monotonic() + timeout
+            while set(self.ids) - {k for k, v in seen.items() if v.online and v.data_server}:
+                left = deadline - time.monotonic()
+                if left <= 0 or any(p.poll() is not None for p in self.procs):
+                    raise TimedOut("all demo agents online (see the logs in the demo directory)", timeout)
+                with contextlib.suppress(Exception):
+                    message = bus.inbox.get(timeout=min(left, 0.5))
+                    if message.payload:
+                        status = AgentStatus.model_validate_json(message.payload)
+                        seen[status.agent_id] = status
+        return seen
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tuple[BrokerAddress, Fleet]]:
+    from flops.broker import MosquittoBroker
+    from flops.manager import Manager
+    from flops.store_sqlite import SQLiteStore
+
+    broker = MosquittoBroker() if not settings.broker_url else None
+    address = broker.address if broker else settings.broker()
+    shutil.rmtree(work / "manager", ignore_errors=True)
+    manager = Manager(
+        settings.model_copy(update={"data_dir": work / "manager"}),
+        SQLiteStore(work / "manager" / "manager.sqlite3"),
+        address,
+        client_id=new_id("flops-demo-manager"),
+    ).start()
+    fleet = Fleet(work, address, agents)
+    try:
+        fleet.start()
+        yield address, fleet
+    finally:
+        fleet.stop()
+        manager.stop()
+        if broker is not None:
+            broker.stop()
+
+
+def run_demo(
+    settings: Settings, work: Path, console: Console, *, agents: int = 3, timeout: float = 600.0
+) -> DemoResult:
+    from flops.client import Client
+    from flops.data.mock import load_dataset, push_partitions, split_iid
+
+    started = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    repo_url = example_repo(work)
+    with running_system(settings, work, agents) as (address, fleet):
+        console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
+        statuses = fleet.wait_online()
+        partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)
+        push_partitions(partitions, [statuses[a].data_server for a in fleet.ids], "digits")
+        shares = ", ".join(f"{a}: {p.num_rows} rows" for a, p in zip(fleet.ids, partitions, strict=True))
+        console.print(f"data: digits train split → {shares}")
+        body = json.loads(EXAMPLE_SLA.read_text())
+        body["ml_repo_url"] = repo_url
+        body["training_configuration"]["min_available_clients"] = agents
+        body["training_configuration"]["min_fit_clients"] = agents
+        body["training_configuration"]["min_evaluate_clients"] = agents
+        sla = ProjectSLA.model_validate(body)
+        with Client(address) as client:
+            reply = client.submit(sla)
+            if reply.errors or not reply.project_id:
+                raise FlopsError(f"project rejected: {reply.errors}")
+            project_id = reply.project_id
+            console.print(f"project [bold]{project_id}[/] submitted")
+            state = follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
+        predictions: list[int] = []
+        labels: list[int] = []
+        if state.model_url:
+            predictions, labels = ask_model(state.model_url, console)
+    total = time.monotonic() - started
+    ts = state.stage_timestamps
+    order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
+    stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
+    return DemoResult(project_id, state, stage_seconds, total, predictions, labels)
+
+
+def follow(client: object, project_id: str, rounds: int, console: Console, timeout: float) -> ProjectState:
+    last: ProjectState | None = None
+    with Progress(
+        TextColumn("[cyan]{task.fields[stage]:<14}"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"round 0/{rounds}", total=rounds, stage="preparation")
+        for item in client.follow(project_id, timeout=timeout):  # type: ignore[attr-defined]
+            if isinstance(item, ProjectEvent):
+                if item.kind in {"stage.changed", "warning", "rejected"}:
+                    progress.console.print(f"  {item.stage or '':<14} {item.message}")
+                continue
+            last = item
+            acc = f"  accuracy {item.progress.accuracy:.3f}" if item.progress.accuracy is not None else ""
+            progress.update(
+                task,
+                completed=item.progress.round,
+                stage=item.stage.value,
+                description=f"round {item.progress.round}/{rounds}{acc}",
+            )
+    assert last is not None
+    return last
+
+
+def ask_model(url: str, console: Console, n: int = 12) -> tuple[list[int], list[int]]:
+    """Held-out digits (never pushed to any agent) sent to the inference server."""
+    import urllib.request
+
+    from flops.data.mock import load_dataset
+
+    test = load_dataset("digits", split="test")
+    rows = [
+        [v for row in image for v in row] if isinstance(image[0], list) else image
+        for image in test.column("image").to_pylist()
+    ]
+    labels = test.column("label").to_pylist()
+    request = urllib.request.Request(
+        url.rstrip("/") + "/invocations",
+        data=json.dumps({"inputs": rows}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        predictions = [int(p) for p in json.loads(response.read())["predictions"]]
+    right = sum(int(p == y) for p, y in zip(predictions, labels, strict=True))
+    console.print(f"inference server {url}: {right}/{len(labels)} held-out digits right ({right / len(labels):.3f})")
+    console.print("  predicted: " + " ".join(str(p) for p in predictions[:n]))
+    console.print("  labels:    " + " ".join(str(y) for y in labels[:n]))
+    return predictions, labels
+
+
+def print_result(result: DemoResult, console: Console) -> int:
+    state = result.state
+    color = {Outcome.COMPLETED: "green", Outcome.FAILED: "red", Outcome.CANCELLED: "yellow"}[
+        state.outcome or Outcome.FAILED
+    ]
+    console.print(f"[{color}]{state.outcome.value if state.outcome else '?'}[/]: {state.reason}")
+    if state.progress.accuracy is not None:
+        console.print(f"final federated accuracy (round {state.progress.round}): {state.progress.accuracy:.3f}")
+    console.print(
+        "stage durations: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+        + f"; total {result.total_seconds:.1f}s"
+    )
+    return {Outcome.COMPLETED: 0, Outcome.FAILED: 1, Outcome.CANCELLED: 2}[state.outcome or Outcome.FAILED]

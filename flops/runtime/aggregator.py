@@ -1,0 +1,247 @@
+"""Aggregator process of one project: SuperLink + ServerApp run, reported line by line.
+
+``python -m flops.runtime.aggregator --repo DIR --rounds N --min-available-clients A
+--min-fit-clients F --min-evaluate-clients E --strategy fedavg|fedprox|fedadam
+--address HOST:PORT --model-out DIR [--client-wait-timeout S] [--round-timeout S]
+[--deadline S] [--work-dir DIR] [--report-fd FD]``
+
+Starts ``flower-superlink`` (Fleet, Control and Runtime APIs on ``--address``), submits one run of
+the generated Flower App (``flops.runtime.serverapp`` / ``flops.runtime.clientapp``) with
+``flwr run``, follows the ServerApp's report lines and forwards them: aggregator.started,
+round.completed per round, then training.succeeded or training.failed. Exit status 0 only
+on training.succeeded. Every child (SuperLink, its SuperExec and ServerApp) is stopped on exit,
+on error and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from flops.runtime.children import ChildGroup, install_sigterm_exit
+from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, split_address
+from flops.runtime.flower_project import write_app, write_cli_config
+from flops.runtime.reports import (
+    AGGREGATOR_STARTED,
+    TRAINING_FAILED,
+    TRAINING_SUCCEEDED,
+    ReportWriter,
+    decode_report,
+)
+from flops.runtime.training import STRATEGIES
+
+CONNECTION = "flops"
+TERMINAL_RUN_STATUSES = ("finished",)
+
+
+class AggregatorError(RuntimeError):
+    """The aggregator cannot run the training; the message is the training.failed reason."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flops.runtime.aggregator", description=__doc__.split("\n")[0])
+    p.add_argument("--repo", type=Path, required=True, help="ML repository (model_manager.py at its root)")
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--min-available-clients", type=int, required=True)
+    p.add_argument("--min-fit-clients", type=int, required=True)
+    p.add_argument("--min-evaluate-clients", type=int, required=True)
+    p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
+    p.add_argument("--address", required=True, help="HOST:PORT the SuperLink listens on (learners connect here)")
+    p.add_argument("--model-out", type=Path, required=True, help="directory for model.npz + metrics.json")
+    p.add_argument("--client-wait-timeout", type=float, default=120.0, help="seconds to wait for learners")
+    p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for one round's replies")
+    p.add_argument("--deadline", type=float, default=3600.0, help="seconds for the whole training")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=FAST_POLL_INTERVAL,
+        help="reply / task polling in seconds (ServerApp grid and SuperExec); Flower's own: 3 s / 1 s",
+    )
+    p.add_argument(
+        "--runtime-dependency-install",
+        action="store_true",
+        help="let the SuperLink `uv sync` the app's dependencies per run (Flower's default; off here)",
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--report-fd", type=int, default=None, help="file descriptor for report lines (default stdout)")
+    return p.parse_args(argv)
+
+
+def wait_healthy(address: str, *, timeout: float, superlink: subprocess.Popen[str]) -> None:
+    """Wait until the SuperLink answers ``GET /health``."""
+    host, port = split_address(address)
+    url = f"http://{host}:{port}/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if superlink.poll() is not None:
+            raise AggregatorError(f"SuperLink exited with status {superlink.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AggregatorError(f"SuperLink did not become healthy at {address} within {timeout:g} s")
+
+
+def submit_run(app_dir: Path, env: dict[str, str]) -> int:
+    """``flwr run`` the app against our SuperLink; return the run id."""
+    proc = subprocess.run(
+        [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        payload = json.loads(proc.stdout[proc.stdout.index("{") :])
+        return int(payload["run-id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise AggregatorError(f"flwr run failed (exit {proc.returncode}): {tail}") from exc
+
+
+def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any] | None:
+    """The run's status as ``flwr ls`` reports it (None if it cannot be read)."""
+    proc = subprocess.run(
+        [flower_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        payload = json.loads(proc.stdout[proc.stdout.index("{") :])
+        runs = payload.get("runs", [])
+        return runs[0] if runs else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def follow_events(
+    events_file: Path,
+    reports: ReportWriter,
+    *,
+    run_id: int,
+    env: dict[str, str],
+    superlink: subprocess.Popen[str],
+    deadline: float,
+    status_every: float = 5.0,
+) -> str:
+    """Forward the ServerApp's report lines until a terminal one; return its kind."""
+    log = structlog.get_logger(__name__).bind(run_id=run_id)
+    position = 0
+    next_status = time.monotonic() + status_every
+    while True:
+        if events_file.exists():
+            with events_file.open("r", encoding="utf-8") as fh:
+                fh.seek(position)
+                while line := fh.readline():
+                    if not line.endswith("\n"):
+                        break
+                    position += len(line.encode("utf-8"))
+                    kind, payload = decode_report(line)
+                    reports.emit(kind, **payload)
+                    if kind in (TRAINING_SUCCEEDED, TRAINING_FAILED):
+                        return kind
+        now = time.monotonic()
+        if superlink.poll() is not None:
+            raise AggregatorError(f"SuperLink exited with status {superlink.returncode} during training")
+        if now >= deadline:
+            raise AggregatorError("training did not finish before the aggregator deadline")
+        if now >= next_status:
+            next_status = now + status_every
+            status = run_status(run_id, env)
+            log.debug("run.status", status=status)
+            if status is not None and str(status.get("status", "")).startswith("finished"):
+                # Give the ServerApp's last line a moment to land before declaring it lost.
+                next_status = min(next_status, now + 1.0)
+                if events_file.exists() and events_file.stat().st_size > position:
+                    continue
+                raise AggregatorError(f"Flower run {run_id} ended without a result: {status.get('status')}")
+        time.sleep(0.05)
+
+
+def run(args: argparse.Namespace, reports: ReportWriter) -> int:
+    log = structlog.get_logger(__name__).bind(address=args.address, strategy=args.strategy)
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="flops-aggregator-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    events_file = work_dir / "events.jsonl"
+    events_file.unlink(missing_ok=True)
+    env = flower_env(os.environ, poll_interval=args.poll_interval)
+    env["FLWR_HOME"] = str(work_dir / "flwr-home")
+    write_cli_config(work_dir / "flwr-home", connection=CONNECTION, address=args.address)
+    app_dir = write_app(
+        work_dir / "app",
+        {
+            "repo": str(args.repo.resolve()),
+            "rounds": args.rounds,
+            "strategy": args.strategy,
+            "min-available-clients": args.min_available_clients,
+            "min-fit-clients": args.min_fit_clients,
+            "min-evaluate-clients": args.min_evaluate_clients,
+            "client-wait-timeout": float(args.client_wait_timeout),
+            "round-timeout": float(args.round_timeout),
+            "model-out": str(args.model_out.resolve()),
+            "events-file": str(events_file),
+            "poll-interval": float(args.poll_interval),
+        },
+    )
+    deadline = time.monotonic() + args.deadline
+    host, port = split_address(args.address)
+    with ChildGroup() as children:
+        try:
+            superlink = children.spawn(
+                "superlink",
+                [
+                    flower_bin("flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    *([] if args.runtime_dependency_install else ["--disable-runtime-dependency-installation"]),
+                ],
+                env=env,
+                cwd=work_dir,
+                log_file=work_dir / "superlink.log",
+            )
+            wait_healthy(args.address, timeout=60.0, superlink=superlink)
+            reports.emit(AGGREGATOR_STARTED, address=args.address)
+            run_id = submit_run(app_dir, env)
+            log.info("run.submitted", run_id=run_id)
+            kind = follow_events(events_file, reports, run_id=run_id, env=env, superlink=superlink, deadline=deadline)
+        except AggregatorError as exc:
+            log.error("training.failed", reason=str(exc))
+            reports.emit(TRAINING_FAILED, reason=str(exc))
+            return 1
+    return 0 if kind == TRAINING_SUCCEEDED else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    args = parse_args(argv)
+    install_sigterm_exit()
+    reports = ReportWriter.open(args.report_fd)
+    try:
+        return run(args, reports)
+    except SystemExit:
+        reports.emit(TRAINING_FAILED, reason="aggregator stopped by signal")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

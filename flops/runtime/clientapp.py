@@ -1,0 +1,69 @@
+"""The Flower ClientApp a learner's SuperNode runs: the repository's ModelManager behind the Message API.
+
+Node config (``flower-supernode --node-config``) names the repository and the data server:
+``repo``, ``data-server``, ``data-tags``. The ModelManager (with its data) is built once per
+process and reused for every message that process handles.
+
+- train: set the received arrays, ``fit_model()`` -> n, reply arrays + ``num-examples``;
+- evaluate: set the received arrays, ``evaluate_model()`` -> loss, accuracy, n.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flops.runtime.repo import new_model_manager
+from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def prepared_model_manager(repo: str, data_server: str, data_tags: str) -> Any:
+    """Build the repository's ModelManager and load its data, once per (repo, data) in this process."""
+    os.environ[DATA_SERVER_ENV] = data_server
+    os.environ[DATA_TAGS_ENV] = data_tags
+    manager = new_model_manager(Path(repo))
+    manager.set_model_data()
+    return manager
+
+
+def _manager(context: Context) -> Any:
+    cfg = context.node_config
+    return prepared_model_manager(str(cfg["repo"]), str(cfg["data-server"]), str(cfg["data-tags"]))
+
+
+def _set_arrays(manager: Any, msg: Message) -> None:
+    arrays = msg.content.array_records["arrays"]
+    manager.set_model_parameters(arrays.to_numpy_ndarrays())
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train locally from the received global arrays."""
+    manager = _manager(context)
+    _set_arrays(manager, msg)
+    examples = int(manager.fit_model())
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(list(manager.get_model_parameters())),
+            "metrics": MetricRecord({"num-examples": examples}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global arrays on the local test split."""
+    manager = _manager(context)
+    _set_arrays(manager, msg)
+    loss, accuracy, examples = manager.evaluate_model()
+    metrics = MetricRecord({"loss": float(loss), "accuracy": float(accuracy), "num-examples": int(examples)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,73 @@
+"""Environment and command lines for Flower's processes (SuperLink, SuperNode, ``flwr`` CLI).
+
+Tuning chosen for loopback / LAN deployments (measured, see ``tests/runtime``):
+
+- ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (default 1 s) -> ``poll_interval``: how often the
+  SuperExec next to SuperLink/SuperNode looks for a ServerApp/ClientApp task to launch;
+- SuperLink ``--disable-runtime-dependency-installation``: by default every run does a
+  ``uv sync`` of the app's dependencies before the ServerApp starts; our environments are
+  pre-built by the builder, so that is pure overhead;
+- telemetry and update checks off (no network calls at start-up);
+- ``--insecure`` only ever together with a loopback/LAN address chosen by the agent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from flops.runtime.children import project_pythonpath
+
+FAST_POLL_INTERVAL = 0.05
+
+
+def script_dirs() -> list[str]:
+    """Where Flower's console scripts are: beside this interpreter, and (in a project environment layered on
+    a shared runtime base) in the bin directory of the environment that holds ``flwr``."""
+    dirs = [Path(sys.executable).parent]
+    spec = importlib.util.find_spec("flwr")
+    if spec is not None and spec.origin:
+        # <env>/lib/pythonX.Y/site-packages/flwr/__init__.py -> <env>/bin
+        dirs.append(Path(spec.origin).resolve().parents[4] / "bin")
+    return [str(d) for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script of the environment that provides ``flwr``."""
+    for directory in script_dirs():
+        candidate = Path(directory) / name
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+def flower_env(base: Mapping[str, str], *, poll_interval: float | None = FAST_POLL_INTERVAL) -> dict[str, str]:
+    """Environment for Flower children: our packages importable, Flower's scripts on PATH, quiet."""
+    env = dict(base)
+    env["PATH"] = os.pathsep.join([*script_dirs(), env.get("PATH", "")])
+    env["PYTHONPATH"] = project_pythonpath(env)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if poll_interval is not None:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(poll_interval)
+    return env
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); IPv6 hosts may be bracketed."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

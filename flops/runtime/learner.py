@@ -1,0 +1,191 @@
+"""Learner process of one project: checks the repo and data, then serves the ClientApp via a SuperNode.
+
+``python -m flops.runtime.learner --repo DIR --aggregator HOST:PORT --data-server grpc://HOST:PORT
+--data-tags a,b [--connect-timeout S] [--work-dir DIR] [--report-fd FD]``
+
+First it imports the repository's ``ModelManager`` and loads the node's data in-process
+(``set_model_data``), so a broken repo or missing data is reported as ``learner.failed`` with the
+traceback tail before anything is deployed. Then it starts ``flower-supernode`` against the
+aggregator's SuperLink (retrying until ``--connect-timeout``). ``learner.ready`` is reported as soon
+as the repo and data are loaded: the manager starts the aggregator only after every learner is
+ready, so readiness cannot wait for the SuperLink. It then runs until the SuperNode exits (the SuperLink went
+away for longer than the timeout) or it receives SIGTERM; the SuperNode and its ClientApp
+processes are always stopped with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import structlog
+
+from flops.runtime.children import ChildGroup, install_sigterm_exit
+from flops.runtime.fast_supernode import DEFAULT_POLL, POLL_ENV
+from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, free_port
+from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
+from flops.runtime.reports import LEARNER_FAILED, LEARNER_READY, ReportWriter
+from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV, parse_tags
+
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flops.runtime.learner", description=__doc__.split("\n")[0])
+    p.add_argument("--repo", type=Path, required=True, help="ML repository (model_manager.py at its root)")
+    p.add_argument("--aggregator", required=True, help="HOST:PORT of the aggregator's SuperLink")
+    p.add_argument("--data-server", required=True, help="Arrow Flight location, e.g. grpc://127.0.0.1:5005")
+    p.add_argument("--data-tags", required=True, help="comma-separated data tags")
+    p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to reach the SuperLink")
+    p.add_argument(
+        "--supernode-poll",
+        type=float,
+        default=DEFAULT_POLL,
+        help="SuperNode idle poll in seconds (flops.runtime.fast_supernode); 0 = stock flower-supernode (3 s)",
+    )
+    p.add_argument(
+        "--executor-poll",
+        type=float,
+        default=FAST_POLL_INTERVAL,
+        help="SuperExec task poll in seconds; 0 = Flower's default (1 s)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("warm", "subprocess"),
+        default="warm",
+        help="warm: one long-lived ClientApp worker (flops.runtime.clientapp_worker, SuperNode --isolation "
+        "process); subprocess: Flower's default, one flwr-clientapp process per message",
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (FLWR_HOME)")
+    p.add_argument("--report-fd", type=int, default=None, help="file descriptor for report lines (default stdout)")
+    return p.parse_args(argv)
+
+
+def node_config(args: argparse.Namespace) -> str:
+    """The ``--node-config`` string the ClientApp reads (see ``flops.runtime.clientapp``)."""
+
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return " ".join(
+        [
+            f"repo={quoted(str(args.repo.resolve()))}",
+            f"data-server={quoted(args.data_server)}",
+            f"data-tags={quoted(','.join(parse_tags(args.data_tags)))}",
+        ]
+    )
+
+
+class SupernodeWatch:
+    """Follows SuperNode output: remembers the node id once registered and a tail for error reports."""
+
+    def __init__(self) -> None:
+        self.registered = threading.Event()
+        self.node_id: int | None = None
+        self.tail: deque[str] = deque(maxlen=20)
+
+    def on_line(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        self.tail.append(line)
+        if not self.registered.is_set() and (match := _NODE_ID.search(line)):
+            self.node_id = int(match.group(1))
+            self.registered.set()
+
+
+def preflight(repo: Path) -> None:
+    """Import the repo and load its data once, so failures surface before deployment."""
+    manager = new_model_manager(repo)
+    manager.set_model_data()
+
+
+def run(args: argparse.Namespace, reports: ReportWriter) -> int:
+    log = structlog.get_logger(__name__).bind(aggregator=args.aggregator, repo=str(args.repo))
+    os.environ[DATA_SERVER_ENV] = args.data_server
+    os.environ[DATA_TAGS_ENV] = ",".join(parse_tags(args.data_tags))
+    try:
+        preflight(args.repo)
+    except RepoLoadError as exc:
+        reports.emit(LEARNER_FAILED, reason=f"cannot load the ML repository: {exc.tail}")
+        return 1
+    except Exception as exc:
+        reports.emit(LEARNER_FAILED, reason=f"cannot load the learner's data: {traceback_tail(exc)}")
+        return 1
+    reports.emit(LEARNER_READY, aggregator=args.aggregator)
+    env = flower_env(os.environ, poll_interval=args.executor_poll or None)
+    if args.supernode_poll > 0:
+        supernode_cmd = [sys.executable, "-m", "flops.runtime.fast_supernode"]
+        env[POLL_ENV] = str(args.supernode_poll)
+    else:
+        supernode_cmd = [flower_bin("flower-supernode")]
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        env["FLWR_HOME"] = str(args.work_dir / "flwr-home")
+    watch = SupernodeWatch()
+    runtime_port = free_port()
+    isolation = ["--isolation", "process"] if args.isolation == "warm" else []
+    with ChildGroup() as children:
+        supernode = children.spawn(
+            "supernode",
+            [
+                *supernode_cmd,
+                "--insecure",
+                "--superlink",
+                args.aggregator,
+                "--node-config",
+                node_config(args),
+                *isolation,
+                "--port",
+                str(runtime_port),
+                "--max-wait-time",
+                str(args.connect_timeout),
+            ],
+            env=env,
+            cwd=args.work_dir,
+            on_line=watch.on_line,
+        )
+        if args.isolation == "warm":
+            children.spawn(
+                "clientapp-worker",
+                [
+                    sys.executable,
+                    "-m",
+                    "flops.runtime.clientapp_worker",
+                    "--runtime-api-address",
+                    f"127.0.0.1:{runtime_port}",
+                    "--poll",
+                    str(args.executor_poll or FAST_POLL_INTERVAL),
+                ],
+                env=env,
+                cwd=args.work_dir,
+            )
+        deadline = time.monotonic() + args.connect_timeout
+        while not watch.registered.wait(0.05):
+            if supernode.poll() is not None or time.monotonic() >= deadline:
+                reason = (
+                    f"SuperNode exited with status {supernode.returncode}"
+                    if supernode.returncode is not None
+                    else f"no connection to the aggregator {args.aggregator} within {args.connect_timeout:g} s"
+                )
+                reports.emit(LEARNER_FAILED, reason=reason + "\n" + "\n".join(watch.tail))
+                return 1
+        log.info("connected to the aggregator", node_id=watch.node_id)
+        status = supernode.wait()
+        log.info("supernode.exited", status=status)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    args = parse_args(argv)
+    install_sigterm_exit()
+    return run(args, ReportWriter.open(args.report_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""End-to-end training runtime: real aggregator + learner processes, real Flower, real Arrow Flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pyarrow import flight
+from sklearn.datasets import load_digits
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS_REPO = ROOT / "examples" / "ml_repos" / "digits_sklearn"
+TAG = "digits"
+
+
+class _PartitionServer(flight.FlightServerBase):
+    """Serves one table under one data tag, answering list_flights criteria {"data_tags": [...]}."""
+
+    def __init__(self, table: pa.Table) -> None:
+        super().__init__("grpc://127.0.0.1:0")
+        self._table = table
+
+    def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        tags = json.loads(criteria or b"{}").get("data_tags", [])
+        if TAG in tags:
+            endpoint = flight.FlightEndpoint(TAG.encode(), [])
+            descriptor = flight.FlightDescriptor.for_path(TAG)
+            yield flight.FlightInfo(self._table.schema, descriptor, [endpoint], self._table.num_rows, -1)
+
+    def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        return flight.RecordBatchStream(self._table)
+
+
+@pytest.fixture
+def data_servers(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """One Flight server per learner, each holding an IID digits partition; yields their locations."""
+    count = getattr(request, "param", 2)
+    digits = load_digits()
+    order = np.random.default_rng(7).permutation(len(digits.target))
+    servers = []
+    for part in np.array_split(order, count):
+        table = pa.table(
+            {
+                "image": pa.array(digits.data[part].tolist(), type=pa.list_(pa.float64())),
+                "label": pa.array(digits.target[part], type=pa.int64()),
+            }
+        )
+        server = _PartitionServer(table)
+        threading.Thread(target=server.serve, daemon=True).start()
+        servers.append(server)
+    yield [f"grpc://127.0.0.1:{s.port}" for s in servers]
+    for server in servers:
+        server.shutdown()
+
+
+class Worker:
+    """A runtime process whose report lines arrive on a pipe (``--report-fd``)."""
+
+    def __init__(self, module: str, args: list[str], marker: str, log: Path) -> None:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, PYTHONPATH=str(ROOT), FLOPS_TEST_MARKER=marker)
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args, "--report-fd", str(write_fd)],
+            env=env,
+            pass_fds=(write_fd,),
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            start_new_session=True,
+        )
+        os.close(write_fd)
+        self.reports: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        threading.Thread(target=self._read, args=(read_fd,), daemon=True).start()
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "r", encoding="utf-8") as stream:
+            for line in stream:
+                obj = json.loads(line)
+                self.reports.put((obj["kind"], obj["payload"]))
+
+    def next_report(self, timeout: float) -> tuple[str, dict[str, Any]]:
+        try:
+            return self.reports.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no report within {timeout}s; log tail:\n{self.log.read_text()[-3000:]}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _processes_with_marker(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"FLOPS_TEST_MARKER={marker}".encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _wait_no_processes(marker: str, timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_with_marker(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.timeout(300)
+def test_two_learners_three_rounds_fedavg(data_servers: list[str], tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    address = f"127.0.0.1:{_free_port()}"
+    model_out = tmp_path / "model"
+    rounds = 3
+    started = time.monotonic()
+    aggregator = Worker(
+        "flops.runtime.aggregator",
+        [
+            "--repo", str(DIGITS_REPO), "--rounds", str(rounds), "--strategy", "fedavg",
+            "--min-available-clients", "2", "--min-fit-clients", "2", "--min-evaluate-clients", "2",
+            "--address", address, "--model-out", str(model_out), "--client-wait-timeout", "120",
+            "--work-dir", str(tmp_path / "aggregator"),
+        ],
+        marker,
+        tmp_path / "aggregator.log",
+    )  # fmt: skip
+    learners = [
+        Worker(
+            "flops.runtime.learner",
+            ["--repo", str(DIGITS_REPO), "--aggregator", address, "--data-server", location, "--data-tags", TAG],
+            marker,
+            tmp_path / f"learner{i}.log",
+        )
+        for i, location in enumerate(data_servers)
+    ]
+    try:
+        assert aggregator.next_report(60) == ("aggregator.started", {"address": address})
+        for learner in learners:
+            kind, payload = learner.next_report(120)
+            assert kind == "learner.ready", payload
+        completed = []
+        while True:
+            kind, payload = aggregator.next_report(120)
+            if kind != "round.completed":
+                break
+            completed.append(payload)
+        assert kind == "training.succeeded", payload
+        assert [r["round"] for r in completed] == [1, 2, 3]
+        assert all(r["examples"] > 0 and r["duration_s"] > 0 for r in completed)
+        assert payload["accuracy"] >= 0.85
+        assert payload["best_round"] in {1, 2, 3}
+        model = np.load(payload["model_ref"])
+        assert [model[k].shape for k in model.files] == [(10, 64), (10,)]
+        metrics = json.loads((model_out / "metrics.json").read_text())
+        assert metrics["best_round"] == payload["best_round"]
+        assert aggregator.proc.wait(timeout=30) == 0
+        print(f"3 rounds x 2 learners: {time.monotonic() - started:.1f}s wall")
+    finally:
+        for worker in (aggregator, *learners):
+            worker.stop()
+    assert _wait_no_processes(marker) == []
+
+
+@pytest.mark.timeout(120)
+def test_learner_with_broken_repo_reports_failed(tmp_path: Path) -> None:
+    repo = tmp_path / "broken_repo"
+    repo.mkdir()
+    (repo / "model_manager.py").write_text("import definitely_not_a_module_xyz\n")
+    marker = uuid.uuid4().hex
+    learner = Worker(
+        "flops.runtime.learner",
+        ["--repo", str(repo), "--aggregator", "127.0.0.1:9", "--data-server", "grpc://127.0.0.1:9", "--data-tags", TAG],
+        marker,
+        tmp_path / "learner.log",
+    )
+    try:
+        kind, payload = learner.next_report(60)
+        assert kind == "learner.failed"
+        assert "ModuleNotFoundError" in payload["reason"]
+        assert "definitely_not_a_module_xyz" in payload["reason"]
+        assert learner.proc.wait(timeout=30) != 0
+    finally:
+        learner.stop()
+    assert _wait_no_processes(marker) == []
+
+
+@pytest.mark.timeout(120)
+def test_aggregator_fails_when_too_few_learners(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    aggregator = Worker(
+        "flops.runtime.aggregator",
+        [
+            "--repo", str(DIGITS_REPO), "--rounds", "1",
+            "--min-available-clients", "2", "--min-fit-clients", "2", "--min-evaluate-clients", "2",
+            "--address", f"127.0.0.1:{_free_port()}", "--model-out", str(tmp_path / "model"),
+            "--client-wait-timeout", "2", "--work-dir", str(tmp_path / "aggregator"),
+        ],
+        marker,
+        tmp_path / "aggregator.log",
+    )  # fmt: skip
+    try:
+        assert aggregator.next_report(60)[0] == "aggregator.started"
+        kind, payload = aggregator.next_report(60)
+        assert kind == "training.failed"
+        assert "0 of 2 learners connected" in payload["reason"]
+        assert aggregator.proc.wait(timeout=30) != 0
+    finally:
+        aggregator.stop()
+    assert _wait_no_processes(marker) == []
