@@ -325,6 +325,8 @@ class Agent:
                 self.config.bind_host,
                 "--port",
                 "0",
+                "--advertise-host",
+                self.config.host,
             ],
             {"python": python},
         )

@@ -305,3 +305,54 @@ def sla(repo_url: str, **training: Any) -> dict[str, Any]:
     if deadlines:
         body["deadlines"] = deadlines
     return body
+
+
+class StateWatcher:
+    """Follows every project's retained state; lets a test wait for a stage without sleeping."""
+
+    def __init__(self, address: BrokerAddress) -> None:
+        self.states: dict[str, ProjectState] = {}
+        self._cond = threading.Condition()
+        self.bus = Bus(address, BusOptions(client_id=new_id("test-states"), subscriptions=[topics.ALL_PROJECT_STATES]))
+        self.bus.connect()
+        self._stop = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.bus.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not message.payload:
+                continue
+            state = ProjectState.model_validate_json(message.payload)
+            with self._cond:
+                old = self.states.get(state.project_id)
+                if old is None or state.seq >= old.seq:
+                    self.states[state.project_id] = state
+                self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[dict[str, ProjectState]], bool], timeout: float = 30.0, what: str = "") -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.states), timeout):
+                summary = {k: (v.stage.value, v.reason) for k, v in self.states.items()}
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}: {summary}")
+
+    def wait_stage(self, project_id: str, stage: str, timeout: float = 30.0) -> ProjectState:
+        self.wait(lambda s: project_id in s and s[project_id].stage.value == stage, timeout, f"{project_id} in {stage}")
+        return self.states[project_id]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.bus.close()
+
+
+def transitions_of(db_path: Path, project_id: str) -> list[tuple[str | None, str, str]]:
+    """The manager's transition log of one project, read from its SQLite file."""
+    import sqlite3
+
+    with sqlite3.connect(db_path) as db:
+        return db.execute(
+            "SELECT source, dest, trigger FROM transitions WHERE project_id = ? ORDER BY id", (project_id,)
+        ).fetchall()

@@ -10,10 +10,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from flops.build.env_backend import BuilderSettings, EnvBuilder
-from flops.build.model_package import ModelPackage, package_model
-from flops.build.repo import RepoError, checkout, resolve_commit
 from flops.build.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec
+
+# The heavy parts (sh, uv, git) load on first use, so that runtime modules such as the model server can
+# import flops.build.model_package inside learner environments that do not carry the builder's dependencies.
+_LAZY = {
+    "BuilderSettings": "flops.build.env_backend",
+    "EnvBuilder": "flops.build.env_backend",
+    "ModelPackage": "flops.build.model_package",
+    "package_model": "flops.build.model_package",
+    "RepoError": "flops.build.repo",
+    "checkout": "flops.build.repo",
+    "resolve_commit": "flops.build.repo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
 
 
 class Builder(Protocol):

@@ -11,6 +11,8 @@ Kinds and payloads:
 - ``round.completed`` {round, loss, accuracy, examples, duration_s}
 - ``training.succeeded`` {best_round, loss, accuracy, model_ref}
 - ``training.failed`` {reason}
+- ``model.served`` {url}
+- ``model.failed`` {reason, log_tail}
 """
 
 from __future__ import annotations
@@ -27,9 +29,20 @@ AGGREGATOR_STARTED: Final = "aggregator.started"
 ROUND_COMPLETED: Final = "round.completed"
 TRAINING_SUCCEEDED: Final = "training.succeeded"
 TRAINING_FAILED: Final = "training.failed"
+MODEL_SERVED: Final = "model.served"
+MODEL_FAILED: Final = "model.failed"
 
 REPORT_KINDS: Final = frozenset(
-    {LEARNER_READY, LEARNER_FAILED, AGGREGATOR_STARTED, ROUND_COMPLETED, TRAINING_SUCCEEDED, TRAINING_FAILED}
+    {
+        LEARNER_READY,
+        LEARNER_FAILED,
+        AGGREGATOR_STARTED,
+        ROUND_COMPLETED,
+        TRAINING_SUCCEEDED,
+        TRAINING_FAILED,
+        MODEL_SERVED,
+        MODEL_FAILED,
+    }
 )
 
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install FLOps into ./.venv with what it needs on a fresh Debian/Ubuntu machine:
+# Mosquitto (the embedded broker), git (the builder clones ML repos), python3-venv.
+# Usage: bash scripts/install.sh [extras]   (default extras: agent,runtime)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-agent,runtime}"
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v git >/dev/null 2>&1 || need+=(git)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing ${need[*]} with apt-get" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "FLOps needs Python >= 3.11")'
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+echo "installed: $(.venv/bin/flops --help >/dev/null && echo .venv/bin/flops)" >&2

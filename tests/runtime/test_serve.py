@@ -1,0 +1,308 @@
+"""The model server as a real process: a digits model trained through the example repo, packaged and served."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flops.build import ArtifactRef, package_model
+from flops.data.mock import load_dataset
+from flops.runtime.repo import new_model_manager
+from flops.runtime.serve import MODEL_FAILED, MODEL_SERVED, PredictError, predict, serve_command
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ml_repos" / "digits_sklearn"
+MAX_BODY = 200_000
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    report: dict[str, Any]
+    report_fd: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return str(self.report["payload"]["url"])
+
+
+def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Digits as the example's DataManager prepares them: 64 pixels scaled to 0..1, and the labels."""
+    table = load_dataset("digits", split=split)  # type: ignore[arg-type]
+    images = np.asarray(table.column("image").to_pylist(), dtype=np.float64)
+    return images.reshape(len(images), -1) / 16.0, np.asarray(table.column("label").to_pylist())
+
+
+def _train_with_example_repo() -> tuple[list[np.ndarray], Any]:
+    """Fit through the example's ModelManager, handing it data directly instead of through a data server.
+
+    The repo's modules are imported by their top-level names, so they are removed again afterwards to keep
+    other tests' repos importable in this process.
+    """
+    saved_path = list(sys.path)
+    try:
+        manager = new_model_manager(EXAMPLE)
+        # set_model_data() would call the DataManager, which needs a data server; the data is the same.
+        manager.x_train, manager.y_train = _features("train")
+        manager.fit_model()
+        return [np.array(p) for p in manager.get_model_parameters()], manager.get_model()
+    finally:
+        sys.path[:] = saved_path
+        for name in ("model_manager", "data_manager"):
+            sys.modules.pop(name, None)
+
+
+def _read_report(fd: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+    """The first report line on `fd`, waiting at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no report line within {timeout} s; server log:\n{log.read_text()}")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"report fd closed (exit {proc.wait(5)}); server log:\n{log.read_text()}")
+            buffer += chunk
+    return json.loads(buffer.split(b"\n", 1)[0])
+
+
+def _start(package: Path, tmp_path: Path, *extra: str) -> Server:
+    read_fd, write_fd = os.pipe()
+    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    argv = [*serve_command(package, host="127.0.0.1", port=0, report_fd=write_fd), *extra]
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stdout=log_file, stderr=subprocess.STDOUT)
+    os.close(write_fd)
+    return Server(proc=proc, report=_read_report(read_fd, proc, log), report_fd=read_fd, log=log)
+
+
+def _stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        server.proc.wait(timeout=10)
+    os.close(server.report_fd)
+
+
+def _ref(python: str = sys.executable) -> ArtifactRef:
+    return ArtifactRef(
+        key="test",
+        python=python,
+        repo_dir=str(EXAMPLE),
+        repo_url="file:///example",
+        commit="c" * 40,
+        flavor="default",
+        platforms=(),
+        dependency_file="conda.yaml",
+        requirements=("scikit-learn>=1.4",),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A packaged model (saved as the aggregator saves it) and the in-process model it was made from."""
+    parameters, model = _train_with_example_repo()
+    root = tmp_path_factory.mktemp("serve")
+    model_out = root / "model-out"
+    model_out.mkdir()
+    np.savez(model_out / "model.npz", *parameters)
+    (model_out / "metrics.json").write_text(json.dumps({"best_round": 1}))
+    package = package_model(model_out, _ref(), EXAMPLE, root / "package")
+    return package.path, model
+
+
+@pytest.fixture(scope="module")
+def server(trained: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = _start(trained[0], tmp_path_factory.mktemp("serve-run"), "--max-body-bytes", str(MAX_BODY))
+    yield running
+    _stop(running)
+
+
+@pytest.fixture(scope="module")
+def rows() -> np.ndarray:
+    """Held-out rows (never trained on)."""
+    return _features("test")[0][:25]
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url + "invocations", data=body, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _raw(url: str, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """A request with exactly these headers and no body (to test Content-Length handling)."""
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def _expected(trained: tuple[Path, Any], x: np.ndarray) -> list[int]:
+    return trained[1].predict(x).tolist()
+
+
+def test_package_manifest_points_at_the_server(trained: tuple[Path, Any]) -> None:
+    manifest = json.loads((trained[0] / "manifest.json").read_text())
+
+    assert manifest["entry_module"] == "flops.runtime.serve"
+    assert manifest["model_file"] == "model.npz"
+    assert manifest["python"] == sys.executable
+    assert (trained[0] / manifest["code_dir"] / "model_manager.py").is_file()
+
+
+def test_reports_served_url_and_answers_health(server: Server) -> None:
+    assert server.report["kind"] == MODEL_SERVED
+    assert server.url.startswith("http://127.0.0.1:")
+
+    with urllib.request.urlopen(server.url + "health", timeout=10) as response:
+        assert response.status == 200
+        assert json.loads(response.read()) == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [
+        pytest.param(lambda x: {"inputs": x.tolist()}, id="inputs"),
+        pytest.param(lambda x: {"inputs": x.reshape(len(x), 8, 8).tolist()}, id="inputs-8x8"),
+        pytest.param(lambda x: {"instances": x.tolist()}, id="instances"),
+        pytest.param(
+            lambda x: {"dataframe_split": {"columns": [f"p{i}" for i in range(64)], "data": x.tolist()}},
+            id="dataframe_split",
+        ),
+        pytest.param(
+            lambda x: {"dataframe_records": [{f"p{i}": v for i, v in enumerate(row)} for row in x.tolist()]},
+            id="dataframe_records",
+        ),
+    ],
+)
+def test_json_formats_predict_like_the_model(
+    server: Server, trained: tuple[Path, Any], rows: np.ndarray, make_body: Any
+) -> None:
+    x = rows
+
+    status, reply = _post(server.url, json.dumps(make_body(x)).encode())
+
+    assert status == 200, reply
+    assert reply == {"predictions": _expected(trained, x)}
+
+
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+def test_csv_predicts_like_the_model(server: Server, trained: tuple[Path, Any], rows: np.ndarray, header: bool) -> None:
+    x = rows
+    lines = [",".join(f"p{i}" for i in range(64))] if header else []
+    lines += [",".join(repr(float(v)) for v in row) for row in x]
+
+    status, reply = _post(server.url, ("\n".join(lines) + "\n").encode(), "text/csv; charset=utf-8")
+
+    assert status == 200, reply
+    assert reply == {"predictions": _expected(trained, x)}
+
+
+def test_predict_helper(server: Server, trained: tuple[Path, Any], rows: np.ndarray) -> None:
+    x = rows
+
+    assert predict(server.url, x, timeout=10) == _expected(trained, x)
+    assert predict(server.url, x[0].tolist(), timeout=10) == _expected(trained, x[:1])
+    with pytest.raises(PredictError, match="64 features") as excinfo:
+        predict(server.url, [[1.0, 2.0]], timeout=10)
+    assert excinfo.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b'{"rows": [[1]]}', "application/json", 400, "exactly one of"),
+        (b'{"inputs": [[1], [1]], "instances": [[1]]}', "application/json", 400, "exactly one of"),
+        (b'{"inputs": []}', "application/json", 400, "no rows"),
+        (b'{"inputs": {"x": [1]}}', "application/json", 400, "named tensors"),
+        (b'{"inputs": [[1, 2], [3]]}', "application/json", 400, "same shape"),
+        (b'{"inputs": [[1, 2, 3]]}', "application/json", 400, "64 features"),
+        (json.dumps({"inputs": [["a"] * 64]}).encode(), "application/json", 400, "model rejected the input"),
+        (b'{"dataframe_split": {"columns": ["a"]}}', "application/json", 400, "dataframe_split"),
+        (b'{"dataframe_records": [{"a": 1}, {"b": 2}]}', "application/json", 400, "has keys"),
+        (b"a,b\n", "text/csv", 400, "no rows"),
+        (b"1,2\n3\n", "text/csv", 400, "same shape"),
+        (b"\xff\xfe", "text/csv", 400, "not UTF-8"),
+        (b"<x/>", "application/xml", 415, "unsupported content type"),
+    ],
+)
+def test_bad_input_is_400_with_a_message_and_the_server_keeps_serving(
+    server: Server, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    got_status, reply = _post(server.url, body, content_type)
+
+    assert got_status == status
+    assert message in reply["message"]
+    assert predict(server.url, [[0.0] * 64], timeout=10)
+
+
+def test_body_size_and_length_limits(server: Server) -> None:
+    too_big = {"Content-Type": "application/json", "Content-Length": str(MAX_BODY + 1)}
+
+    assert _raw(server.url, "POST", "/invocations", too_big)[0] == 413
+    assert _raw(server.url, "POST", "/invocations", {"Content-Type": "application/json"})[0] == 411
+    assert _raw(server.url, "GET", "/nowhere", {})[0] == 404
+    assert _raw(server.url, "GET", "/ping", {}) == (200, {"status": "ok"})
+
+
+def test_sigterm_stops_the_server_cleanly(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    running = _start(trained[0], tmp_path)
+    try:
+        assert predict(running.url, [[0.0] * 64], timeout=10)
+
+        running.proc.send_signal(signal.SIGTERM)
+
+        assert running.proc.wait(timeout=10) == 0
+    finally:
+        _stop(running)
+    with pytest.raises(PredictError) as excinfo:
+        predict(running.url, [[0.0] * 64], timeout=5)
+    assert excinfo.value.status == 0
+
+
+def test_unloadable_package_reports_model_failed(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.npz").write_bytes(b"not an npz")
+    package_model(model, _ref(), EXAMPLE, broken)
+
+    failed = _start(broken, tmp_path)
+    try:
+        assert failed.report["kind"] == MODEL_FAILED
+        assert "model.npz" in failed.report["payload"]["reason"]
+        assert failed.proc.wait(timeout=10) == 1
+    finally:
+        _stop(failed)
