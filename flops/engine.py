@@ -153,6 +153,13 @@ class Engine:
         log.info("projects resumed", count=len(records))
         return self.store.outbox()
 
+    def reload_all(self) -> None:
+        """Forget the in-memory machines and rebuild them from the store (after a rolled-back batch)."""
+        for project_id in list(self.lifecycle.projects):
+            self.lifecycle.remove(project_id)
+        for record in self.store.unfinished():
+            self._load(record)
+
     def _load(self, record: ProjectRecord) -> Project:
         project = Project(record=record, sla=ProjectSLA.model_validate(record.sla), on_change=self._on_change)
         return self.lifecycle.add(project)
@@ -270,7 +277,10 @@ class Engine:
         out = Result("accept")
         for project in list(self.lifecycle.projects.values()):
             hooks = self.hooks[project.stage]
-            involved = status.agent_id in project.ctx.get("agents", [])
+            # The picked aggregator counts as involved before its command is sent (learners stage).
+            involved = status.agent_id in project.ctx.get("agents", []) or status.agent_id == project.ctx.get(
+                "aggregator", {}
+            ).get("agent_id")
             if project.stage is not Stage.PREPARATION and not (involved and not status.online):
                 continue
             result = self._in_unit(project, None, lambda p, fx, h=hooks: h.on_agent(p, status, fx))
@@ -429,6 +439,11 @@ class Engine:
         self, project_id: str, reason: str, reply_to: str | None = None, seen_check: ReportBase | None = None
     ) -> Result:
         """A rejected message about a project: an event on its stream (it exists) or the error topic."""
+        live = self.lifecycle.projects.get(project_id)
+        if live is not None:
+            # Through the live record, so its event sequence (and outbox keys) stay unique.
+            message_id = seen_check.event_id if seen_check is not None else None
+            return self._in_unit(live, message_id, lambda p, fx: Decision.reject(reason))
         record = self.store.get(project_id)
         if record is None:
             return self._error(topics.project_reports(project_id), reason)

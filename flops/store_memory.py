@@ -22,6 +22,34 @@ class _State:
         self.outbox: dict[str, OutboxItem] = {}
         self.artifacts: dict[str, dict[str, Any]] = {}
         self.counter = 0
+        # While an outermost batch runs: what it needs to undo itself if it fails (as SQLite's ROLLBACK does).
+        self.journal: _Journal | None = None
+
+
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class _Journal:
+    projects: dict[str, ProjectRecord]
+    outbox: dict[str, OutboxItem]
+    artifacts: dict[str, dict[str, Any]]
+    transitions: int
+    seen: dict[str, object] = dataclasses.field(default_factory=dict)  # previous value per id written
+
+    @classmethod
+    def of(cls, state: _State) -> _Journal:
+        # Records are replaced, never mutated, in the shared state: shallow copies are enough.
+        return cls(dict(state.projects), dict(state.outbox), dict(state.artifacts), len(state.transitions))
+
+    def undo(self, state: _State) -> None:
+        state.projects, state.outbox, state.artifacts = self.projects, self.outbox, self.artifacts
+        del state.transitions[self.transitions :]
+        for message_id, previous in self.seen.items():
+            if previous is _MISSING:
+                state.seen.pop(message_id, None)
+            else:
+                state.seen[message_id] = previous  # type: ignore[assignment]
 
 
 class _MemoryUnit:
@@ -78,6 +106,9 @@ class _MemoryUnit:
 
     def apply(self) -> None:
         state = self._state
+        if state.journal is not None:
+            for message_id in self.seen_ids:
+                state.journal.seen.setdefault(message_id, state.seen.get(message_id, _MISSING))
         state.projects.update(self.projects)
         state.seen.update(self.seen_ids)
         state.transitions.extend(self.transitions)
@@ -95,7 +126,17 @@ class MemoryStore:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         with self._lock:
-            yield
+            if self._state.journal is not None:
+                yield
+                return
+            self._state.journal = _Journal.of(self._state)
+            try:
+                yield
+            except BaseException:
+                self._state.journal.undo(self._state)
+                raise
+            finally:
+                self._state.journal = None
 
     @contextlib.contextmanager
     def unit(self) -> Iterator[_MemoryUnit]:

@@ -104,6 +104,17 @@ def preflight(repo: Path) -> None:
     manager.set_model_data()
 
 
+def local_rows(args: argparse.Namespace) -> int | None:
+    """Rows this node holds for the project's tags (parquet metadata only): what this learner trains on."""
+    from flops.data.client import DataClient, DataError
+
+    try:
+        with DataClient(args.data_server, timeout=10.0) as client:
+            return sum(info.rows for info in client.list(parse_tags(args.data_tags)))
+    except DataError:
+        return None
+
+
 def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     log = structlog.get_logger(__name__).bind(aggregator=args.aggregator, repo=str(args.repo))
     os.environ[DATA_SERVER_ENV] = args.data_server
@@ -116,7 +127,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     except Exception as exc:
         reports.emit(LEARNER_FAILED, reason=f"cannot load the learner's data: {traceback_tail(exc)}")
         return 1
-    reports.emit(LEARNER_READY, aggregator=args.aggregator)
+    reports.emit(LEARNER_READY, aggregator=args.aggregator, examples=local_rows(args))
     env = flower_env(os.environ, poll_interval=args.executor_poll or None)
     if args.supernode_poll > 0:
         supernode_cmd = [sys.executable, "-m", "flops.runtime.fast_supernode"]

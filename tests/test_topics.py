@@ -1,0 +1,98 @@
+"""Every topic FLOps uses, table-driven: what each builder returns, how :func:`topics.parse` reads it back,
+and that ids which would change a topic's shape are refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from flops import topics
+
+BUILDERS: list[tuple[Callable[..., str], tuple[str, ...], str, tuple[str, str | None]]] = [
+    (topics.requests, (), "flops/v1/projects/requests", ("requests", None)),
+    (topics.request_reply, ("r-1",), "flops/v1/projects/requests/r-1/reply", ("reply", "r-1")),
+    (topics.project_state, ("p-1",), "flops/v1/projects/p-1/state", ("state", "p-1")),
+    (topics.project_events, ("p-1",), "flops/v1/projects/p-1/events", ("events", "p-1")),
+    (topics.project_cancel, ("p-1",), "flops/v1/projects/p-1/cancel", ("cancel", "p-1")),
+    (topics.project_reports, ("p-1",), "flops/v1/projects/p-1/reports", ("reports", "p-1")),
+    (topics.agent_status, ("node-a",), "flops/v1/agents/node-a/status", ("agent_status", "node-a")),
+    (topics.agent_commands, ("node-a",), "flops/v1/agents/node-a/commands", ("agent_commands", "node-a")),
+    (topics.manager_status, (), "flops/v1/manager/status", ("unknown", None)),
+    (topics.errors, (), "flops/v1/errors", ("unknown", None)),
+]
+
+WITH_ID = [(b, args) for b, args, _, _ in BUILDERS if args]
+
+
+@pytest.mark.parametrize(
+    ("builder", "args", "expected", "_parsed"), BUILDERS, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_builder_returns_the_documented_topic(builder, args, expected, _parsed) -> None:
+    assert builder(*args) == expected
+
+
+@pytest.mark.parametrize(
+    ("builder", "args", "_expected", "parsed"), BUILDERS, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_parse_reads_back_what_the_builder_built(builder, args, _expected, parsed) -> None:
+    assert topics.parse(builder(*args)) == parsed
+
+
+@pytest.mark.parametrize(
+    ("wildcard", "expected"),
+    [
+        (topics.ALL_CANCELS, "flops/v1/projects/+/cancel"),
+        (topics.ALL_REPORTS, "flops/v1/projects/+/reports"),
+        (topics.ALL_AGENT_STATUS, "flops/v1/agents/+/status"),
+        (topics.ALL_PROJECT_STATES, "flops/v1/projects/+/state"),
+    ],
+)
+def test_subscription_wildcards(wildcard: str, expected: str) -> None:
+    assert wildcard == expected
+
+
+@pytest.mark.parametrize(
+    ("builder", "concrete"),
+    [
+        (topics.ALL_CANCELS, topics.project_cancel("p-9")),
+        (topics.ALL_REPORTS, topics.project_reports("p-9")),
+        (topics.ALL_AGENT_STATUS, topics.agent_status("a-9")),
+        (topics.ALL_PROJECT_STATES, topics.project_state("p-9")),
+    ],
+)
+def test_wildcards_match_their_concrete_topics(builder: str, concrete: str) -> None:
+    pattern, actual = builder.split("/"), concrete.split("/")
+    assert len(pattern) == len(actual)
+    assert all(p in ("+", a) for p, a in zip(pattern, actual, strict=True))
+
+
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "a+b", "a#", "x\x00y", "/"])
+@pytest.mark.parametrize(("builder", "_args"), WITH_ID, ids=lambda v: getattr(v, "__name__", None))
+def test_ids_that_change_the_topic_shape_are_refused(builder, _args, bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid topic segment"):
+        builder(bad)
+
+
+@pytest.mark.parametrize("ok", ["p-1f3a", "agent.node_1", "r:42", "UPPER-case"])
+def test_ordinary_ids_pass_unchanged(ok: str) -> None:
+    assert topics.project_state(ok) == f"flops/v1/projects/{ok}/state"
+    assert topics.parse(topics.agent_commands(ok)) == ("agent_commands", ok)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "flops/v2/projects/p-1/state",  # another protocol version
+        "other/v1/projects/p-1/state",
+        "flops/v1/projects/p-1/unknown",
+        "flops/v1/projects/p-1/state/extra",
+        "flops/v1/agents/a-1/reports",
+        "flops/v1/projects/requests/r-1/answer",
+        "flops/v1/projects",
+        "flops/v1",
+        "",
+    ],
+)
+def test_parse_refuses_foreign_topics(topic: str) -> None:
+    assert topics.parse(topic) == ("unknown", None)
