@@ -23,6 +23,8 @@ from flops.sla import ProjectSLA
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated-learning operations over MQTT.")
 project_app = typer.Typer(no_args_is_help=True, help="Submit and follow projects.")
 app.add_typer(project_app, name="project")
+data_app = typer.Typer(no_args_is_help=True, help="Node-local data: push mock partitions, see who holds what.")
+app.add_typer(data_app, name="data")
 
 EXIT_BY_OUTCOME = {Outcome.COMPLETED: 0, Outcome.FAILED: 1, Outcome.CANCELLED: 2}
 
@@ -274,6 +276,96 @@ def project_cancel(
         _print_errors([(e.field, e.message) for e in reply.errors], False)
         raise typer.Exit(1)
     Console().print(f"cancel accepted for {project_id}")
+
+
+# --- agents and data -------------------------------------------------------------------------------
+
+
+@app.command("agents")
+def agents_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the agents the broker knows (retained status): roles, data tags, online or not."""
+    from flops.client import Client
+
+    with _errors(), Client(_settings(ctx).broker()) as client:
+        found = client.agents()
+    if as_json:
+        Console().print_json(json.dumps([json.loads(a.model_dump_json()) for a in found]))
+        return
+    table = Table("agent", "online", "roles", "data tags (rows)", "cluster", "data server")
+    for a in found:
+        tags = ", ".join(f"{t} ({n})" for t, n in sorted(a.data_tags.items()))
+        table.add_row(
+            a.agent_id, "yes" if a.online else "no", ",".join(a.roles), tags, a.cluster or "", a.data_server or ""
+        )
+    Console().print(table)
+
+
+def _data_servers(ctx: typer.Context, to: list[str] | None) -> dict[str, str]:
+    from flops.client import Client
+
+    with _errors(), Client(_settings(ctx).broker()) as client:
+        found = {a.agent_id: a for a in client.agents() if a.online and a.data_server}
+    if to:
+        missing = sorted(set(to) - set(found))
+        if missing:
+            Console(stderr=True).print(f"[red]not online or without a data server:[/] {', '.join(missing)}")
+            raise typer.Exit(1)
+        found = {k: found[k] for k in to}
+    if not found:
+        Console(stderr=True).print("[red]no online agent serves data[/] (start one with `flops agent`)")
+        raise typer.Exit(1)
+    return {k: v.data_server for k, v in sorted(found.items()) if v.data_server}
+
+
+@data_app.command("mock")
+def data_mock(
+    ctx: typer.Context,
+    dataset: Annotated[
+        str, typer.Option(help="Bundled name (digits) or a local .parquet/.csv/.npz/.npy file")
+    ] = "digits",
+    partitions: Annotated[int | None, typer.Option(help="How many IID partitions (default: one per target)")] = None,
+    tag: Annotated[str, typer.Option(help="Data tag the partitions are stored under")] = "digits",
+    to: Annotated[
+        list[str] | None, typer.Option("--to", help="Target agent (repeat); default every online agent")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Shuffle seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Split a dataset into IID partitions and push one to each target agent's data server."""
+    from flops.data.ops import mock
+
+    servers = _data_servers(ctx, to)
+    count = partitions or len(servers)
+    if count != len(servers):
+        Console(stderr=True).print(f"[red]--partitions {count} but {len(servers)} target agents[/]")
+        raise typer.Exit(2)
+    try:
+        pushed = mock(dataset, count, tag, list(servers.values()), seed)
+    except (ValueError, OSError) as exc:
+        Console(stderr=True).print(f"[red]cannot push {dataset}:[/] {exc}")
+        raise typer.Exit(1) from None
+    by_location = {v: k for k, v in servers.items()}
+    rows = [{"agent_id": by_location.get(p["location"]), **p} for p in pushed]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        Console().print(f"{row['agent_id']}: {row['rows']} rows tagged {row['tag']} ({row['file']})")
+
+
+@data_app.command("ls")
+def data_ls(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Which agent holds which data tags, with row counts (asked from each agent's data server)."""
+    from flops.data.ops import inventory
+
+    rows = inventory(_data_servers(ctx, None))
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("agent", "tag", "rows", "files", "error")
+    for r in rows:
+        table.add_row(r["agent_id"], r["tag"] or "", str(r["rows"] or ""), str(r["files"] or ""), r["error"] or "")
+    Console().print(table)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -5,14 +5,15 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from flops import topics
 from flops.bus import Bus, BusOptions, Inbound
 from flops.errors import TimedOut
 from flops.lifecycle_stages import Stage
-from flops.messages import CancelRequest, ProjectEvent, ProjectRequest, ProjectState, Reply, new_id
+from flops.messages import AgentStatus, CancelRequest, ProjectEvent, ProjectRequest, ProjectState, Reply, new_id
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
 
@@ -61,21 +62,28 @@ class Client:
         raise TimedOut(f"state of project {project_id}", timeout)
 
     def states(self, *, timeout: float = 5.0) -> list[ProjectState]:
-        """Every retained project state. A marker published after subscribing tells when they all arrived."""
+        """Every retained project state."""
+        found = _valid(ProjectState, self._retained(topics.ALL_PROJECT_STATES, timeout))
+        return sorted(found, key=lambda s: s.stage_timestamps.get("preparation_at", 0))
+
+    def agents(self, *, timeout: float = 5.0) -> list[AgentStatus]:
+        """Every agent's retained status (online or not)."""
+        found = _valid(AgentStatus, self._retained(topics.ALL_AGENT_STATUS, timeout))
+        return sorted(found, key=lambda a: a.agent_id)
+
+    def _retained(self, wildcard: str, timeout: float) -> list[bytes]:
+        """Retained payloads under ``wildcard``. A marker published after subscribing arrives after all of
+        them (the broker handles one connection in order), so no quiet period is needed."""
         marker = f"{topics.PREFIX}/clients/{self.bus.options.client_id}/marker"
-        self.bus.subscribe([topics.ALL_PROJECT_STATES, marker])
+        self.bus.subscribe([wildcard, marker])
         self.bus.publish(marker, b"end", qos=1)
-        found: dict[str, ProjectState] = {}
+        found: dict[str, bytes] = {}
         for message in self._messages(timeout):
             if message.topic == marker:
-                return sorted(found.values(), key=lambda s: s.stage_timestamps.get("preparation_at", 0))
+                return list(found.values())
             if message.payload:
-                try:
-                    state = ProjectState.model_validate_json(message.payload)
-                except ValidationError:
-                    continue
-                found[state.project_id] = state
-        raise TimedOut("project list", timeout)
+                found[message.topic] = message.payload
+        raise TimedOut(f"retained messages under {wildcard}", timeout)
 
     def follow(self, project_id: str, *, timeout: float) -> Iterator[ProjectState | ProjectEvent]:
         """States and events of one project until it is finished (or ``timeout`` passes)."""
@@ -103,3 +111,17 @@ class Client:
                 yield self.bus.inbox.get(timeout=left)
             except queue.Empty:
                 return
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _valid(model: type[M], payloads: list[bytes]) -> list[M]:
+    """Parse what parses; a foreign or stale retained message is skipped, not fatal."""
+    out = []
+    for payload in payloads:
+        try:
+            out.append(model.model_validate_json(payload))
+        except ValidationError:
+            continue
+    return out

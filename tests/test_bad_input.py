@@ -1,0 +1,142 @@
+"""Bad input through a real broker: every malformed, unexpected or oversized message becomes an error the
+sender can read, is logged, and the manager goes on answering the next valid request."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from flops import topics
+from flops.bus import Bus, BusOptions
+from flops.client import Client
+from flops.messages import new_id
+from flops.settings import BrokerAddress
+from flops.sla import ProjectSLA
+from tests.support import FakeWorkers, ManagerProcess, make_git_repo, sla
+
+
+class Listener:
+    """Subscribes to the error topic and project event streams before the bad input is sent."""
+
+    def __init__(self, broker: BrokerAddress, extra: list[str] | None = None) -> None:
+        subs = [topics.errors(), f"{topics.PREFIX}/projects/+/events", f"{topics.PREFIX}/projects/requests/+/reply"]
+        self.bus = Bus(broker, BusOptions(client_id=new_id("test-listen"), subscriptions=subs + (extra or [])))
+        self.bus.connect()
+
+    def expect(self, topic_part: str, text: str, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = self.bus.inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if topic_part in message.topic and text in message.payload.decode(errors="replace"):
+                return json.loads(message.payload)
+        raise AssertionError(f"no message on *{topic_part}* containing {text!r} within {timeout} s")
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+@pytest.fixture
+def listener(broker: BrokerAddress):
+    lst = Listener(broker)
+    yield lst
+    lst.close()
+
+
+def _still_answers(broker: BrokerAddress, tmp_path: Path) -> None:
+    with Client(broker) as client:
+        reply = client.submit(ProjectSLA.model_validate(sla("file:///nowhere")), timeout=10)
+    assert reply.project_id and not reply.errors
+
+
+@pytest.mark.parametrize(
+    ("payload", "where", "text"),
+    [
+        (b"{not json", "errors", "invalid request"),
+        (b"[1, 2, 3]", "errors", "invalid request"),
+        (
+            json.dumps({"request_id": "r-bad-schema", "sla": {"ml_repo_url": 5}}).encode(),
+            "r-bad-schema/reply",
+            "errors",
+        ),
+        (
+            json.dumps({"request_id": "r-no-flavor", "sla": {"ml_repo_url": "file:///x"}}).encode(),
+            "r-no-flavor/reply",
+            "ml_model_flavor",
+        ),
+        (b"\xff\xfe\x00binary", "errors", "invalid request"),
+    ],
+)
+def test_bad_requests_get_an_error_and_the_manager_goes_on(
+    broker, manager: ManagerProcess, listener: Listener, tmp_path: Path, payload: bytes, where: str, text: str
+) -> None:
+    listener.bus.publish_wait(topics.requests(), payload)
+    listener.expect(where, text)
+    _still_answers(broker, tmp_path)
+
+
+def test_bad_reports_are_rejected_on_the_project_stream(
+    broker, manager: ManagerProcess, listener: Listener, tmp_path: Path
+) -> None:
+    workers = FakeWorkers(broker)
+    try:
+        workers.fleet(2)
+        with Client(broker) as client:
+            reply = client.submit(ProjectSLA.model_validate(sla(make_git_repo(tmp_path / "repo"))))
+        project_id = reply.project_id
+        assert project_id
+        reports = topics.project_reports(project_id)
+        # Malformed JSON, wrong schema, a kind nobody knows, a report naming another project.
+        workers.publish_raw(reports, b"{oops")
+        assert "invalid report" in listener.expect(f"{project_id}/events", "invalid report")["message"]
+        workers.publish_raw(reports, json.dumps({"kind": "round.completed", "event_id": "e1"}).encode())
+        listener.expect(f"{project_id}/events", "project_id: Field required")
+        workers.publish_raw(
+            reports,
+            json.dumps({"kind": "made.up", "event_id": "e2", "project_id": project_id, "source": "x"}).encode(),
+        )
+        listener.expect(f"{project_id}/events", "made.up")
+        workers.publish_raw(
+            reports,
+            json.dumps({"kind": "build.started", "event_id": "e3", "project_id": "p-other", "source": "x"}).encode(),
+        )
+        listener.expect(f"{project_id}/events", "another's topic")
+        # Oversized payload (the manager's limit is 256 KiB).
+        workers.publish_raw(reports, b"{" + b" " * (300 * 1024) + b"}")
+        listener.expect(f"{project_id}/events", "exceeds")
+        # A report for a project nobody knows.
+        workers.publish_raw(
+            topics.project_reports("p-unknown"),
+            json.dumps({"kind": "build.started", "event_id": "e4", "project_id": "p-unknown", "source": "x"}).encode(),
+        )
+        listener.expect("errors", "unknown project p-unknown")
+        # An event for a finished project.
+        with Client(broker) as client:
+            client.cancel(project_id, "done testing")
+        listener.expect(f"{project_id}/events", "cancelled")
+        workers.publish_raw(
+            reports,
+            json.dumps({"kind": "build.started", "event_id": "e5", "project_id": project_id, "source": "x"}).encode(),
+        )
+        listener.expect(f"{project_id}/events", "finished project")
+        # A cancel that is not JSON, for a project that does not exist.
+        workers.publish_raw(topics.project_cancel("p-ghost"), b"nope")
+        listener.expect("errors", "p-ghost")
+    finally:
+        workers.close()
+    _still_answers(broker, tmp_path)
+    assert manager.proc is not None and manager.proc.poll() is None
+
+
+def test_bad_agent_status_is_rejected_and_ignored(
+    broker, manager: ManagerProcess, listener: Listener, tmp_path: Path
+) -> None:
+    listener.bus.publish_wait(topics.agent_status("weird"), b'{"agent_id": "weird", "online": "maybe"}')
+    listener.expect("errors", "invalid agent status")
+    _still_answers(broker, tmp_path)
