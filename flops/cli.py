@@ -278,6 +278,14 @@ def project_cancel(
     Console().print(f"cancel accepted for {project_id}")
 
 
+@app.command()
+def diagram() -> None:
+    """Print the project stage diagram (Mermaid), rendered from the machine's stage table."""
+    from flops.lifecycle import mermaid
+
+    print(mermaid())
+
+
 # --- agents and data -------------------------------------------------------------------------------
 
 
