@@ -150,6 +150,9 @@ def demo(
     from flops.demo import print_result, run_demo
 
     settings = _settings(ctx)
+    # The demo's own screen is the progress view; the in-process manager only speaks up for problems.
+    if settings.log_level == "info":
+        logs.configure(settings.log_format, "warning")
     console = Console()
     with _errors():
         result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
