@@ -1,4 +1,5 @@
-"""The broker behind a small interface: a Mosquitto subprocess (embedded default) or an external URL.
+"""The broker behind a small interface: a Mosquitto subprocess (embedded default), the pip-installed
+iotcore broker (fallback where no Mosquitto binary exists) or an external URL.
 
 When no broker URL is configured, ``flops broker`` and ``flops manager`` start Mosquitto from PATH with the
 development config of ``mosquitto/dev.conf`` (loopback, anonymous, TCP_NODELAY). A broker that is already
@@ -130,6 +131,70 @@ class MosquittoBroker:
         self._log_file.close()
 
 
+IOTCORE_CONFIG = """\
+# Written by FLOps for the pip-installed fallback broker (iotcore wraps rumqttd).
+id = 0
+
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v5.1]
+name = "flops-v5"
+listen = "{host}:{port}"
+next_connection_delay_ms = 1
+    [v5.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 1048576
+    max_inflight_count = 100
+    dynamic_filters = true
+"""
+
+
+class IotcoreBroker:
+    """The pip-installable fallback (``pip install flops-mqtt[broker]``) for machines without Mosquitto.
+
+    iotcore runs rumqttd in a child process; MQTT 5 needs a rumqttd TOML config, which we write. It has no
+    persistence across its own restarts, so it suits development and demos, not production.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, start_timeout: float = 10.0) -> None:
+        try:
+            from iotcore.broker import Broker as RustBroker
+        except ImportError as exc:
+            raise BrokerStartFailed(
+                "no mosquitto binary and no iotcore package: apt-get install mosquitto, or pip install iotcore"
+            ) from exc
+        self.host = host
+        self.port = port or free_port(host)
+        self._dir = Path(tempfile.mkdtemp(prefix="flops-iotcore-"))
+        config = self._dir / "rumqttd.toml"
+        config.write_text(IOTCORE_CONFIG.format(host=host, port=self.port))
+        try:
+            self._broker = RustBroker(config_path=str(config)).start(timeout=start_timeout)
+        except (OSError, RuntimeError) as exc:
+            raise BrokerStartFailed(f"iotcore broker did not start on {host}:{self.port}: {exc}") from exc
+        log.info("embedded iotcore broker started", address=self.address.url)
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress(host=self.host, port=self.port)
+
+    def stop(self) -> None:
+        self._broker.stop()
+
+
+def start_embedded(host: str = "127.0.0.1", port: int = 0, data_dir: Path | None = None) -> Broker:
+    """Mosquitto from PATH when there is one, else the pip-installed iotcore broker."""
+    if shutil.which("mosquitto") or _sbin("mosquitto"):
+        return MosquittoBroker(host, port, data_dir=data_dir)
+    log.warning("no mosquitto binary on PATH; falling back to the pip-installed iotcore broker")
+    return IotcoreBroker(host, port)
+
+
 def embedded_or_external(url: str | None, address: BrokerAddress, data_dir: Path | None = None) -> Broker:
     """The broker a server process should use: the configured URL, one already listening, or a new one."""
     if url:
@@ -137,7 +202,7 @@ def embedded_or_external(url: str | None, address: BrokerAddress, data_dir: Path
     if port_open(address.host, address.port):
         log.info("using the broker already listening", address=address.url)
         return ExternalBroker(address)
-    return MosquittoBroker(address.host, address.port, data_dir=data_dir)
+    return start_embedded(address.host, address.port, data_dir)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

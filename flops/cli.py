@@ -69,13 +69,15 @@ def broker(
     port: Annotated[int, typer.Option(help="Port to listen on (loopback)")] = 1883,
 ) -> None:
     """Start the embedded development broker (Mosquitto from PATH) and keep it running."""
-    from flops.broker import MosquittoBroker
+    import threading
+
+    from flops.broker import start_embedded
 
     settings = _settings(ctx)
     with _errors():
-        running = MosquittoBroker("127.0.0.1", port, data_dir=settings.data_dir / "broker")
+        running = start_embedded("127.0.0.1", port, data_dir=settings.data_dir / "broker")
     Console(stderr=True).print(f"broker listening on {running.address.url} (Ctrl-C stops it)")
-    _wait_for_signal(running.wait, running.stop)
+    _wait_for_signal(getattr(running, "wait", threading.Event().wait), running.stop)
 
 
 @app.command()

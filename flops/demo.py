@@ -140,11 +140,11 @@ class Fleet:
 
 @contextlib.contextmanager
 def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tuple[BrokerAddress, Fleet]]:
-    from flops.broker import MosquittoBroker
+    from flops.broker import start_embedded
     from flops.manager import Manager
     from flops.store_sqlite import SQLiteStore
 
-    broker = MosquittoBroker() if not settings.broker_url else None
+    broker = start_embedded() if not settings.broker_url else None
     address = broker.address if broker else settings.broker()
     shutil.rmtree(work / "manager", ignore_errors=True)
     manager = Manager(
