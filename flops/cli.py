@@ -251,12 +251,9 @@ def project_watch(
                 kind = "event" if isinstance(item, ProjectEvent) else "state"
                 print(json.dumps({"type": kind, **json.loads(item.model_dump_json())}), flush=True)
             elif isinstance(item, ProjectEvent):
-                style = {"rejected": "red", "warning": "yellow", "stage.changed": "bold"}.get(item.kind, "")
-                out.print(
-                    f"[{style}]{item.stage or '':<13} {item.kind:<16} {item.message}[/]"
-                    if style
-                    else f"{item.stage or '':<13} {item.kind:<16} {item.message}"
-                )
+                style = {"rejected": "red", "warning": "yellow", "stage.changed": "bold"}.get(item.kind)
+                # Messages carry user and worker text (tracebacks, paths): never rich markup.
+                out.print(f"{item.stage or '':<13} {item.kind:<16} {item.message}", style=style, markup=False)
             if isinstance(item, ProjectState):
                 last = item
     if last is None or last.stage is not Stage.FINISHED:

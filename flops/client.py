@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from flops import topics
 from flops.bus import Bus, BusOptions, Inbound
-from flops.errors import TimedOut
+from flops.errors import NotFound, TimedOut
 from flops.lifecycle_stages import Stage
 from flops.messages import AgentStatus, CancelRequest, ProjectEvent, ProjectRequest, ProjectState, Reply, new_id
 from flops.settings import BrokerAddress
@@ -54,12 +54,11 @@ class Client:
         return self._request(topics.project_cancel(project_id), request.request_id, request.to_bytes(), timeout)
 
     def state(self, project_id: str, *, timeout: float = 5.0) -> ProjectState:
-        topic = topics.project_state(project_id)
-        self.bus.subscribe([topic])
-        for message in self._messages(timeout):
-            if message.topic == topic and message.payload:
-                return ProjectState.model_validate_json(message.payload)
-        raise TimedOut(f"state of project {project_id}", timeout)
+        """The project's retained state; NotFound when the broker holds none."""
+        found = _valid(ProjectState, self._retained(topics.project_state(project_id), timeout))
+        if not found:
+            raise NotFound("project", project_id)
+        return found[0]
 
     def states(self, *, timeout: float = 5.0) -> list[ProjectState]:
         """Every retained project state."""
@@ -74,9 +73,8 @@ class Client:
     def _retained(self, wildcard: str, timeout: float) -> list[bytes]:
         """Retained payloads under ``wildcard``. A marker published after subscribing arrives after all of
         them (the broker handles one connection in order), so no quiet period is needed."""
-        marker = f"{topics.PREFIX}/clients/{self.bus.options.client_id}/marker"
-        self.bus.subscribe([wildcard, marker])
-        self.bus.publish(marker, b"end", qos=1)
+        self.bus.subscribe([wildcard])
+        marker = self._marker()
         found: dict[str, bytes] = {}
         for message in self._messages(timeout):
             if message.topic == marker:
@@ -86,20 +84,45 @@ class Client:
         raise TimedOut(f"retained messages under {wildcard}", timeout)
 
     def follow(self, project_id: str, *, timeout: float) -> Iterator[ProjectState | ProjectEvent]:
-        """States and events of one project until it is finished (or ``timeout`` passes)."""
+        """States and events of one project until it is finished (or ``timeout`` passes).
+
+        NotFound when the broker holds no state for it (allowing two seconds for one submitted just now).
+        """
         state_topic, events_topic = topics.project_state(project_id), topics.project_events(project_id)
         self.bus.subscribe([state_topic, events_topic])
-        for message in self._messages(timeout):
-            if not message.payload:
+        marker = self._marker()
+        deadline = time.monotonic() + timeout
+        seen_state = False
+        unknown_after: float | None = None
+        while (left := deadline - time.monotonic()) > 0:
+            if unknown_after is not None and not seen_state and time.monotonic() > unknown_after:
+                raise NotFound("project", project_id)
+            try:
+                message = self.bus.inbox.get(timeout=min(left, 0.25))
+            except queue.Empty:
                 continue
-            if message.topic == events_topic:
+            if message.topic == marker:
+                # Retained messages precede the marker: no state by now means no such project.
+                unknown_after = time.monotonic() + 2.0
+            elif not message.payload:
+                continue
+            elif message.topic == events_topic:
                 yield ProjectEvent.model_validate_json(message.payload)
             elif message.topic == state_topic:
                 state = ProjectState.model_validate_json(message.payload)
+                seen_state = True
                 yield state
                 if state.stage is Stage.FINISHED:
                     return
         raise TimedOut(f"end of project {project_id}", timeout)
+
+    def _marker(self) -> str:
+        """Subscribe to and publish a private marker; it arrives after every retained message of the
+        subscriptions made before it (the broker handles one connection's packets in order)."""
+        marker = f"{topics.PREFIX}/clients/{self.bus.options.client_id}/marker/{new_id('m')}"
+        self.bus.subscribe([marker])
+        self.bus.publish(marker, b"end", qos=1)
+        return marker
 
     def _messages(self, timeout: float) -> Iterator[Inbound]:
         deadline = time.monotonic() + timeout

@@ -133,3 +133,10 @@ def test_submit_without_manager_times_out_clearly(broker, tmp_path: Path) -> Non
     done = cli(broker, "project", "submit", str(file), "--timeout", "1")
     assert done.returncode == 75
     assert "flops manager" in done.stderr
+
+
+def test_status_and_watch_of_an_unknown_project_say_so(broker, manager: ManagerProcess) -> None:
+    status = cli(broker, "project", "status", "p-doesnotexist")
+    assert status.returncode == 4 and "p-doesnotexist not found" in status.stderr
+    watch = cli(broker, "project", "watch", "p-doesnotexist", timeout=30)
+    assert watch.returncode == 4 and "not found" in watch.stderr
