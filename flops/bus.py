@@ -77,7 +77,7 @@ class Bus:
         self._subscribed = threading.Event()
         self._pending_subs: set[int] = set()
         self._connect_error: str | None = None
-        self._inflight = threading.BoundedSemaphore(options.max_inflight)
+        self._inflight = threading.BoundedSemaphore(min(options.max_inflight, 65_000))
         self._acked: dict[int, Callable[[], None]] = {}
         self._early_acks: set[int] = set()
         self._lock = threading.RLock()
@@ -91,7 +91,9 @@ class Bus:
             protocol=mqtt.MQTTv5,
             manual_ack=options.manual_ack,
         )
-        client.max_inflight_messages_set(min(options.max_inflight, 65_000))
+        # No paho-side window: paho re-scans every unacknowledged message on each PUBACK when one is set
+        # (quadratic under load). ``_inflight`` below is the bound; paho refuses beyond ~65k mids anyway.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         if address.username:
             client.username_pw_set(address.username, address.password)

@@ -175,7 +175,7 @@ class Engine:
             errors = field_errors(exc)
             topic = reply_to or (topics.request_reply(request_id) if request_id else None)
             if topic is None:
-                return self._error(topics.requests(), f"invalid request: {describe(exc)}")
+                return self.error(topics.requests(), f"invalid request: {describe(exc)}")
             reply = Reply(request_id=request_id or "?", errors=errors)
             with self.store.unit() as unit:
                 items = unit.enqueue([OutboxItem(f"reply:{new_id('r')}", topic, reply.to_bytes())])
@@ -219,7 +219,7 @@ class Engine:
         try:
             request = CancelRequest.model_validate_json(payload)
         except ValidationError as exc:
-            return self._reject_for(project_id, f"invalid cancel request: {describe(exc)}", reply_to)
+            return self.reject_for(project_id, f"invalid cancel request: {describe(exc)}", reply_to)
         project = self.lifecycle.projects.get(project_id)
         topic = reply_to or topics.request_reply(request.request_id)
         if project is None:
@@ -247,15 +247,15 @@ class Engine:
         try:
             report = decode_report(payload)
         except ValidationError as exc:
-            return self._reject_for(project_id, f"invalid report: {describe(exc)}")
+            return self.reject_for(project_id, f"invalid report: {describe(exc)}")
         if report.project_id != project_id:
-            return self._reject_for(project_id, f"report names project {report.project_id} on another's topic")
+            return self.reject_for(project_id, f"report names project {report.project_id} on another's topic")
         project = self.lifecycle.projects.get(project_id)
         if project is None:
             known = self.store.get(project_id)
             if known is None:
-                return self._error(topics.project_reports(project_id), f"unknown project {project_id}")
-            return self._reject_for(
+                return self.error(topics.project_reports(project_id), f"unknown project {project_id}")
+            return self.reject_for(
                 project_id,
                 f"{report.kind} {report.event_id} for finished project {project_id}",
                 seen_check=report,
@@ -270,7 +270,7 @@ class Engine:
         try:
             status = AgentStatus.model_validate_json(payload)
         except ValidationError as exc:
-            return self._error("agents/status", f"invalid agent status: {describe(exc)}")
+            return self.error("agents/status", f"invalid agent status: {describe(exc)}")
         previous = self.agents.update(status)
         if previous is not None and previous.model_copy(update={"ts": 0}) == status.model_copy(update={"ts": 0}):
             return Result("ignore", "status unchanged")
@@ -435,7 +435,7 @@ class Engine:
         if record is not None and record.stage is not Stage.FINISHED:
             self._load(record)
 
-    def _reject_for(
+    def reject_for(
         self, project_id: str, reason: str, reply_to: str | None = None, seen_check: ReportBase | None = None
     ) -> Result:
         """A rejected message about a project: an event on its stream (it exists) or the error topic."""
@@ -446,7 +446,7 @@ class Engine:
             return self._in_unit(live, message_id, lambda p, fx: Decision.reject(reason))
         record = self.store.get(project_id)
         if record is None:
-            return self._error(topics.project_reports(project_id), reason)
+            return self.error(topics.project_reports(project_id), reason)
         with self.store.unit() as unit:
             if seen_check is not None and unit.seen(seen_check.event_id) is not None:
                 return Result("ignore", "duplicate", project_id)
@@ -462,7 +462,7 @@ class Engine:
         log.warning("message rejected", project_id=project_id, reason=reason)
         return Result("reject", reason, project_id, items)
 
-    def _error(self, topic: str, reason: str) -> Result:
+    def error(self, topic: str, reason: str) -> Result:
         log.warning("message rejected", topic=topic, reason=reason)
         ev = ErrorEvent(topic=topic, reason=reason, ts=self.clock())
         with self.store.unit() as unit:

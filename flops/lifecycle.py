@@ -118,7 +118,7 @@ _TRIGGERS_FROM = {stage: frozenset(e.trigger for e in EDGES if stage in e.source
 # --- the model ---------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: the machine does `in` / `remove` on its model list
 class Project:
     """One project in the machine: its persisted record plus what handling the current event produced."""
 

@@ -12,6 +12,7 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -63,7 +64,10 @@ class Manager:
 
     def start(self) -> Manager:
         """Boot (resume projects), connect, publish what the outbox still holds, start the worker."""
-        pending = self.engine.boot()
+        # One durable commit for every project's on_resume unit (each still atomic as a savepoint), instead
+        # of one fsync per resumed project.
+        with self.store.batch():
+            pending = self.engine.boot()
         self.bus.connect()
         self._publish(pending)
         self._thread = threading.Thread(target=self._run, name="manager", daemon=True)
@@ -123,11 +127,13 @@ class Manager:
                 # The messages stay unacknowledged, so the broker redelivers them after a reconnect.
                 log.exception("batch failed; messages stay unacknowledged")
                 self._acked.extend(acked)
+                # The machines may be ahead of what was rolled back: rebuild them from the store.
+                self.engine.reload_all()
                 continue
             for item in batch:
                 if isinstance(item, Inbound):
                     self.bus.ack(item)
-            self._publish(out)
+            self._publish(_latest_retained(out))
 
     def _handle(self, item: Inbound | Internal) -> Result:
         if isinstance(item, Internal):
@@ -136,8 +142,8 @@ class Manager:
             kind, ident = topics.parse(item.topic)
             reason = f"payload of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
             if kind in {"reports", "cancel"} and ident:
-                return self.engine._reject_for(ident, reason, None)
-            return self.engine._error(item.topic, reason)
+                return self.engine.reject_for(ident, reason, None)
+            return self.engine.error(item.topic, reason)
         kind, ident = topics.parse(item.topic)
         if kind == "requests":
             return self._guarded(lambda: self.engine.request(item.payload, item.response_topic), item.topic)
@@ -149,15 +155,15 @@ class Manager:
             if not item.payload:
                 return Result("ignore", "cleared status")
             return self._guarded(lambda: self.engine.agent_status(item.payload), item.topic)
-        return self.engine._error(item.topic, "topic not handled by the manager")
+        return self.engine.error(item.topic, "topic not handled by the manager")
 
-    def _guarded(self, handle: object, what: str) -> Result:
+    def _guarded(self, handle: Callable[[], Result], what: str) -> Result:
         """A bug in one handler must not stop the manager: log it, reject the message, go on."""
         try:
-            return handle()  # type: ignore[operator]
+            return handle()
         except Exception as exc:
             log.exception("handler failed", what=what)
-            return self.engine._error(what, f"internal error: {type(exc).__name__}: {exc}")
+            return self.engine.error(what, f"internal error: {type(exc).__name__}: {exc}")
 
     # --- publishing ------------------------------------------------------------------------------
 
@@ -189,3 +195,16 @@ class Manager:
             self.bus.inbox.put(event)  # type: ignore[arg-type]
 
         self._resolvers.submit(job)
+
+
+def _latest_retained(items: list[OutboxItem]) -> list[OutboxItem]:
+    """Drop retained items a later item of the same batch replaces (a project's state, several events deep).
+
+    The outbox row already holds only the newest (same key); publishing the older ones would cost a
+    PUBLISH and a PUBACK each for a value no subscriber keeps. Non-retained items (the event stream,
+    commands, replies) all go out, in order.
+    """
+    last = {item.key: i for i, item in enumerate(items) if item.retain}
+    if len(last) == sum(1 for item in items if item.retain):
+        return items
+    return [item for i, item in enumerate(items) if not item.retain or last[item.key] == i]

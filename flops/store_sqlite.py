@@ -131,12 +131,26 @@ class _SQLiteUnit:
             raise StaleWrite(record.project_id, "(new)", "exists") from None
 
     def update(self, record: ProjectRecord, expected_stage: Stage) -> None:
-        values = _record_values(record)
+        # sla, created_at and request_id are fixed at insert: not re-encoding the SLA on every event saves
+        # a json.dumps of the largest field per handled message.
+        r = record
         cur = self._db.execute(
-            "UPDATE projects SET stage=?, sla=?, created_at=?, stage_entered_at=?, deadline_at=?, outcome=?, "
-            "reason=?, failed_stage=?, ctx=?, timestamps=?, seq=?, request_id=? "
+            "UPDATE projects SET stage=?, stage_entered_at=?, deadline_at=?, outcome=?, "
+            "reason=?, failed_stage=?, ctx=?, timestamps=?, seq=? "
             "WHERE project_id=? AND stage=?",
-            (*values[1:], record.project_id, expected_stage.value),
+            (
+                r.stage.value,
+                r.stage_entered_at,
+                r.deadline_at,
+                r.outcome.value if r.outcome else None,
+                r.reason,
+                r.failed_stage.value if r.failed_stage else None,
+                json.dumps(r.ctx),
+                json.dumps(r.timestamps),
+                r.seq,
+                r.project_id,
+                expected_stage.value,
+            ),
         )
         if cur.rowcount != 1:
             row = self._db.execute("SELECT stage FROM projects WHERE project_id = ?", (record.project_id,)).fetchone()
@@ -179,7 +193,6 @@ class SQLiteStore:
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._in_batch = False
-        self._savepoints = 0
         self._n = self._db.execute("SELECT COALESCE(MAX(n), 0) FROM outbox").fetchone()[0]
 
     def _next_n(self) -> int:
@@ -211,8 +224,9 @@ class SQLiteStore:
                 with self.batch(), self.unit() as unit:
                     yield unit
                 return
-            self._savepoints += 1
-            name = f"u{self._savepoints}"
+            # One name for every savepoint: SQLite resolves ROLLBACK TO / RELEASE to the innermost one of
+            # that name, and a constant statement text stays in sqlite3's statement cache.
+            name = "u"
             self._db.execute(f"SAVEPOINT {name}")
             try:
                 yield _SQLiteUnit(self)
