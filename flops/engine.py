@@ -112,12 +112,7 @@ class _Effects:
         return self.engine.clock()
 
     def ports_in_use(self, agent_id: str) -> set[int]:
-        used = set()
-        for other in self.engine.lifecycle.projects.values():
-            agg = other.ctx.get("aggregator")
-            if agg and agg.get("agent_id") == agent_id:
-                used.add(int(agg["port"]))
-        return used
+        return set(self.engine.ports.get(agent_id, {}).values())
 
 
 class Engine:
@@ -138,6 +133,8 @@ class Engine:
         self.lifecycle = Lifecycle()
         self.agents = AgentRegistry()
         self.hooks: dict[Stage, StageHooks] = hooks_by_stage()
+        # Aggregator ports unfinished projects hold, by agent: {agent_id: {project_id: port}}.
+        self.ports: dict[str, dict[str, int]] = {}
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -153,15 +150,27 @@ class Engine:
         log.info("projects resumed", count=len(records))
         return self.store.outbox()
 
+    def _track_port(self, project: Project) -> None:
+        aggregator = project.ctx.get("aggregator")
+        if not aggregator:
+            return
+        held = self.ports.setdefault(aggregator["agent_id"], {})
+        if project.stage is Stage.FINISHED:
+            held.pop(project.project_id, None)
+        else:
+            held[project.project_id] = int(aggregator["port"])
+
     def reload_all(self) -> None:
         """Forget the in-memory machines and rebuild them from the store (after a rolled-back batch)."""
         for project_id in list(self.lifecycle.projects):
             self.lifecycle.remove(project_id)
+        self.ports.clear()
         for record in self.store.unfinished():
             self._load(record)
 
     def _load(self, record: ProjectRecord) -> Project:
         project = Project(record=record, sla=ProjectSLA.model_validate(record.sla), on_change=self._on_change)
+        self._track_port(project)
         return self.lifecycle.add(project)
 
     # --- inputs ----------------------------------------------------------------------------------
@@ -355,6 +364,7 @@ class Engine:
         for p in fx.resolves:
             if self.resolver is not None:
                 self.resolver(p.project_id, p.sla.ml_repo_url, p.sla.ml_repo_commit)
+        self._track_port(project)
         if project.stage is Stage.FINISHED:
             self.lifecycle.remove(pid)
         bound.info(
