@@ -65,6 +65,8 @@ class Aggregation(StageHooks):
         if isinstance(report, TrainingFailed | CommandFailed) and report.command_id == pending:
             tail = f"\n{report.log_tail}" if report.log_tail else ""
             return Decision.fail(f"training failed: {report.reason}{tail}")
+        if isinstance(report, LearnerFailed) and report.command_id in project.ctx.get("learners", {}).values():
+            return self._learner_lost(project, report.agent_id, report.reason, ctx)
         if isinstance(report, LearnerFailed):
             ctx.event(project, "warning", f"learner on {report.agent_id} failed: {report.reason}")
             return Decision.accept()
@@ -73,10 +75,30 @@ class Aggregation(StageHooks):
         return super().on_report(project, report, ctx)
 
     def on_agent(self, project: Project, status: AgentStatus, ctx: StageContext) -> Decision:
-        if not status.online and status.agent_id in project.ctx.get("learners", {}):
-            ctx.event(project, "warning", f"learner agent {status.agent_id} went offline")
-            return Decision.accept()
+        # The aggregator's agent may be a learner too: losing it fails the project (StageHooks.on_agent).
+        learner_only = status.agent_id not in project.ctx.get("critical_agents", [])
+        if not status.online and learner_only and status.agent_id in project.ctx.get("learners", {}):
+            return self._learner_lost(project, status.agent_id, "its agent went offline", ctx)
         return super().on_agent(project, status, ctx)
+
+    @staticmethod
+    def _learner_lost(project: Project, agent_id: str, reason: str, ctx: StageContext) -> Decision:
+        """A learner of this project is gone for good. Flower waits for ``min_available_clients`` connected
+        learners before every round, forever: with fewer left the training can never finish, so fail now."""
+        tc = project.sla.training_configuration
+        lost: list[str] = project.ctx.setdefault("learners_lost", [])
+        if agent_id not in lost:
+            lost.append(agent_id)
+            lost.sort()
+        left = len(project.ctx.get("learners", {})) - len(lost)
+        need = max(tc.min_available_clients, tc.min_fit_clients, tc.min_evaluate_clients)
+        if left < need:
+            return Decision.fail(
+                f"learner on {agent_id} failed: {reason}; {left} learner(s) left, fewer than the {need} training "
+                f"needs (min_fit_clients {tc.min_fit_clients}, min_available_clients {tc.min_available_clients})"
+            )
+        ctx.event(project, "warning", f"learner on {agent_id} failed: {reason}; {left} learner(s) left")
+        return Decision.accept()
 
 
 HOOKS = Aggregation()

@@ -65,6 +65,7 @@ class Learners(StageHooks):
                     "report.accepted",
                     f"learner on {report.agent_id} ready ({len(ready)}/{len(learners)})",
                     examples=report.examples,
+                    agent_id=report.agent_id,
                 )
             return Decision.advance_if_ready("learners_ready")
         if isinstance(report, LearnerFailed | CommandFailed) and report.command_id in learners.values():

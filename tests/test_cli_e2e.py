@@ -34,23 +34,23 @@ def _watch_lines(proc) -> list[dict]:
 
 def test_submit_and_watch_until_completed(broker, manager: ManagerProcess, tmp_path: Path) -> None:
     workers = FakeWorkers(broker, auto=True)
-    workers.hold.add("build")  # so that watch is attached before the project moves past the builder
     try:
-        workers.fleet(2)
+        # No agents yet: the project waits in preparation until watch is attached, so watch sees every stage.
         project_id = _submit(broker, tmp_path, sla(make_git_repo(tmp_path / "repo")))
         assert project_id.startswith("p-")
-        workers.next_command("build")
         watch = cli_background(broker, "project", "watch", project_id, "--json")
         assert watch.stdout is not None
         first = json.loads(watch.stdout.readline())  # the retained state: watch is subscribed
-        assert first["type"] == "state" and first["stage"] == "builder"
-        workers.release("build")
+        assert first["type"] == "state" and first["stage"] == "preparation"
+        workers.fleet(2)
         lines = _watch_lines(watch)
         assert watch.returncode == 0
     finally:
         workers.close()
     changes = [line["message"] for line in lines if line.get("kind") == "stage.changed"]
     assert changes == [
+        "preparation -> start",
+        "start -> builder",
         "builder -> learners",
         "learners -> aggregation",
         "aggregation -> post_training",

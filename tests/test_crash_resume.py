@@ -83,9 +83,14 @@ def test_repeated_kill9_under_load_loses_nothing(broker, tmp_path: Path) -> None
         for _ in range(3):
             # Kill once a random number of further commands has been delivered: mid-flight, not at rest.
             target = len(workers.all_commands) + rng.randint(1, 8)
-            watcher.wait(lambda s, t=target: len(workers.all_commands) >= t or all(
-                s.get(p) is not None and s[p].stage.value == "finished" for p in ids
-            ), timeout=60, what="more commands")
+            watcher.wait(
+                lambda s, t=target: (
+                    len(workers.all_commands) >= t
+                    or all(s.get(p) is not None and s[p].stage.value == "finished" for p in ids)
+                ),
+                timeout=60,
+                what="more commands",
+            )
             manager.kill9()
             manager.start()
         watcher.wait(

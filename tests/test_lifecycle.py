@@ -370,16 +370,30 @@ def test_failures_end_the_project_with_their_cause(h: EngineHarness, stage: Stag
     )
 
 
-def test_learner_failure_during_aggregation_is_only_a_warning(h: EngineHarness) -> None:
+def test_losing_a_learner_during_aggregation_fails_when_too_few_remain(h: EngineHarness) -> None:
+    """Flower waits for min_available_clients learners before every round, without end: fail now instead."""
     h.fleet(2)
     pid = h.submit()
     h.drive(pid, A)
     cmd = h.commands(pid, "run_learner")[0]
     assert h.report(cmd, "learner.failed", agent_id=cmd.agent_id, reason="oom").verdict == "accept"
-    h.offline("learner-1")
-    assert h.stage(pid) is A
-    warnings = [e.message for e in h.events(pid) if e.kind == "warning"]
-    assert warnings == [f"learner on {cmd.agent_id} failed: oom", "learner agent learner-1 went offline"]
+    record = h.store.get(pid)
+    assert (record.stage, record.outcome, record.failed_stage) == (Stage.FINISHED, Outcome.FAILED, A)
+    assert record.reason.startswith(f"learner on {cmd.agent_id} failed: oom; 1 learner(s) left")
+    assert "min_fit_clients 2" in record.reason
+
+
+def test_a_learner_agent_going_offline_during_aggregation_counts_as_a_lost_learner(h: EngineHarness) -> None:
+    h.fleet(2)
+    pid = h.submit()
+    h.drive(pid, A)
+    learner = next(
+        c.agent_id for c in h.commands(pid, "run_learner") if c.agent_id != h.command(pid, "run_aggregator").agent_id
+    )
+    h.offline(learner)
+    record = h.store.get(pid)
+    assert (record.stage, record.outcome) == (Stage.FINISHED, Outcome.FAILED)
+    assert f"learner on {learner} failed: its agent went offline" in record.reason
 
 
 def test_uninvolved_agent_going_offline_changes_nothing(h: EngineHarness) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from flops.runtime.children import ChildGroup, install_sigterm_exit
+from flops.runtime.children import OWNER_PID_ENV, ChildGroup, install_sigterm_exit
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
 from flops.runtime.reports import (
@@ -183,6 +183,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     events_file.unlink(missing_ok=True)
     env = flower_env(os.environ, poll_interval=args.poll_interval)
     env["FLWR_HOME"] = str(work_dir / "flwr-home")
+    env[OWNER_PID_ENV] = str(os.getpid())  # the ServerApp exits when we do (children.exit_with_owner)
     write_cli_config(work_dir / "flwr-home", connection=CONNECTION, address=args.address)
     app_dir = write_app(
         work_dir / "app",

@@ -35,6 +35,35 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+OWNER_PID_ENV = "FLOPS_OWNER_PID"
+
+
+def exit_with_owner(interval: float = 0.5) -> None:
+    """In a process Flower starts for us (the ServerApp, via SuperLink → SuperExec, detached into their own
+    session): exit at once when the runtime process named by ``FLOPS_OWNER_PID`` is gone.
+
+    Flower's own ``--parent-pid`` monitor turns its parent's death into SIGINT, whose graceful exit then
+    waits on HTTP retries against the SuperLink that is gone, forever: every stopped or crashed aggregator
+    left a ``flwr-serverapp`` behind. Our group kills cannot reach it (another session), so it watches.
+    """
+    raw = os.environ.get(OWNER_PID_ENV, "")
+    if not raw.isdigit():
+        return
+    owner = int(raw)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # alive, owned by someone else (cannot happen for our own children)
+
+    threading.Thread(target=watch, daemon=True, name="owner-watch").start()
+
+
 def install_sigterm_exit() -> None:
     """Turn SIGTERM / SIGHUP into ``SystemExit`` so ``finally`` blocks stop the children."""
 

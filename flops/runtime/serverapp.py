@@ -15,6 +15,7 @@ import structlog
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from flops.runtime.children import exit_with_owner
 from flops.runtime.polling_grid import PollingGrid
 from flops.runtime.repo import new_model_manager, traceback_tail
 from flops.runtime.reports import TRAINING_FAILED, ReportWriter
@@ -27,6 +28,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls once per run."""
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    exit_with_owner()
     cfg = dict(context.run_config)
     events_path = Path(str(cfg["events-file"]))
     with events_path.open("a", encoding="utf-8", buffering=1) as events:
