@@ -26,6 +26,7 @@ import structlog
 
 from flops import topics
 from flops.bus import Bus, BusOptions, Will
+from flops.errors import PublishFailed
 from flops.messages import AgentStatus, Command, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import Child, Supervisor, kill_group
@@ -104,7 +105,12 @@ class Agent:
         self.supervisor.stop_all()
         self._builds.shutdown(wait=False, cancel_futures=True)
         if self.bus.connected:
-            self.bus.publish_wait(topics.agent_status(self.id), self._status(online=False).to_bytes(), retain=True)
+            try:
+                self.bus.publish_wait(
+                    topics.agent_status(self.id), self._status(online=False).to_bytes(), retain=True, timeout=3.0
+                )
+            except PublishFailed:
+                self._log.warning("could not publish the offline status; the broker sends the last will")
         self.bus.close()
         if self.data_server is not None:
             self.data_server.stop()

@@ -339,12 +339,20 @@ def data_mock(
         list[str] | None, typer.Option("--to", help="Target agent (repeat); default every online agent")
     ] = None,
     seed: Annotated[int, typer.Option(help="Shuffle seed")] = 0,
+    sla: Annotated[
+        Path | None, typer.Option(help="An original FLOps mock-data SLA (mock_data_configuration) instead of flags")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Split a dataset into IID partitions and push one to each target agent's data server."""
     from flops.data.ops import mock
 
+    if sla is not None:
+        dataset, partitions, tag = _mock_sla(sla)
     servers = _data_servers(ctx, to)
+    if sla is not None and not to and partitions:
+        # Like the original's mock data provider: one partition per learner node, as many as it asks for.
+        servers = dict(list(servers.items())[:partitions])
     count = partitions or len(servers)
     if count != len(servers):
         Console(stderr=True).print(f"[red]--partitions {count} but {len(servers)} target agents[/]")
@@ -361,6 +369,19 @@ def data_mock(
         return
     for row in rows:
         Console().print(f"{row['agent_id']}: {row['rows']} rows tagged {row['tag']} ({row['file']})")
+
+
+def _mock_sla(path: Path) -> tuple[str, int | None, str]:
+    """(dataset, partitions, tag) from an original FLOps mock-data SLA file."""
+    try:
+        config = json.loads(path.read_text())["mock_data_configuration"]
+        dataset = str(config.get("dataset_name", "mnist"))
+        partitions = int(config.get("number_of_partitions", 1))
+        tag = str(config.get("data_tag") or dataset)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        Console(stderr=True).print(f"[red]not a mock-data SLA ({path}):[/] {exc!r}")
+        raise typer.Exit(2) from None
+    return dataset, partitions, tag
 
 
 @data_app.command("ls")

@@ -85,3 +85,26 @@ def test_mock_refuses_unknown_targets_and_bad_tags(broker, two_agents) -> None:
     assert missing.returncode == 1 and "nobody" in missing.stderr
     bad = cli(broker, "data", "mock", "--tag", "a.b")
     assert bad.returncode == 1 and "a.b" in bad.stderr
+
+
+def test_mock_accepts_an_original_mock_data_sla(broker, two_agents, tmp_path: Path) -> None:
+    sla = tmp_path / "mock.json"
+    sla.write_text(
+        json.dumps(
+            {
+                "customerID": "Admin",
+                "mock_data_configuration": {
+                    "dataset_name": "digits",
+                    "number_of_partitions": 2,
+                    "data_tag": "sla_digits",
+                },
+            }
+        )
+    )
+    pushed = cli(broker, "data", "mock", "--sla", str(sla), "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert {r["tag"] for r in json.loads(pushed.stdout)} == {"sla_digits"}
+    # The original's bundled mock SLAs name Hugging Face datasets, which are never downloaded here.
+    original = Path(__file__).parent / "fixtures" / "original_slas" / "mocks" / "mnist_simple.SLA.json"
+    refused = cli(broker, "data", "mock", "--sla", str(original))
+    assert refused.returncode != 0 and "mnist" in refused.stderr
