@@ -131,6 +131,12 @@ def agent(
     if unknown:
         Console(stderr=True).print(f"[red]unknown roles:[/] {', '.join(unknown)} (choose from {', '.join(ROLES)})")
         raise typer.Exit(2)
+    import importlib.util
+
+    missing = [m for m in ("pyarrow", "uv") if importlib.util.find_spec(m) is None]
+    if missing:
+        Console(stderr=True).print(f"[red]the agent needs {', '.join(missing)}:[/] pip install 'flops-mqtt\\[agent]'")
+        raise typer.Exit(78)
     settings = _settings(ctx)
     config = AgentConfig(agent_id, data_dir, chosen, cluster, host, bind_host, data_port)
     with _errors():

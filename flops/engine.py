@@ -7,6 +7,7 @@ The service (:mod:`flops.manager`) feeds it from the bus and publishes what it r
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -482,8 +483,6 @@ class Engine:
 
 def _peek_request_id(payload: bytes) -> str | None:
     """The request id of an invalid request, if one can be read, so the error reaches its sender."""
-    import json
-
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
