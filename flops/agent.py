@@ -35,7 +35,13 @@ log = structlog.get_logger(__name__)
 
 ROLES = ("learner", "builder", "aggregator", "serve")
 # What a child's failure is reported as, by the command that started it.
-FAILURE_KIND = {"run_learner": "learner.failed", "run_aggregator": "training.failed", "serve_model": "model.failed"}
+FAILURE_KIND = {
+    "run_learner": "learner.failed",
+    "run_aggregator": "training.failed",
+    "serve_model": "model.failed",
+    "build": "build.failed",
+    "build_model_image": "model.failed",
+}
 TERMINAL = {"learner.failed", "training.succeeded", "training.failed", "model.served", "model.failed"}
 
 
@@ -175,6 +181,9 @@ class Agent:
                 self._report(command, "command.failed", reason=f"{type(exc).__name__}: {exc}")
 
     def _execute(self, cmd: Command) -> None:
+        if cmd.kind in {"build", "build_model_image"}:
+            # Recorded like a child, so an agent restarted mid-build says the build is gone.
+            self._remember(cmd.command_id, cmd.project_id, cmd.kind, None)
         if cmd.kind == "build":
             self._builds.submit(self._build, cmd)
         elif cmd.kind == "run_learner":
@@ -192,6 +201,12 @@ class Agent:
             self._log.info("project stopped", project_id=cmd.project_id, children=len(stopped))
 
     def _build(self, cmd: Command) -> None:
+        try:
+            self._build_env(cmd)
+        finally:
+            self._forget_running({cmd.command_id})
+
+    def _build_env(self, cmd: Command) -> None:
         from flops.build import EnvBuilder
 
         self._report(cmd, "build.started")
@@ -316,6 +331,8 @@ class Agent:
             self._report(cmd, "model.built", image_ref=f"dir://{package.path}")
         except Exception as exc:
             self._report(cmd, "model.failed", reason=f"packaging failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._forget_running({cmd.command_id})
 
     def _serve_model(self, cmd: Command) -> None:
         package = cmd.spec["image_ref"].removeprefix("dir://")
@@ -408,9 +425,12 @@ class Agent:
         tmp.replace(self._running_path)
 
     def _remember_running(self, child: Child) -> None:
+        self._remember(child.command_id, child.project_id, child.kind, child.pid)
+
+    def _remember(self, command_id: str, project_id: str, kind: str, pid: int | None) -> None:
         with self._seq_lock:
             running = self._read_running()
-            running[child.command_id] = {"project_id": child.project_id, "kind": child.kind, "pid": child.pid}
+            running[command_id] = {"project_id": project_id, "kind": kind, "pid": pid}
             self._write_running(running)
 
     def _forget_running(self, command_ids: set[str]) -> None:
@@ -424,7 +444,8 @@ class Agent:
         """After a restart: children of the previous run are gone for us; stop leftovers and say so."""
         previous = self._read_running()
         for command_id, entry in previous.items():
-            kill_group(int(entry["pid"]), 15)
+            if entry.get("pid"):
+                kill_group(int(entry["pid"]), 15)
             kind = FAILURE_KIND.get(entry["kind"], "command.failed")
             fields: dict[str, Any] = {"reason": f"agent {self.id} restarted; its {entry['kind']} no longer runs"}
             if kind == "learner.failed":

@@ -1,0 +1,124 @@
+"""A real ``flops agent`` process: idempotent by command_id, and honest after a restart about what it no
+longer runs (children killed, builds lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flops import topics
+from flops.bus import Bus, BusOptions
+from flops.messages import Command, new_id
+from tests.support import REPO_ROOT
+
+
+def _start_agent(broker, agent_id: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FLOPS_BROKER_URL": broker.url, "FLOPS_LOG_FORMAT": "json"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flops.cli",
+            "agent",
+            "--id",
+            agent_id,
+            "--data-dir",
+            str(data_dir),
+            "--roles",
+            "learner,serve",
+        ],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _reports(bus: Bus, want: int, timeout: float = 30.0) -> list[dict]:
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and (left := deadline - time.monotonic()) > 0:
+        try:
+            out.append(json.loads(bus.inbox.get(timeout=left).payload))
+        except queue.Empty:
+            break
+    return out
+
+
+@pytest.fixture
+def listener(broker):
+    bus = Bus(broker, BusOptions(client_id=new_id("t-reports"), subscriptions=[topics.ALL_REPORTS])).connect()
+    yield bus
+    bus.close()
+
+
+def test_a_repeated_command_is_acted_on_once(broker, listener: Bus, tmp_path: Path) -> None:
+    agent = _start_agent(broker, "idem", tmp_path / "idem")
+    try:
+        status = Bus(broker, BusOptions(client_id=new_id("t-st"), subscriptions=[topics.agent_status("idem")]))
+        with status:
+            deadline = time.monotonic() + 30
+            while (
+                json.loads(status.inbox.get(timeout=max(0.1, deadline - time.monotonic())).payload or b"{}").get(
+                    "online"
+                )
+                is not True
+            ):
+                pass
+        # serve_model of a package that does not exist: the agent reports command.failed, once per command.
+        repeated = Command(
+            command_id="p-idem.1.serve_model",
+            project_id="p-idem",
+            kind="serve_model",
+            agent_id="idem",
+            spec={"image_ref": "dir:///nowhere"},
+        )
+        other = repeated.model_copy(update={"command_id": "p-idem.2.serve_model"})
+        for cmd in (repeated, repeated, repeated, other):
+            listener.publish_wait(topics.agent_commands("idem"), cmd.to_bytes())
+        got = _reports(listener, 2)
+        # Commands are handled in order: once the second command's report is out, every repeat was seen.
+        assert [r["command_id"] for r in got] == [repeated.command_id, other.command_id]
+        assert all(r["kind"] == "command.failed" for r in got)
+        with pytest.raises(queue.Empty):
+            listener.inbox.get_nowait()
+    finally:
+        agent.terminate()
+        agent.wait(15)
+
+
+def test_a_restarted_agent_kills_leftovers_and_reports_what_it_no_longer_runs(
+    broker, listener: Bus, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "phoenix"
+    (data_dir / "state").mkdir(parents=True)
+    # What a killed agent leaves behind: a learner child still running (own session) and a build in flight.
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (data_dir / "state" / "running.json").write_text(
+        json.dumps(
+            {
+                "p-x.3.run_learner": {"project_id": "p-x", "kind": "run_learner", "pid": orphan.pid},
+                "p-y.1.build": {"project_id": "p-y", "kind": "build", "pid": None},
+            }
+        )
+    )
+    agent = _start_agent(broker, "phoenix", data_dir)
+    try:
+        got = {r["command_id"]: r for r in _reports(listener, 2)}
+        assert got["p-x.3.run_learner"]["kind"] == "learner.failed"
+        assert got["p-x.3.run_learner"]["agent_id"] == "phoenix"
+        assert "restarted" in got["p-x.3.run_learner"]["reason"]
+        assert got["p-y.1.build"]["kind"] == "build.failed"
+        assert orphan.wait(10) != 0  # killed, not left running
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        agent.terminate()
+        agent.wait(15)
