@@ -74,6 +74,7 @@ class Bus:
         self.options = options
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self._connected = threading.Event()
+        self._answered = threading.Event()
         self._subscribed = threading.Event()
         self._pending_subs: set[int] = set()
         self._connect_error: str | None = None
@@ -131,7 +132,9 @@ class Bus:
         except OSError as exc:
             raise BrokerUnavailable(self.address.url, str(exc)) from exc
         self._client.loop_start()
-        if not self._connected.wait(timeout):
+        # Wakes on CONNACK either way: a refusal (bad password, ACL) should not wait out the timeout.
+        self._answered.wait(timeout)
+        if not self._connected.is_set():
             self.close()
             raise BrokerUnavailable(self.address.url, self._connect_error or f"no CONNACK within {timeout} s")
         if self.options.subscriptions and not self._subscribed.wait(timeout):
@@ -237,6 +240,7 @@ class Bus:
         if reason.is_failure:
             self._connect_error = str(reason)
             self._log.warning("broker refused connection", reason=str(reason))
+            self._answered.set()
             return
         self.session_present = bool(flags.session_present)
         if self.options.birth:
@@ -250,6 +254,7 @@ class Bus:
             with self._lock:
                 self._pending_subs.add(mid)
         self._connected.set()
+        self._answered.set()
         self._log.debug("connected", session_present=self.session_present)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
