@@ -1,0 +1,1 @@
+"""FLOps: federated-learning operations over MQTT (see README.md and ../shared/ARCHITECTURE.md)."""

@@ -275,7 +275,8 @@ def project_cancel(
     project_id: str,
     reason: Annotated[str, typer.Option(help="Why (shown to everyone watching)")] = "cancelled by user",
 ) -> None:
-    """Cancel a project in any stage; whatever it runs is stopped."""
+    """Cancel a project in any stage; whatever it runs is stopped. On a completed project, stop its inference
+    server."""
     from flops.client import Client
 
     with _errors(), Client(_settings(ctx).broker()) as client:

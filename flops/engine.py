@@ -234,6 +234,8 @@ class Engine:
         topic = reply_to or topics.request_reply(request.request_id)
         if project is None:
             known = self.store.get(project_id)
+            if known is not None and known.ctx.get("model_url"):
+                return self._undeploy(known, request, topic)
             reason = f"project {project_id} is already finished" if known else f"unknown project {project_id}"
             reply = Reply(request_id=request.request_id, errors=[FieldError(field="project_id", message=reason)])
             with self.store.unit() as unit:
@@ -251,6 +253,34 @@ class Engine:
             return Decision.accept("cancel", reason=request.reason)
 
         return self._in_unit(project, f"cancel:{request.request_id}", do)
+
+    def _undeploy(self, record: ProjectRecord, request: CancelRequest, topic: str) -> Result:
+        """Cancel on a completed project whose model is served: stop the inference server."""
+        dedup = f"cancel:{request.request_id}"
+        project = Project(record=record, sla=ProjectSLA.model_validate(record.sla))
+        project.stage = record.stage
+        with self.store.unit() as unit:
+            if unit.seen(dedup) is not None:
+                return Result("ignore", "duplicate", record.project_id)
+            fx = _Effects(self, unit)
+            url = record.ctx.pop("model_url")
+            serving = [record.ctx["serve_agent"]] if record.ctx.get("serve_agent") else record.ctx.get("agents", [])
+            for agent_id in sorted(serving):
+                fx.command(project, agent_id, "stop_project", {"keep": []})
+            fx.event(project, "warning", f"inference server at {url} stopped: {request.reason}")
+            fx.items.append(self._state_item(project))
+            fx.items.append(
+                OutboxItem(
+                    f"reply:{request.request_id}",
+                    topic,
+                    Reply(request_id=request.request_id, project_id=record.project_id).to_bytes(),
+                )
+            )
+            unit.mark_seen(dedup, record.project_id, "accept")
+            unit.update(record, Stage.FINISHED)
+            items = unit.enqueue(fx.items)
+        log.info("model server stopped", project_id=record.project_id, url=url)
+        return Result("accept", "model server stopped", record.project_id, items)
 
     def report(self, project_id: str, payload: bytes) -> Result:
         """A worker report on ``projects/{project_id}/reports``."""

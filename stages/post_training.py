@@ -34,6 +34,7 @@ class PostTraining(StageHooks):
             project.ctx["serve_command_id"] = ctx.command(
                 project, agent_id, "serve_model", {"image_ref": report.image_ref}
             )
+            project.ctx["serve_agent"] = agent_id
             project.ctx["critical_agents"] = [agent_id]
             return Decision.accept()
         if isinstance(report, ModelServed) and report.command_id == project.ctx.get("serve_command_id"):

@@ -503,3 +503,22 @@ def test_agent_going_offline_fails_the_project_and_its_restart_reconciles(fleet:
     finally:
         victim.stop()
     fleet.feed.wait_offline(victim.agent_id)
+
+
+# --- 6. after completion -----------------------------------------------------------------------------------
+
+
+def test_cancel_on_a_completed_project_stops_its_inference_server(fleet: Fleet, first_project: FirstProject) -> None:
+    from flops.client import Client
+
+    project_id = first_project.project_id
+    url = first_project.state.model_url
+    assert url and len(wait_no_processes(project_id, allow=(SERVE,), timeout=CLEANUP_TIMEOUT)) == 1
+    with Client(fleet.broker) as client:
+        reply = client.cancel(project_id, "model retired")
+        assert reply.project_id == project_id and not reply.errors
+        assert wait_no_processes(project_id, timeout=CLEANUP_TIMEOUT) == []
+        state = client.state(project_id)
+        assert state.outcome is not None and state.outcome.value == "completed" and state.model_url is None
+        again = client.cancel(project_id, "twice")
+        assert again.errors and "already finished" in again.errors[0].message
