@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
 from flops.messages import AgentStatus, CommandFailed, LearnerFailed, LearnerReady, ReportBase
@@ -9,9 +11,16 @@ from flops.sla import TrainingMode
 
 
 def allocate_port(project: Project, agent_id: str, ctx: StageContext, in_use: set[int]) -> int:
-    """The lowest port of the aggregator range that no unfinished project uses on that agent."""
+    """A port of the aggregator range that no unfinished project of this manager uses on that agent.
+
+    The scan starts at a point derived from the project id, so two managers (or a demo beside a real fleet)
+    driving agents on one host rarely pick the same port; a port taken anyway fails the aggregator loudly.
+    """
     low, high = ctx.settings.aggregator_ports
-    for port in range(low, high + 1):
+    size = high - low + 1
+    start = int(hashlib.sha256(project.project_id.encode()).hexdigest(), 16) % size
+    for offset in range(size):
+        port = low + (start + offset) % size
         if port not in in_use:
             return port
     raise RuntimeError(f"no free aggregator port on {agent_id} in {low}-{high}")

@@ -122,8 +122,12 @@ class Run:
         record = self.h.store.get(self.pid)
         assert record is not None
 
+        # The aggregator port is derived from the (random) project id: name it, like the ids.
+        port = str(record.ctx.get("aggregator", {}).get("port", "no-port"))
+
         def norm(value: Any) -> Any:
-            return json.loads(json.dumps(value).replace(self.pid, "P").replace(self.done, "D"))
+            text = json.dumps(value).replace(self.pid, "P").replace(self.done, "D")
+            return json.loads(text.replace(f":{port}", ":PORT").replace(f": {port}", ": 0"))
 
         commands = sorted(
             json.dumps(norm([c.command_id, c.kind, c.agent_id, c.spec]), sort_keys=True)
