@@ -78,6 +78,12 @@ class Agent:
             )
         self.supervisor = Supervisor(self._child_report, self._child_exit)
         self._builds = ThreadPoolExecutor(max_workers=config.builder_workers, thread_name_prefix="build")
+        # Starting a child may first need a local build (the environment was built on another host): off the
+        # command loop, so stop_project and other projects' commands are never stuck behind it.
+        self._starts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="start")
+        # Projects told to stop, with what they keep: a start still in flight for them must not spawn.
+        self._stopped: dict[str, set[str]] = {}
+        self._spawn_lock = threading.Lock()
         self._stop = threading.Event()
         self._seq_lock = threading.Lock()
         self.bus = Bus(
@@ -110,6 +116,7 @@ class Agent:
         self._stop.set()
         self.supervisor.stop_all()
         self._builds.shutdown(wait=False, cancel_futures=True)
+        self._starts.shutdown(wait=False, cancel_futures=True)
         if self.bus.connected:
             try:
                 self.bus.publish_wait(
@@ -187,15 +194,17 @@ class Agent:
         if cmd.kind == "build":
             self._builds.submit(self._build, cmd)
         elif cmd.kind == "run_learner":
-            self._run_learner(cmd)
+            self._starts.submit(self._start, cmd, self._run_learner)
         elif cmd.kind == "run_aggregator":
-            self._run_aggregator(cmd)
+            self._starts.submit(self._start, cmd, self._run_aggregator)
         elif cmd.kind == "build_model_image":
             self._builds.submit(self._build_model_image, cmd)
         elif cmd.kind == "serve_model":
-            self._serve_model(cmd)
+            self._starts.submit(self._start, cmd, self._serve_model)
         elif cmd.kind == "stop_project":
             keep = set(cmd.spec.get("keep", []))
+            with self._spawn_lock:
+                self._stopped[cmd.project_id] = keep
             stopped = self.supervisor.stop_project(cmd.project_id, keep)
             self._forget_running({c.command_id for c in stopped})
             self._log.info("project stopped", project_id=cmd.project_id, children=len(stopped))
@@ -248,19 +257,31 @@ class Agent:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _spawn(self, cmd: Command, argv: list[str], artifact: dict[str, Any]) -> Child:
+    def _start(self, cmd: Command, start: Any) -> None:
+        try:
+            start(cmd)
+        except Exception as exc:
+            self._log.exception("command failed", project_id=cmd.project_id, command_id=cmd.command_id)
+            self._report(cmd, "command.failed", reason=f"{type(exc).__name__}: {exc}")
+
+    def _spawn(self, cmd: Command, argv: list[str], artifact: dict[str, Any]) -> Child | None:
         work = self._workdir(cmd)
         env = {**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"}
-        child = self.supervisor.spawn(
-            cmd.project_id,
-            cmd.command_id,
-            cmd.kind,
-            [artifact["python"], "-m", *argv],
-            log_path=work / f"{cmd.kind}.log",
-            env=env,
-            cwd=work,
-        )
-        self._remember_running(child)
+        with self._spawn_lock:
+            keep = self._stopped.get(cmd.project_id)
+            if keep is not None and cmd.kind not in keep:
+                self._log.info("project already stopped; not starting", project_id=cmd.project_id, kind=cmd.kind)
+                return None
+            child = self.supervisor.spawn(
+                cmd.project_id,
+                cmd.command_id,
+                cmd.kind,
+                [artifact["python"], "-m", *argv],
+                log_path=work / f"{cmd.kind}.log",
+                env=env,
+                cwd=work,
+            )
+            self._remember_running(child)
         return child
 
     def _run_learner(self, cmd: Command) -> None:
