@@ -68,6 +68,9 @@ class _Effects:
         self.settings = engine.settings
         self.agents = engine.agents
         self.items: list[OutboxItem] = []
+        # Replies go out after the retained state they announce, so a client that reads the state right after
+        # its reply (the broker handles one publisher in order) never finds it missing or stale.
+        self.replies: list[OutboxItem] = []
         self.touched: dict[str, Project] = {}
         self.resolves: list[Project] = []
 
@@ -216,7 +219,7 @@ class Engine:
         def create(p: Project, fx: _Effects) -> Decision | None:
             fx.unit.insert(p.record)
             fx.unit.mark_seen(dedup, project_id, project_id)
-            fx.items.append(OutboxItem(f"reply:{request.request_id}", topic, reply.to_bytes()))
+            fx.replies.append(OutboxItem(f"reply:{request.request_id}", topic, reply.to_bytes()))
             fx.event(p, "project.created", f"project created for {p.sla.customerID}", request_id=request.request_id)
             fx.unit.log_transition(Transition(project_id, None, Stage.PREPARATION, "create", dedup, now))
             return self.hooks[Stage.PREPARATION].on_enter(p, fx)
@@ -243,7 +246,7 @@ class Engine:
             return Result("reject", reason, project_id, items)
 
         def do(p: Project, fx: _Effects) -> Decision | None:
-            fx.items.append(
+            fx.replies.append(
                 OutboxItem(
                     f"reply:{request.request_id}",
                     topic,
@@ -384,7 +387,7 @@ class Engine:
                     fx.items.append(self._state_item(project))
                 # Compare-and-set against the stage this event was read in (a new project: as inserted).
                 unit.update(project.record, Stage.PREPARATION if created else expected)
-                items = unit.enqueue(fx.items)
+                items = unit.enqueue(fx.items + fx.replies)
         except Exception:
             bound.exception("handling failed; project reloaded from the store")
             self._reload(pid)
@@ -437,6 +440,10 @@ class Engine:
             record.reason = str(data.get("reason") or record.outcome.value)
             if record.outcome is Outcome.FAILED:
                 record.failed_stage = source
+                if source.value not in record.reason.split("\n", 1)[0]:
+                    # The reason names the stage that failed, wherever it is shown without the state around it.
+                    first, _, rest = record.reason.partition("\n")
+                    record.reason = f"{first} (in {source.value})" + (f"\n{rest}" if rest else "")
         fx.unit.log_transition(Transition(project.project_id, source, dest, trigger, None, now))
         message = f"{source.value} -> {dest.value}"
         if dest is Stage.FINISHED:

@@ -202,9 +202,28 @@ def _latest_retained(items: list[OutboxItem]) -> list[OutboxItem]:
 
     The outbox row already holds only the newest (same key); publishing the older ones would cost a
     PUBLISH and a PUBACK each for a value no subscriber keeps. Non-retained items (the event stream,
-    commands, replies) all go out, in order.
+    commands, replies) all go out, in order. A state followed by a reply before it is replaced is kept: a
+    client reading the state right after its reply must find it.
     """
-    last = {item.key: i for i, item in enumerate(items) if item.retain}
-    if len(last) == sum(1 for item in items if item.retain):
-        return items
-    return [item for i, item in enumerate(items) if not item.retain or last[item.key] == i]
+    n = len(items)
+    superseded_at: dict[int, int] = {}
+    later: dict[str, int] = {}
+    reply_after: list[int | None] = [None] * n
+    next_reply: int | None = None
+    for i in range(n - 1, -1, -1):
+        item = items[i]
+        reply_after[i] = next_reply
+        if item.key.startswith("reply:"):
+            next_reply = i
+        if item.retain:
+            if item.key in later:
+                superseded_at[i] = later[item.key]
+            later[item.key] = i
+    out = []
+    for i, item in enumerate(items):
+        replaced = superseded_at.get(i)
+        reply = reply_after[i]
+        if replaced is not None and (reply is None or reply > replaced):
+            continue
+        out.append(item)
+    return out

@@ -210,6 +210,7 @@ class Command(Message):
     kind: CommandKind
     agent_id: Id
     spec: dict[str, Any] = {}
+    source: str = "manager"
     ts: float = Field(default_factory=now)
 
 

@@ -111,7 +111,7 @@ def test_require_inventory_does_not_guard_the_builder(h: EngineHarness) -> None:
     # The builder advanced; the learners stage then finds too few learners and says so.
     record = h.store.get(pid)
     assert record is not None and record.failed_stage is Stage.LEARNERS
-    assert record.reason == "only 1 of 2 learner agents with the data are online"
+    assert record.reason == "only 1 of 2 learner agents with the data are online (in learners)"
 
 
 # --- reject_stale_build_result ------------------------------------------------------------------------

@@ -338,16 +338,16 @@ def _fail_case(h: EngineHarness, pid: str, what: str) -> None:
 
 
 FAILURES = [
-    (P, "repo.unresolved", "cannot resolve https://example.org/ml-repo.git: no such repo"),
-    (B, "build.failed", "build failed: no model_manager.py\nls: repo"),
-    (B, "command.failed", "build failed: unknown kind"),
+    (P, "repo.unresolved", "cannot resolve https://example.org/ml-repo.git: no such repo (in preparation)"),
+    (B, "build.failed", "build failed: no model_manager.py (in builder)\nls: repo"),
+    (B, "command.failed", "build failed: unknown kind (in builder)"),
     (B, "offline:builder-1", "agent builder-1 went offline during builder"),
-    (L, "learner.failed", "learner failed: no data"),
+    (L, "learner.failed", "learner failed: no data (in learners)"),
     (L, "offline:learner-1", "agent learner-1 went offline during learners"),
-    (L, "offline:agg-1", "aggregator agent agg-1 went offline"),
-    (A, "training.failed", "training failed: flower crashed\ntrace"),
+    (L, "offline:agg-1", "aggregator agent agg-1 went offline (in learners)"),
+    (A, "training.failed", "training failed: flower crashed (in aggregation)\ntrace"),
     (A, "offline:agg-1", "agent agg-1 went offline during aggregation"),
-    (T, "model.failed", "post-training failed: disk full"),
+    (T, "model.failed", "post-training failed: disk full (in post_training)"),
     (T, "offline:agg-1", "agent agg-1 went offline during post_training"),
 ]
 
