@@ -238,8 +238,9 @@ def ask_model(url: str, console: Console, n: int = 12) -> tuple[list[int], list[
     from flops.data.mock import load_dataset
 
     test = load_dataset("digits", split="test")
+    # Prepared as the example repo's DataManager prepares its rows: 64 pixels scaled from 0..16 to 0..1.
     rows = [
-        [v for row in image for v in row] if isinstance(image[0], list) else image
+        [v / 16.0 for row in image for v in row] if isinstance(image[0], list) else [v / 16.0 for v in image]
         for image in test.column("image").to_pylist()
     ]
     labels = test.column("label").to_pylist()
