@@ -416,13 +416,13 @@ def _print_state(out: Console, s: ProjectState) -> None:
         out.print(f"  outcome [{color}]{s.outcome.value}[/]", end="")
     out.print()
     if s.reason:
-        out.print(f"  reason: {s.reason}")
+        out.print(f"  reason: {s.reason}", markup=False)
     if s.progress.rounds:
         out.print(
             f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
         )
     if s.model_url:
-        out.print(f"  model served at {s.model_url}")
+        out.print(f"  model served at {s.model_url}", markup=False)
 
 
 def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:
@@ -432,7 +432,7 @@ def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:
     err = Console(stderr=True)
     err.print("[red]request rejected:[/]")
     for field, message in errors:
-        err.print(f"  {field}: {message}")
+        err.print(f"  {field}: {message}", markup=False)
 
 
 class _errors:
