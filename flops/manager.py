@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from flops import topics
+from flops.build.repo import RepoError, resolve_commit
 from flops.bus import Bus, BusOptions, Inbound, Will
 from flops.engine import Engine, Result
 from flops.errors import PublishFailed
-from flops.gitrefs import resolve_commit
 from flops.hooks import Internal
 from flops.settings import BrokerAddress, Settings
 from flops.store import OutboxItem, Store
@@ -89,13 +89,9 @@ class Manager:
         self.bus.close()
         self.store.close()
 
-    def run_forever(self) -> None:
-        self.start()
-        try:
-            while not self._stop.wait(1.0):
-                pass
-        finally:
-            self.stop()
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called."""
+        self._stop.wait()
 
     # --- the worker ------------------------------------------------------------------------------
 
@@ -187,11 +183,14 @@ class Manager:
 
     def _resolve(self, project_id: str, url: str, ref: str | None) -> None:
         def job() -> None:
+            # The builder's resolver: one implementation of "which commit does this ref name".
             try:
-                commit = resolve_commit(url, ref, timeout=30.0)
+                commit = resolve_commit(url, ref, timeout_s=30.0)
                 event = Internal(project_id, "repo.resolved", {"commit": commit})
+            except RepoError as exc:
+                event = Internal(project_id, "repo.unresolved", {"reason": exc.reason})
             except Exception as exc:
-                event = Internal(project_id, "repo.unresolved", {"reason": str(exc)})
+                event = Internal(project_id, "repo.unresolved", {"reason": f"{type(exc).__name__}: {exc}"})
             self.bus.inbox.put(event)  # type: ignore[arg-type]
 
         self._resolvers.submit(job)

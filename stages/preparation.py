@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
+from flops.build.repo import FULL_SHA
 from flops.hooks import Decision, Internal, StageContext, StageHooks
 from flops.lifecycle import Project
 from flops.messages import AgentStatus
 from flops.sla import TrainingMode
 from stages.builder import cache_key
-
-FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 def missing_inventory(project: Project, ctx: StageContext) -> str | None:
@@ -42,7 +39,7 @@ class Preparation(StageHooks):
     def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
         pinned = project.sla.ml_repo_commit
         if pinned and FULL_SHA.match(pinned):
-            project.ctx["commit"] = pinned
+            project.ctx["commit"] = pinned.lower()
         else:
             ctx.resolve_commit(project)
         return self._check(project, ctx)
