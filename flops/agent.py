@@ -16,7 +16,6 @@ import queue
 import shutil
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,7 @@ class Agent:
         self._stopped: dict[str, set[str]] = {}
         self._spawn_lock = threading.Lock()
         self._stop = threading.Event()
-        self._seq_lock = threading.Lock()
+        self._running_lock = threading.Lock()
         self.bus = Bus(
             address,
             BusOptions(
@@ -449,13 +448,13 @@ class Agent:
         self._remember(child.command_id, child.project_id, child.kind, child.pid)
 
     def _remember(self, command_id: str, project_id: str, kind: str, pid: int | None) -> None:
-        with self._seq_lock:
+        with self._running_lock:
             running = self._read_running()
             running[command_id] = {"project_id": project_id, "kind": kind, "pid": pid}
             self._write_running(running)
 
     def _forget_running(self, command_ids: set[str]) -> None:
-        with self._seq_lock:
+        with self._running_lock:
             running = self._read_running()
             for command_id in command_ids:
                 running.pop(command_id, None)
@@ -473,12 +472,3 @@ class Agent:
                 fields["agent_id"] = self.id
             self._send(entry["project_id"], command_id, kind, fields, event_id=f"{command_id}.lost")
         self._write_running({})
-
-
-def run_agent(config: AgentConfig, address: BrokerAddress) -> None:
-    agent = Agent(config, address).start()
-    try:
-        while not agent._stop.wait(1.0):
-            time.sleep(0)
-    finally:
-        agent.stop()

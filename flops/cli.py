@@ -107,7 +107,7 @@ def manager(
         service.stop()
         running.stop()
 
-    _wait_for_signal(lambda: service._stop.wait(), stop)
+    _wait_for_signal(service.wait, stop)
 
 
 @app.command()
