@@ -67,6 +67,11 @@ _COLUMNS = (
 )
 
 
+_CHANGING = (
+    "stage=?, stage_entered_at=?, deadline_at=?, outcome=?, reason=?, failed_stage=?, ctx=?, timestamps=?, seq=?"
+)
+
+
 def _row_to_record(row: tuple[Any, ...]) -> ProjectRecord:
     return ProjectRecord(
         project_id=row[0],
@@ -85,12 +90,10 @@ def _row_to_record(row: tuple[Any, ...]) -> ProjectRecord:
     )
 
 
-def _record_values(r: ProjectRecord) -> tuple[Any, ...]:
+def _changing_values(r: ProjectRecord) -> tuple[Any, ...]:
+    """The columns an event may change, in the order of ``_CHANGING``."""
     return (
-        r.project_id,
         r.stage.value,
-        json.dumps(r.sla),
-        r.created_at,
         r.stage_entered_at,
         r.deadline_at,
         r.outcome.value if r.outcome else None,
@@ -99,8 +102,13 @@ def _record_values(r: ProjectRecord) -> tuple[Any, ...]:
         json.dumps(r.ctx),
         json.dumps(r.timestamps),
         r.seq,
-        r.request_id,
     )
+
+
+def _record_values(r: ProjectRecord) -> tuple[Any, ...]:
+    """Every column, in the order of ``_COLUMNS``."""
+    stage, *rest = _changing_values(r)
+    return (r.project_id, stage, json.dumps(r.sla), r.created_at, *rest, r.request_id)
 
 
 class _SQLiteUnit:
@@ -133,24 +141,9 @@ class _SQLiteUnit:
     def update(self, record: ProjectRecord, expected_stage: Stage) -> None:
         # sla, created_at and request_id are fixed at insert: not re-encoding the SLA on every event saves
         # a json.dumps of the largest field per handled message.
-        r = record
         cur = self._db.execute(
-            "UPDATE projects SET stage=?, stage_entered_at=?, deadline_at=?, outcome=?, "
-            "reason=?, failed_stage=?, ctx=?, timestamps=?, seq=? "
-            "WHERE project_id=? AND stage=?",
-            (
-                r.stage.value,
-                r.stage_entered_at,
-                r.deadline_at,
-                r.outcome.value if r.outcome else None,
-                r.reason,
-                r.failed_stage.value if r.failed_stage else None,
-                json.dumps(r.ctx),
-                json.dumps(r.timestamps),
-                r.seq,
-                r.project_id,
-                expected_stage.value,
-            ),
+            f"UPDATE projects SET {_CHANGING} WHERE project_id=? AND stage=?",
+            (*_changing_values(record), record.project_id, expected_stage.value),
         )
         if cur.rowcount != 1:
             row = self._db.execute("SELECT stage FROM projects WHERE project_id = ?", (record.project_id,)).fetchone()
