@@ -28,7 +28,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import signal
 import socket
 import sys
@@ -41,16 +40,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import numpy as np
 import structlog
 
 from flops.build.model_package import DEFAULT_MODEL_FILE, MANIFEST
 from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
+from flops.runtime.reports import MODEL_FAILED, MODEL_SERVED, ReportWriter
 
-MODEL_SERVED: Final = "model.served"
-MODEL_FAILED: Final = "model.failed"
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 JSON_KEYS: Final = ("inputs", "instances", "dataframe_split", "dataframe_records")
 CSV_TYPES: Final = frozenset({"text/csv", "application/csv"})
@@ -424,27 +422,6 @@ def serve_command(package: Path, *, host: str = "127.0.0.1", port: int = 0, repo
 
 
 # -- process ----------------------------------------------------------------------------------------------
-class ReportLines:
-    """``{"kind", "payload"}`` report lines, as ``flops.runtime.reports`` writes them, for the model.* kinds.
-
-    ``ReportWriter`` only accepts the training kinds; this writes the same line format.
-    """
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-
-    @classmethod
-    def open(cls, report_fd: int | None) -> ReportLines:
-        if report_fd is None:
-            return cls(sys.stdout)
-        return cls(os.fdopen(report_fd, "w", buffering=1, encoding="utf-8", closefd=False))
-
-    def emit(self, kind: str, **payload: Any) -> None:
-        line = json.dumps({"kind": kind, "payload": payload}, separators=(",", ":"), sort_keys=True)
-        self._stream.write(line + "\n")
-        self._stream.flush()
-
-
 def advertised_url(host: str, port: int, advertise_host: str | None) -> str:
     """The URL clients use: a wildcard bind is not connectable, so it is advertised as loopback."""
     name = advertise_host or ("127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host)
@@ -462,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, reports: ReportLines) -> int:
+def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     log = structlog.get_logger(__name__).bind(package=str(args.package))
     stopping = threading.Event()
     servers: list[ModelHTTPServer] = []
@@ -508,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure()
     args = parse_args(argv)
-    return run(args, ReportLines.open(args.report_fd))
+    return run(args, ReportWriter.open(args.report_fd))
 
 
 if __name__ == "__main__":
