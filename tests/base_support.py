@@ -4,18 +4,12 @@ for what a project left running."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from flops import topics
@@ -24,72 +18,13 @@ from flops.client import Client
 from flops.messages import AgentStatus, Command, ProjectEvent, ProjectState, new_id
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
-from tests.support import REPO_ROOT, wait_until
+from tests.support import received, wait_until
 
 ALL_EVENTS = f"{topics.PREFIX}/projects/+/events"
 ALL_COMMANDS = f"{topics.PREFIX}/agents/+/commands"
 
 
 # --- agents ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AgentProc:
-    """One ``python -m flops.cli agent`` process with its own directory (data/, work/, builds/, state/)."""
-
-    agent_id: str
-    home: Path
-    roles: str
-    broker: BrokerAddress
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    def start(self) -> AgentProc:
-        self.starts += 1
-        self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "FLOPS_BROKER_URL": self.broker.url, "FLOPS_LOG_FORMAT": "json"}
-        with (self.home / f"agent-{self.starts}.log").open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "flops.cli",
-                    "agent",
-                    "--id",
-                    self.agent_id,
-                    "--data-dir",
-                    str(self.home),
-                    "--roles",
-                    self.roles,
-                ],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        return self
-
-    def kill9(self) -> None:
-        """SIGKILL the agent process only: its children (own process groups) stay behind, as on a crash."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    def log_tail(self, n: int = 3000) -> str:
-        logs = sorted(self.home.glob("agent-*.log"))
-        return logs[-1].read_text(errors="replace")[-n:] if logs else ""
 
 
 # --- the project feed ----------------------------------------------------------------------------------
@@ -128,11 +63,7 @@ class ProjectFeed:
         self._thread.start()
 
     def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.bus.inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        for message in received(self.bus, self._stop):
             if not message.payload:
                 continue
             kind, _ = topics.parse(message.topic)

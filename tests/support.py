@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -11,12 +12,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flops import topics
-from flops.bus import Bus, BusOptions
+from flops.bus import Bus, BusOptions, Inbound
 from flops.messages import AgentStatus, Command, ProjectState, new_id
 from flops.settings import BrokerAddress
 
@@ -32,6 +34,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
             return value
         time.sleep(0.01)  # polling in-process state that has no event to wait on
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def received(bus: Bus, stop: threading.Event) -> Iterator[Inbound]:
+    """Messages arriving on ``bus`` until ``stop`` is set (waking every 0.2 s to notice it)."""
+    while not stop.is_set():
+        try:
+            yield bus.inbox.get(timeout=0.2)
+        except queue.Empty:
+            continue
 
 
 class FakeWorkers:
@@ -120,11 +131,7 @@ class FakeWorkers:
             self._act(cmd)
 
     def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.bus.inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        for message in received(self.bus, self._stop):
             cmd = Command.model_validate_json(message.payload)
             with self._lock:
                 self.delivered[cmd.command_id] += 1
@@ -319,11 +326,7 @@ class StateWatcher:
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.bus.inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        for message in received(self.bus, self._stop):
             if not message.payload:
                 continue
             state = ProjectState.model_validate_json(message.payload)
@@ -356,3 +359,75 @@ def transitions_of(db_path: Path, project_id: str) -> list[tuple[str | None, str
         return db.execute(
             "SELECT source, dest, trigger FROM transitions WHERE project_id = ? ORDER BY id", (project_id,)
         ).fetchall()
+
+
+@dataclass
+class AgentProc:
+    """One ``python -m flops.cli agent`` process with its own directory (data/, work/, builds/, state/)."""
+
+    agent_id: str
+    home: Path
+    roles: str
+    broker: BrokerAddress
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> AgentProc:
+        self.starts += 1
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FLOPS_BROKER_URL": self.broker.url, "FLOPS_LOG_FORMAT": "json"}
+        with (self.home / f"agent-{self.starts}.log").open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "flops.cli",
+                    "agent",
+                    "--id",
+                    self.agent_id,
+                    "--data-dir",
+                    str(self.home),
+                    "--roles",
+                    self.roles,
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
+        return self
+
+    def kill9(self) -> None:
+        """SIGKILL the agent process only: its children (own process groups) stay behind, as on a crash."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def wait_online(self, timeout: float = 30.0) -> None:
+        """Until the agent's retained status says online with a data server (or roles without one)."""
+        from flops.client import Client
+
+        def online() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"agent exited: {self.log_tail()}"
+            with Client(self.broker) as client:
+                found = {a.agent_id: a for a in client.agents()}
+            status = found.get(self.agent_id)
+            return bool(status and status.online and (status.data_server or "learner" not in status.roles))
+
+        wait_until(online, timeout=timeout, what=f"agent {self.agent_id} online")
+
+    def log_tail(self, n: int = 3000) -> str:
+        logs = sorted(self.home.glob("agent-*.log"))
+        return logs[-1].read_text(errors="replace")[-n:] if logs else ""

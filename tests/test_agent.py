@@ -4,10 +4,8 @@ longer runs (children killed, builds lost)."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,29 +14,7 @@ import pytest
 from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.messages import Command, new_id
-from tests.support import REPO_ROOT
-
-
-def _start_agent(broker, agent_id: str, data_dir: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FLOPS_BROKER_URL": broker.url, "FLOPS_LOG_FORMAT": "json"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flops.cli",
-            "agent",
-            "--id",
-            agent_id,
-            "--data-dir",
-            str(data_dir),
-            "--roles",
-            "learner,serve",
-        ],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+from tests.support import AgentProc
 
 
 def _reports(bus: Bus, want: int, timeout: float = 30.0) -> list[dict]:
@@ -60,18 +36,9 @@ def listener(broker):
 
 
 def test_a_repeated_command_is_acted_on_once(broker, listener: Bus, tmp_path: Path) -> None:
-    agent = _start_agent(broker, "idem", tmp_path / "idem")
+    agent = AgentProc("idem", tmp_path / "idem", "learner,serve", broker).start()
     try:
-        status = Bus(broker, BusOptions(client_id=new_id("t-st"), subscriptions=[topics.agent_status("idem")]))
-        with status:
-            deadline = time.monotonic() + 30
-            while (
-                json.loads(status.inbox.get(timeout=max(0.1, deadline - time.monotonic())).payload or b"{}").get(
-                    "online"
-                )
-                is not True
-            ):
-                pass
+        agent.wait_online()
         # serve_model of a package that does not exist: the agent reports command.failed, once per command.
         repeated = Command(
             command_id="p-idem.1.serve_model",
@@ -90,8 +57,7 @@ def test_a_repeated_command_is_acted_on_once(broker, listener: Bus, tmp_path: Pa
         with pytest.raises(queue.Empty):
             listener.inbox.get_nowait()
     finally:
-        agent.terminate()
-        agent.wait(15)
+        agent.stop()
 
 
 def test_a_restarted_agent_kills_leftovers_and_reports_what_it_no_longer_runs(
@@ -109,7 +75,7 @@ def test_a_restarted_agent_kills_leftovers_and_reports_what_it_no_longer_runs(
             }
         )
     )
-    agent = _start_agent(broker, "phoenix", data_dir)
+    agent = AgentProc("phoenix", data_dir, "learner,serve", broker).start()
     try:
         got = {r["command_id"]: r for r in _reports(listener, 2)}
         assert got["p-x.3.run_learner"]["kind"] == "learner.failed"
@@ -120,5 +86,4 @@ def test_a_restarted_agent_kills_leftovers_and_reports_what_it_no_longer_runs(
     finally:
         if orphan.poll() is None:
             orphan.kill()
-        agent.terminate()
-        agent.wait(15)
+        agent.stop()

@@ -28,14 +28,13 @@ from flops.demo import EXAMPLE_REPO, EXAMPLE_SLA, example_repo
 from flops.messages import ProjectState, new_id
 from flops.settings import BrokerAddress
 from tests.base_support import (
-    AgentProc,
     ProjectFeed,
     find_process,
     free_port_range,
     project_processes,
     wait_no_processes,
 )
-from tests.support import ManagerProcess, make_git_repo
+from tests.support import AgentProc, ManagerProcess, make_git_repo
 
 LEARNERS = ("node-0", "node-1", "node-2")
 SERVE = "flops.runtime.serve"

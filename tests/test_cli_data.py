@@ -3,55 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from flops.client import Client
 from flops.data.mock import load_dataset
-from tests.support import REPO_ROOT, cli, wait_until
+from tests.support import AgentProc, cli, wait_until
 
 
 @pytest.fixture
 def two_agents(broker, tmp_path: Path):
-    env = {**os.environ, "FLOPS_BROKER_URL": broker.url, "FLOPS_LOG_FORMAT": "json"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flops.cli",
-                "agent",
-                "--id",
-                f"data-{i}",
-                "--data-dir",
-                str(tmp_path / f"a{i}"),
-                "--roles",
-                "learner",
-            ],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i in range(2)
-    ]
-
-    def online() -> bool:
-        with Client(broker) as client:
-            return {a.agent_id for a in client.agents() if a.online and a.data_server} >= {"data-0", "data-1"}
-
+    agents = [AgentProc(f"data-{i}", tmp_path / f"a{i}", "learner", broker).start() for i in range(2)]
     try:
-        wait_until(online, timeout=30, what="two agents online")
-        yield ["data-0", "data-1"]
+        for agent in agents:
+            agent.wait_online()
+        yield [a.agent_id for a in agents]
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(15)
+        for agent in agents:
+            agent.stop()
         with Client(broker) as client:
             gone = {a.agent_id: a.online for a in client.agents()}
         # A stopped agent says so (retained offline status), it does not vanish.
