@@ -95,40 +95,37 @@ def wait_healthy(address: str, *, timeout: float, superlink: subprocess.Popen[st
     raise AggregatorError(f"SuperLink did not become healthy at {address} within {timeout:g} s")
 
 
-def submit_run(app_dir: Path, env: dict[str, str]) -> int:
-    """``flwr run`` the app against our SuperLink; return the run id."""
+def _flwr_json(args: list[str], env: dict[str, str], timeout: float) -> tuple[Any, subprocess.CompletedProcess[str]]:
+    """Run the ``flwr`` CLI with ``--format json``: the JSON object it printed (None if none), the process."""
     proc = subprocess.run(
-        [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json"],
+        [flower_bin("flwr"), *args, "--format", "json"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     try:
-        payload = json.loads(proc.stdout[proc.stdout.index("{") :])
+        return json.loads(proc.stdout[proc.stdout.index("{") :]), proc
+    except ValueError:
+        return None, proc
+
+
+def submit_run(app_dir: Path, env: dict[str, str]) -> int:
+    """``flwr run`` the app against our SuperLink; return the run id."""
+    payload, proc = _flwr_json(["run", str(app_dir), CONNECTION], env, timeout=120)
+    try:
         return int(payload["run-id"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         tail = (proc.stdout + proc.stderr)[-2000:]
         raise AggregatorError(f"flwr run failed (exit {proc.returncode}): {tail}") from exc
 
 
 def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any] | None:
     """The run's status as ``flwr ls`` reports it (None if it cannot be read)."""
-    proc = subprocess.run(
-        [flower_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    try:
-        payload = json.loads(proc.stdout[proc.stdout.index("{") :])
-        runs = payload.get("runs", [])
-        return runs[0] if runs else None
-    except (ValueError, AttributeError):
-        return None
+    payload, _ = _flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env, timeout=60)
+    runs = payload.get("runs", []) if isinstance(payload, dict) else []
+    return runs[0] if runs else None
 
 
 def follow_events(
