@@ -215,7 +215,7 @@ class Agent:
             self._forget_running({cmd.command_id})
 
     def _build_env(self, cmd: Command) -> None:
-        from flops.build import EnvBuilder
+        from flops.builder import EnvBuilder
 
         self._report(cmd, "build.started")
         result = EnvBuilder().build(cmd.spec, self.dirs["builds"])
@@ -243,7 +243,7 @@ class Agent:
         details = dict(cmd.spec.get("artifact", {}).get("details", {}))
         if details.get("python") and Path(details["python"]).exists() and Path(details["repo_dir"]).exists():
             return details
-        from flops.build import EnvBuilder
+        from flops.builder import EnvBuilder
 
         spec = {k: details.get(k) for k in ("repo_url", "commit", "flavor", "platforms") if details.get(k)}
         result = EnvBuilder().build(spec, self.dirs["builds"])
@@ -337,7 +337,7 @@ class Agent:
         )
 
     def _build_model_image(self, cmd: Command) -> None:
-        from flops.build import package_model
+        from flops.builder import package_model
 
         try:
             artifact = self._artifact(cmd)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from flops import topics
-from flops.build.repo import RepoError, resolve_commit
+from flops.builder.repo import RepoError, resolve_commit
 from flops.bus import Bus, BusOptions, Inbound, Will
 from flops.engine import Engine, Result
 from flops.errors import PublishFailed

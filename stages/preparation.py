@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flops.build.repo import FULL_SHA
+from flops.builder.repo import FULL_SHA
 from flops.hooks import Decision, Internal, StageContext, StageHooks
 from flops.lifecycle import Project
 from flops.messages import AgentStatus

@@ -3,7 +3,7 @@
 ``python -m flops.runtime.serve --package DIR [--host 127.0.0.1] [--port 0] [--advertise-host H]
 [--max-body-bytes N] [--report-fd FD]``
 
-Reads the package's ``manifest.json`` (``flops.build.model_package``), imports the repo's
+Reads the package's ``manifest.json`` (``flops.builder.model_package``), imports the repo's
 ``ModelManager`` from the package's code directory, sets the saved parameters (``model.npz``, the
 aggregator's ``np.savez`` of the parameter list) and serves HTTP:
 
@@ -45,7 +45,7 @@ from typing import Any, Final
 import numpy as np
 import structlog
 
-from flops.build.model_package import DEFAULT_MODEL_FILE, MANIFEST
+from flops.builder.model_package import DEFAULT_MODEL_FILE, MANIFEST
 from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
 from flops.runtime.reports import MODEL_FAILED, MODEL_SERVED, ReportWriter
 

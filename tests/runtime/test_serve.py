@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flops.build import ArtifactRef, package_model
+from flops.builder import ArtifactRef, package_model
 from flops.data.mock import load_dataset
 from flops.runtime.repo import new_model_manager
 from flops.runtime.serve import MODEL_FAILED, MODEL_SERVED, PredictError, predict, serve_command

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flops.build.repo import RepoError, checkout, resolve_commit
-from tests.build.conftest import GitRepo, git
+from flops.builder.repo import RepoError, checkout, resolve_commit
+from tests.builder.conftest import GitRepo, git
 
 
 def test_resolve_head_branch_and_short_sha(make_repo: GitRepo) -> None:

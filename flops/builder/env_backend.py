@@ -30,14 +30,14 @@ import structlog
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from flops.build.contract import ContractViolation, check_contract
-from flops.build.import_check import check_model_manager
-from flops.build.installer import Installer, default_uv_cache, find_uv
-from flops.build.locking import file_lock
-from flops.build.process import CommandFailed, StepFailed, tail
-from flops.build.repo import checkout, resolve_commit
-from flops.build.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec
-from flops.build.runtime_base import (
+from flops.builder.contract import ContractViolation, check_contract
+from flops.builder.import_check import check_model_manager
+from flops.builder.installer import Installer, default_uv_cache, find_uv
+from flops.builder.locking import file_lock
+from flops.builder.process import CommandFailed, StepFailed, tail
+from flops.builder.repo import checkout, resolve_commit
+from flops.builder.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec
+from flops.builder.runtime_base import (
     DEFAULT_RUNTIME_REQUIREMENTS,
     RuntimeBase,
     ensure_runtime_base,
@@ -64,7 +64,7 @@ class BuilderSettings:
 
 
 class EnvBuilder:
-    """The Python-environment backend of `flops.build.Builder`."""
+    """The Python-environment backend of `flops.builder.Builder`."""
 
     def __init__(self, settings: BuilderSettings | None = None) -> None:
         self.settings = settings or BuilderSettings()

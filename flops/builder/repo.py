@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from flops.build.process import CommandFailed, StepFailed, run, tail
+from flops.builder.process import CommandFailed, StepFailed, run, tail
 
 FULL_SHA = re.compile(r"^[0-9a-fA-F]{40}$")
 HEX_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")

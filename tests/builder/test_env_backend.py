@@ -6,8 +6,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-from flops.build import BuildFailure, BuildResult, EnvBuilder
-from tests.build.conftest import GitRepo
+from flops.builder import BuildFailure, BuildResult, EnvBuilder
+from tests.builder.conftest import GitRepo
 
 
 def run_in_env(python: str, code: str, cwd: str) -> str:

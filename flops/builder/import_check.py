@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flops.build.process import CommandFailed, StepFailed, run, tail
+from flops.builder.process import CommandFailed, StepFailed, run, tail
 
 RESULT_MARKER = "FLOPS_IMPORT_CHECK "
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flops.build import ArtifactRef, package_model
+from flops.builder import ArtifactRef, package_model
 
 
 def test_package_holds_model_code_requirements_and_manifest(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flops.build import BuilderSettings, EnvBuilder
+from flops.builder import BuilderSettings, EnvBuilder
 
 MODEL_MANAGER = """\
 import numpy as np

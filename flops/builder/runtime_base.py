@@ -18,9 +18,9 @@ from pathlib import Path
 import structlog
 
 import flops
-from flops.build.installer import Installer
-from flops.build.locking import file_lock
-from flops.build.process import CommandFailed, StepFailed, run, tail
+from flops.builder.installer import Installer
+from flops.builder.locking import file_lock
+from flops.builder.process import CommandFailed, StepFailed, run, tail
 
 DEFAULT_RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     "flwr==1.42.*",

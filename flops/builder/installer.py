@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from flops.build.process import CommandFailed, run
+from flops.builder.process import CommandFailed, run
 
 
 def find_uv() -> str | None:

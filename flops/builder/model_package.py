@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flops.build.result import ArtifactRef
+from flops.builder.result import ArtifactRef
 
 MANIFEST = "manifest.json"
 PACKAGE_FORMAT = "flops-model-package/1"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flops.build.contract import ContractOk, ContractViolation, check_contract
+from flops.builder.contract import ContractOk, ContractViolation, check_contract
 
 RUNTIME = (3, 11, 7)
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flops.build.process import StepFailed
+from flops.builder.process import StepFailed
 
 
 @contextlib.contextmanager

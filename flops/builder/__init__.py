@@ -10,18 +10,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from flops.build.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec
+from flops.builder.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec
 
 # The heavy parts (sh, uv, git) load on first use, so that runtime modules such as the model server can
-# import flops.build.model_package inside learner environments that do not carry the builder's dependencies.
+# import flops.builder.model_package inside learner environments that do not carry the builder's dependencies.
 _LAZY = {
-    "BuilderSettings": "flops.build.env_backend",
-    "EnvBuilder": "flops.build.env_backend",
-    "ModelPackage": "flops.build.model_package",
-    "package_model": "flops.build.model_package",
-    "RepoError": "flops.build.repo",
-    "checkout": "flops.build.repo",
-    "resolve_commit": "flops.build.repo",
+    "BuilderSettings": "flops.builder.env_backend",
+    "EnvBuilder": "flops.builder.env_backend",
+    "ModelPackage": "flops.builder.model_package",
+    "package_model": "flops.builder.model_package",
+    "RepoError": "flops.builder.repo",
+    "checkout": "flops.builder.repo",
+    "resolve_commit": "flops.builder.repo",
 }
 
 
