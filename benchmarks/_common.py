@@ -294,7 +294,7 @@ def report(cmd: dict[str, Any], kind: str, n: int, **fields: Any) -> tuple[str, 
         "kind": kind,
         **fields,
     }
-    return topics.project_reports(cmd["project_id"]), json.dumps(body).encode()
+    return topics.agent_reports(cmd["agent_id"]), json.dumps(body).encode()
 
 
 def answers(cmd: dict[str, Any]) -> list[tuple[str, bytes]]:

@@ -16,6 +16,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from typing import Any
 import structlog
 
 from flops import topics
+from flops.agent_link import ReportOutbox
 from flops.bus import Bus, BusOptions, Will
 from flops.errors import PublishFailed
-from flops.messages import AgentStatus, Command, decode_report
+from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import Child, Supervisor, kill_group
 
@@ -41,6 +43,8 @@ FAILURE_KIND = {
     "build": "build.failed",
     "build_model_image": "model.failed",
 }
+# Put on the agent's own queue after every (re)connect: re-send every report not acknowledged yet.
+_RESEND_ALL = object()
 TERMINAL = {"learner.failed", "training.succeeded", "training.failed", "model.served", "model.failed"}
 
 
@@ -68,6 +72,7 @@ class Agent:
         self._running_path = self.dirs["state"] / "running.json"
         self._handled = self._load_handled()
         self._log = log.bind(agent_id=self.id)
+        self.outbox = ReportOutbox(self.dirs["state"] / "reports.sqlite3")
         self.data_server = None
         if "learner" in config.roles:
             from flops.data.server import DataServer
@@ -89,12 +94,14 @@ class Agent:
             address,
             BusOptions(
                 client_id=f"flops-agent-{self.id}",
-                subscriptions=[topics.agent_commands(self.id)],
+                subscriptions=[topics.agent_commands(self.id), topics.agent_acks(self.id), topics.manager_status()],
                 clean_start=False,
                 session_expiry_s=3600,
                 manual_ack=True,
                 will=Will(topics.agent_status(self.id), self._status(online=False).to_bytes()),
                 birth=lambda: (topics.agent_status(self.id), self._status(online=True).to_bytes()),
+                # After every reconnect: re-send what the manager has not acknowledged yet.
+                on_ready=lambda _present: self.bus.inbox.put(_RESEND_ALL),  # type: ignore[arg-type]
                 ca_file=ca_file,
             ),
         )
@@ -161,10 +168,28 @@ class Agent:
     # --- commands --------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        next_resend = time.monotonic() + self.outbox.resend_s
         while not self._stop.is_set():
+            if time.monotonic() >= next_resend:
+                self._resend()
+                next_resend = time.monotonic() + self.outbox.resend_s
             try:
                 message = self.bus.inbox.get(timeout=0.5)
             except queue.Empty:
+                continue
+            if message is _RESEND_ALL:
+                self._resend(everything=True)
+                continue
+            kind, _ = topics.parse(message.topic)
+            if kind == "agent_acks":
+                self._on_ack(message.payload)
+                self.bus.ack(message)
+                continue
+            if message.topic == topics.manager_status():
+                # A manager (re)announcing itself is subscribed: whatever it missed goes out now.
+                if _says_online(message.payload):
+                    self._resend(everything=True)
+                self.bus.ack(message)
                 continue
             try:
                 command = Command.model_validate_json(message.payload)
@@ -175,9 +200,11 @@ class Agent:
             bound = self._log.bind(project_id=command.project_id, command_id=command.command_id, kind=command.kind)
             if command.command_id in self._handled:
                 bound.info("duplicate command ignored")
+                self._receipt(command.command_id)
                 self.bus.ack(message)
                 continue
             self._mark_handled(command.command_id)
+            self._receipt(command.command_id)
             self.bus.ack(message)
             try:
                 self._execute(command)
@@ -417,7 +444,32 @@ class Agent:
         except ValueError as exc:
             self._log.warning("dropping malformed child report", kind=kind, error=str(exc)[:300])
             return
-        self.bus.publish(topics.project_reports(project_id), report.to_bytes())
+        topic, payload = topics.agent_reports(self.id), report.to_bytes()
+        # Kept until the manager acknowledges it; a publish that fails now is re-sent later.
+        self.outbox.add(report.event_id, topic, payload)
+        with contextlib.suppress(PublishFailed):
+            self.bus.publish(topic, payload)
+
+    def _resend(self, *, everything: bool = False) -> None:
+        pending = self.outbox.due(everything=everything)
+        if pending:
+            self._log.info("re-sending reports not yet acknowledged", count=len(pending))
+        for report in pending:
+            with contextlib.suppress(PublishFailed):
+                self.bus.publish(report.topic, report.payload)
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            ack = ReportAck.model_validate_json(payload)
+        except ValueError as exc:
+            self._log.warning("unreadable report acknowledgement", error=str(exc)[:300])
+            return
+        self.outbox.acked(ack.event_ids)
+
+    def _receipt(self, command_id: str) -> None:
+        """Tell the manager the command is recorded here, so it stops re-sending it."""
+        with contextlib.suppress(PublishFailed):
+            self.bus.publish(topics.agent_receipts(self.id), CommandReceipt(command_ids=[command_id]).to_bytes())
 
     # --- idempotency and restart bookkeeping -----------------------------------------------------
 
@@ -472,3 +524,10 @@ class Agent:
                 fields["agent_id"] = self.id
             self._send(entry["project_id"], command_id, kind, fields, event_id=f"{command_id}.lost")
         self._write_running({})
+
+
+def _says_online(payload: bytes) -> bool:
+    try:
+        return json.loads(payload).get("online") is True
+    except (ValueError, AttributeError):
+        return False

@@ -57,8 +57,13 @@ class BusOptions:
     session_expiry_s: int = 0
     manual_ack: bool = False
     will: Will | None = None
-    # Published (retained) on every (re)connect, e.g. an agent's "online" status.
+    # Published (retained) on every (re)connect once the subscriptions are acknowledged, e.g. an agent's
+    # "online" status: whoever reacts to it (the manager re-sending commands) finds us subscribed.
     birth: Callable[[], tuple[str, bytes]] | None = None
+    # Called on paho's thread after every (re)connect once subscribed, with the broker's session_present:
+    # False means a fresh session (a restarted broker without persistence), where retained messages and
+    # queued deliveries may be gone. Implementations only enqueue.
+    on_ready: Callable[[bool], None] | None = None
     max_inflight: int = 10_000
     keepalive: int = 30
     ca_file: str | None = None
@@ -79,8 +84,9 @@ class Bus:
         self._pending_subs: set[int] = set()
         self._connect_error: str | None = None
         self._inflight = threading.BoundedSemaphore(min(options.max_inflight, 65_000))
-        self._acked: dict[int, Callable[[], None]] = {}
-        self._early_acks: set[int] = set()
+        # mid -> (on_acked, on_refused); a PUBACK with a reason code >= 0x80 is a refusal (ACL, quota).
+        self._acked: dict[int, tuple[Callable[[], None], Callable[[str], None] | None]] = {}
+        self._early_acks: dict[int, str | None] = {}
         self._lock = threading.RLock()
         self._closing = False
         self.session_present = False
@@ -178,9 +184,12 @@ class Bus:
         qos: int = 1,
         response_topic: str | None = None,
         on_acked: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
         timeout: float = 30.0,
     ) -> mqtt.MQTTMessageInfo:
-        """Publish with QoS 1; ``on_acked`` runs (on paho's thread) when the broker acknowledges it."""
+        """Publish with QoS 1; ``on_acked`` runs (on paho's thread) when the broker acknowledges it, or
+        ``on_refused`` with the reason when its PUBACK carries an error code (without ``on_refused`` a refusal
+        is logged and counts as acknowledged)."""
         props = None
         if response_topic:
             props = Properties(PacketTypes.PUBLISH)
@@ -199,23 +208,45 @@ class Bus:
             with self._lock:
                 early = info.mid in self._early_acks
                 if early:
-                    self._early_acks.discard(info.mid)
+                    refusal = self._early_acks.pop(info.mid)
                 else:
-                    self._acked[info.mid] = on_acked or _noop
+                    self._acked[info.mid] = (on_acked or _noop, on_refused)
             if early:
                 self._inflight.release()
-                if on_acked:
-                    on_acked()
+                self._complete(topic, on_acked or _noop, on_refused, refusal)
         elif on_acked:
             on_acked()
         return info
 
+    def _complete(
+        self,
+        topic: str | None,
+        on_acked: Callable[[], None],
+        on_refused: Callable[[str], None] | None,
+        refusal: str | None,
+    ) -> None:
+        if refusal is None:
+            on_acked()
+        elif on_refused is not None:
+            on_refused(refusal)
+        else:
+            self._log.error("broker refused a publish", topic=topic, reason=refusal)
+            on_acked()
+
     def publish_wait(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0) -> None:
         """Publish and wait until the broker acknowledged it (CLI clients that exit right after)."""
         done = threading.Event()
-        self.publish(topic, payload, retain=retain, on_acked=done.set, timeout=timeout)
+        refused: list[str] = []
+
+        def refuse(reason: str) -> None:
+            refused.append(reason)
+            done.set()
+
+        self.publish(topic, payload, retain=retain, on_acked=done.set, on_refused=refuse, timeout=timeout)
         if not done.wait(timeout):
             raise PublishFailed(topic, f"not acknowledged within {timeout} s")
+        if refused:
+            raise PublishFailed(topic, f"refused by the broker: {refused[0]}")
 
     def subscribe(self, topics: Iterable[str]) -> None:
         """Add subscriptions now and on every reconnect."""
@@ -243,25 +274,38 @@ class Bus:
             self._answered.set()
             return
         self.session_present = bool(flags.session_present)
+        subscribing = False
+        if self.options.subscriptions:
+            _, mid = client.subscribe([(t, 1) for t in self.options.subscriptions])
+            with self._lock:
+                self._pending_subs.add(mid)
+            subscribing = True
+        self._connected.set()
+        self._answered.set()
+        self._log.debug("connected", session_present=self.session_present)
+        if not subscribing:
+            self._ready(client)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        with self._lock:
+            if mid not in self._pending_subs:
+                return  # a later subscribe() call, not the (re)connect's
+            self._pending_subs.discard(mid)
+            done = not self._pending_subs
+        if done:
+            self._ready(client)
+            self._subscribed.set()
+
+    def _ready(self, client: mqtt.Client) -> None:
+        """Subscribed after a (re)connect: announce ourselves, then tell the owner."""
         if self.options.birth:
             topic, payload = self.options.birth()
             info = client.publish(topic, payload, qos=1, retain=True)
             # Its PUBACK is handled on this same thread, after this callback returns.
             with self._lock:
-                self._acked[info.mid] = _noop_untracked
-        if self.options.subscriptions:
-            _, mid = client.subscribe([(t, 1) for t in self.options.subscriptions])
-            with self._lock:
-                self._pending_subs.add(mid)
-        self._connected.set()
-        self._answered.set()
-        self._log.debug("connected", session_present=self.session_present)
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
-        with self._lock:
-            self._pending_subs.discard(mid)
-            if not self._pending_subs:
-                self._subscribed.set()
+                self._acked[info.mid] = (_noop_untracked, None)
+        if self.options.on_ready:
+            self.options.on_ready(self.session_present)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
@@ -283,16 +327,20 @@ class Bus:
         )
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        refusal = str(reason) if getattr(reason, "is_failure", False) else None
         with self._lock:
-            callback = self._acked.pop(mid, None)
-            if callback is None:
+            callbacks = self._acked.pop(mid, None)
+            if callbacks is None:
                 # The PUBACK beat publish() back to its caller; publish() completes it.
-                self._early_acks.add(mid)
-        if callback is _noop_untracked:
+                self._early_acks[mid] = refusal
+                return
+        on_acked, on_refused = callbacks
+        if on_acked is _noop_untracked:
+            if refusal is not None:
+                self._log.error("broker refused our birth message", reason=refusal)
             return
-        if callback is not None:
-            self._inflight.release()
-            callback()
+        self._inflight.release()
+        self._complete(None, on_acked, on_refused, refusal)
 
 
 def _noop() -> None:

@@ -28,6 +28,8 @@ from flops.messages import (
     CommandKind,
     ErrorEvent,
     FieldError,
+    ModelFailed,
+    ModelServed,
     Progress,
     ProjectEvent,
     ProjectRequest,
@@ -57,6 +59,8 @@ class Result:
     reason: str = ""
     project_id: str | None = None
     outbox: list[OutboxItem] = field(default_factory=list)
+    # The report id to acknowledge to its agent once this result is committed (whatever the verdict).
+    ack: str | None = None
 
 
 class _Effects:
@@ -139,6 +143,10 @@ class Engine:
         self.hooks: dict[Stage, StageHooks] = hooks_by_stage()
         # Aggregator ports unfinished projects hold, by agent: {agent_id: {project_id: port}}.
         self.ports: dict[str, dict[str, int]] = {}
+        # Agents whose liveness is in doubt (a last will, or a fresh broker session), since when. A will is a
+        # hint: a broker stopping gracefully publishes every client's will at once. An agent that has not
+        # announced itself again within ``agent_grace_s`` is gone for its projects.
+        self.suspects: dict[str, float] = {}
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -271,7 +279,7 @@ class Engine:
             for agent_id in sorted(serving):
                 fx.command(project, agent_id, "stop_project", {"keep": []})
             fx.event(project, "warning", f"inference server at {url} stopped: {request.reason}")
-            fx.items.append(self._state_item(project))
+            fx.items.append(self._state_item(record))
             fx.items.append(
                 OutboxItem(
                     f"reply:{request.request_id}",
@@ -285,19 +293,25 @@ class Engine:
         log.info("model server stopped", project_id=record.project_id, url=url)
         return Result("accept", "model server stopped", record.project_id, items)
 
-    def report(self, project_id: str, payload: bytes) -> Result:
-        """A worker report on ``projects/{project_id}/reports``."""
+    def report(self, agent_id: str, payload: bytes) -> Result:
+        """A report on ``agents/{agent_id}/reports`` (the agent's own or its children's)."""
         try:
             report = decode_report(payload)
         except ValidationError as exc:
-            return self.reject_for(project_id, f"invalid report: {describe(exc)}")
-        if report.project_id != project_id:
-            return self.reject_for(project_id, f"report names project {report.project_id} on another's topic")
+            return self.error(topics.agent_reports(agent_id), f"invalid report: {describe(exc)}")
+        result = self._report(agent_id, report)
+        result.ack = report.event_id
+        return result
+
+    def _report(self, agent_id: str, report: ReportBase) -> Result:
+        project_id = report.project_id
         project = self.lifecycle.projects.get(project_id)
         if project is None:
             known = self.store.get(project_id)
             if known is None:
-                return self.error(topics.project_reports(project_id), f"unknown project {project_id}")
+                return self.error(topics.agent_reports(agent_id), f"unknown project {project_id}")
+            if isinstance(report, ModelServed | ModelFailed) and report.command_id == known.ctx.get("serve_command_id"):
+                return self._served_model(known, report)
             return self.reject_for(
                 project_id,
                 f"{report.kind} {report.event_id} for finished project {project_id}",
@@ -309,14 +323,31 @@ class Engine:
 
         return self._in_unit(project, report.event_id, do)
 
-    def agent_status(self, payload: bytes) -> Result:
+    def agent_status(self, agent_id: str, payload: bytes) -> Result:
+        """A retained status on ``agents/{agent_id}/status``: birth, capabilities, or a last will (a hint)."""
+        topic = topics.agent_status(agent_id)
         try:
             status = AgentStatus.model_validate_json(payload)
         except ValidationError as exc:
-            return self.error("agents/status", f"invalid agent status: {describe(exc)}")
-        previous = self.agents.update(status)
+            return self.error(topic, f"invalid agent status: {describe(exc)}")
+        if status.agent_id != agent_id:
+            return self.error(topic, f"status names agent {status.agent_id} on agent {agent_id}'s topic")
+        previous = self.agents.get(agent_id)
+        if status.online and self.suspects.pop(agent_id, None) is not None:
+            log.info("agent confirmed alive", agent_id=agent_id)
+        if not status.online and (previous is None or not previous.online):
+            # An offline status of an agent we never saw online changes nothing (and must not grow the registry).
+            return Result("ignore", "agent already offline")
+        self.agents.update(status)
         if previous is not None and previous.model_copy(update={"ts": 0}) == status.model_copy(update={"ts": 0}):
             return Result("ignore", "status unchanged")
+        if not status.online:
+            self.suspects.setdefault(agent_id, self.clock())
+        return self._tell_projects(status, preparation_only=True)
+
+    def _tell_projects(self, status: AgentStatus, *, preparation_only: bool) -> Result:
+        """Let projects react to an agent's status: preparation re-checks its inventory; with
+        ``preparation_only`` False, projects the agent takes part in learn that it is gone."""
         out = Result("accept")
         for project in list(self.lifecycle.projects.values()):
             hooks = self.hooks[project.stage]
@@ -324,11 +355,71 @@ class Engine:
             involved = status.agent_id in project.ctx.get("agents", []) or status.agent_id == project.ctx.get(
                 "aggregator", {}
             ).get("agent_id")
-            if project.stage is not Stage.PREPARATION and not (involved and not status.online):
+            if project.stage is Stage.PREPARATION:
+                if not preparation_only:
+                    continue
+            elif preparation_only or not involved:
                 continue
             result = self._in_unit(project, None, lambda p, fx, h=hooks: h.on_agent(p, status, fx))
             out.outbox.extend(result.outbox)
         return out
+
+    def check_suspects(self) -> list[OutboxItem]:
+        """Agents that stayed gone past the grace period: their projects learn it now."""
+        now = self.clock()
+        grace = self.settings.agent_grace_s
+        items: list[OutboxItem] = []
+        for agent_id, since in list(self.suspects.items()):
+            if now - since < grace:
+                continue
+            del self.suspects[agent_id]
+            status = self.agents.get(agent_id)
+            if status is None:
+                continue
+            if status.online:
+                # Announced online before a fresh broker session and never since: no liveness after reconnect.
+                status = status.model_copy(update={"online": False, "data_server": None})
+                self.agents.update(status)
+            log.warning("agent gone", agent_id=agent_id, after_s=round(now - since, 1))
+            items.extend(self._tell_projects(status, preparation_only=False).outbox)
+        return items
+
+    def fresh_session(self) -> None:
+        """The broker lost our session (it restarted): every agent must announce itself again within the
+        grace period, as it does on its own reconnect, or it counts as gone."""
+        now = self.clock()
+        for status in self.agents.online():
+            self.suspects.setdefault(status.agent_id, now)
+        # A will received before the broker went away: the grace restarts with the new session.
+        for agent_id in self.suspects:
+            self.suspects[agent_id] = now
+
+    def retained_states(self) -> list[OutboxItem]:
+        """The retained state of every stored project, to publish again on a fresh broker session."""
+        return [self._state_item(record) for record in self.store.projects(limit=10**9)]
+
+    def _served_model(self, record: ProjectRecord, report: ModelServed | ModelFailed) -> Result:
+        """A finished project's model server came back (its agent restarted it) or is gone for good: the state
+        tells the truth either way."""
+        project_id = record.project_id
+        with self.store.unit() as unit:
+            if unit.seen(report.event_id) is not None:
+                return Result("ignore", "duplicate", project_id)
+            project = Project(record=record, sla=ProjectSLA.model_validate(record.sla))
+            project.stage = record.stage
+            fx = _Effects(self, unit)
+            if isinstance(report, ModelServed):
+                record.ctx["model_url"] = report.url
+                fx.event(project, "report.accepted", f"inference server serving again at {report.url}")
+            else:
+                url = record.ctx.pop("model_url", None)
+                fx.event(project, "warning", f"inference server at {url} is gone: {report.reason}")
+            fx.items.append(self._state_item(record))
+            unit.mark_seen(report.event_id, project_id, "accept")
+            unit.update(record, Stage.FINISHED)
+            items = unit.enqueue(fx.items)
+        log.info("served model updated", project_id=project_id, kind=report.kind)
+        return Result("accept", report.kind, project_id, items)
 
     def internal(self, event: Internal) -> Result:
         project = self.lifecycle.projects.get(event.project_id)
@@ -384,7 +475,7 @@ class Engine:
                 if decision.verdict == "reject":
                     fx.event(project, "rejected", decision.reason, event_id=message_id)
                 if fx.touched or created:
-                    fx.items.append(self._state_item(project))
+                    fx.items.append(self._state_item(project.record))
                 # Compare-and-set against the stage this event was read in (a new project: as inserted).
                 unit.update(project.record, Stage.PREPARATION if created else expected)
                 items = unit.enqueue(fx.items + fx.replies)
@@ -458,8 +549,7 @@ class Engine:
     def _deadline(self, sla: ProjectSLA, stage: Stage) -> float | None:
         return self.settings.deadlines.for_stage(stage, sla.deadlines)
 
-    def _state_item(self, project: Project) -> OutboxItem:
-        r = project.record
+    def _state_item(self, r: ProjectRecord) -> OutboxItem:
         progress = r.ctx.get("progress", {})
         state = ProjectState(
             project_id=r.project_id,
@@ -471,7 +561,7 @@ class Engine:
             deadline_at=r.deadline_at,
             progress=Progress(**{k: v for k, v in progress.items() if k in Progress.model_fields}),
             model_url=r.ctx.get("model_url"),
-            customer=project.sla.customerID,
+            customer=r.sla.get("customerID"),
             seq=r.seq,
             updated_at=self.clock(),
         )
@@ -494,7 +584,7 @@ class Engine:
             return self._in_unit(live, message_id, lambda p, fx: Decision.reject(reason))
         record = self.store.get(project_id)
         if record is None:
-            return self.error(topics.project_reports(project_id), reason)
+            return self.error(topics.project_events(project_id), reason)
         with self.store.unit() as unit:
             if seen_check is not None and unit.seen(seen_check.event_id) is not None:
                 return Result("ignore", "duplicate", project_id)

@@ -45,6 +45,15 @@ class StaleWrite(FlopsError):
         self.found = found
 
 
+class StoreError(FlopsError):
+    """The store could not do its job (database locked past its timeout, disk full): infrastructure, not input.
+    The manager keeps the messages unacknowledged and retries."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"store unavailable: {reason}")
+        self.reason = reason
+
+
 class NotFound(FlopsError):
     """The named project (or agent) does not exist."""
 

@@ -9,27 +9,48 @@ outbox is re-published at start-up, so a command committed but not yet sent stil
 from __future__ import annotations
 
 import collections
-import queue
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
+from pydantic import ValidationError
 
 from flops import topics
 from flops.builder.repo import RepoError, resolve_commit
 from flops.bus import Bus, BusOptions, Inbound, Will
+from flops.delivery import CommandDelivery
 from flops.engine import Engine, Result
-from flops.errors import PublishFailed
+from flops.errors import PublishFailed, StoreError
 from flops.hooks import Internal
+from flops.intake import FairIntake
+from flops.messages import CommandReceipt, ErrorEvent, ReportAck, describe
 from flops.settings import BrokerAddress, Settings
 from flops.store import OutboxItem, Store
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
 BATCH_MAX = 512
-SUBSCRIPTIONS = [topics.requests(), topics.ALL_CANCELS, topics.ALL_REPORTS, topics.ALL_AGENT_STATUS]
+SUBSCRIPTIONS = [
+    topics.requests(),
+    topics.ALL_CANCELS,
+    topics.ALL_AGENT_REPORTS,
+    topics.ALL_AGENT_RECEIPTS,
+    topics.ALL_AGENT_STATUS,
+]
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """The bus is (re)connected and subscribed; ``session_present`` False means the broker lost our session."""
+
+    session_present: bool
 
 
 class Manager:
@@ -49,31 +70,36 @@ class Manager:
                 manual_ack=True,
                 will=Will(topics.manager_status(), b'{"online": false}'),
                 birth=lambda: (topics.manager_status(), b'{"online": true}'),
+                on_ready=lambda present: self.bus.inbox.put(Reconnected(present)),  # type: ignore[arg-type]
                 ca_file=str(settings.broker_ca_file) if settings.broker_ca_file else None,
                 client_cert=str(settings.broker_client_cert) if settings.broker_client_cert else None,
                 client_key=str(settings.broker_client_key) if settings.broker_client_key else None,
             ),
         )
+        self.intake = FairIntake(self.bus.inbox, self.bus.ack)
+        self.delivery = CommandDelivery(settings.command_resend_s, settings.command_ttl_s)
+        # Filled on paho's thread (PUBACKs), drained by the worker.
         self._acked: collections.deque[OutboxItem] = collections.deque()
+        self._refused: collections.deque[tuple[OutboxItem, str]] = collections.deque()
         self._resolvers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._booted = False
         self.ready = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> Manager:
-        """Boot (resume projects), connect, publish what the outbox still holds, start the worker."""
+        """Boot (resume projects), connect, start the worker; it publishes what the outbox still holds."""
         # One durable commit for every project's on_resume unit (each still atomic as a savepoint), instead
         # of one fsync per resumed project.
         with self.store.batch():
-            pending = self.engine.boot()
+            self.engine.boot()
         self.bus.connect()
-        self._publish(pending)
         self._thread = threading.Thread(target=self._run, name="manager", daemon=True)
         self._thread.start()
         self.ready.set()
-        log.info("manager ready", resumed=len(self.engine.lifecycle.projects), outbox=len(pending))
+        log.info("manager ready", resumed=len(self.engine.lifecycle.projects))
         return self
 
     def stop(self) -> None:
@@ -96,87 +122,177 @@ class Manager:
     # --- the worker ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_deadline_check = 0.0
+        next_tick = 0.0
         while not self._stop.is_set():
-            try:
-                first = self.bus.inbox.get(timeout=self.settings.deadline_check_interval_s)
-            except queue.Empty:
-                first = None
-            batch = [] if first is None else [first]
-            while len(batch) < BATCH_MAX:
-                try:
-                    batch.append(self.bus.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            out: list[OutboxItem] = []
-            acked = self._drain_acked()
-            try:
-                with self.store.batch():
-                    self.store.sent(acked)
-                    for item in batch:
-                        out.extend(self._handle(item).outbox)
-                    if time.monotonic() >= next_deadline_check:
-                        out.extend(self.engine.check_deadlines())
-                        next_deadline_check = time.monotonic() + self.settings.deadline_check_interval_s
-            except Exception:
-                # Broken infrastructure (disk full, database locked): nothing of this batch committed.
-                # The messages stay unacknowledged, so the broker redelivers them after a reconnect.
-                log.exception("batch failed; messages stay unacknowledged")
-                self._acked.extend(acked)
-                # The machines may be ahead of what was rolled back: rebuild them from the store.
-                self.engine.reload_all()
-                continue
+            batch = self.intake.take(self.settings.deadline_check_interval_s, BATCH_MAX)
+            tick = time.monotonic() >= next_tick
+            if tick:
+                next_tick = time.monotonic() + self.settings.deadline_check_interval_s
+            handled = self._commit(batch, tick)
+            if handled is None:
+                return  # stopping while a commit kept failing: the messages stay unacknowledged
+            out, acks = handled
             for item in batch:
                 if isinstance(item, Inbound):
                     self.bus.ack(item)
             self._publish(_latest_retained(out))
+            self._send_acks(acks)
+            self._surface_refusals()
+            for item in batch:
+                if isinstance(item, Reconnected):
+                    self._on_reconnected(item)
+            if tick:
+                self._resend_commands()
 
-    def _handle(self, item: Inbound | Internal) -> Result:
+    def _commit(self, batch: list[object], tick: bool) -> tuple[list[OutboxItem], dict[str, list[str]]] | None:
+        """Handle ``batch`` in one durable commit, retrying with backoff while the store fails.
+
+        Nothing of a failed try is acknowledged or published and the machines are rebuilt from the store, so
+        the retry handles every message as if it were the first time (and dedup keeps it at once).
+        """
+        delay = 0.1
+        acked = self._drain(self._acked)
+        while not self._stop.is_set():
+            out: list[OutboxItem] = []
+            acks: dict[str, list[str]] = collections.defaultdict(list)
+            try:
+                with self.store.batch():
+                    self.store.sent(acked)
+                    for item in batch:
+                        result = self._handle(item)
+                        out.extend(result.outbox)
+                        if result.ack and isinstance(item, Inbound):
+                            acks[topics.parse(item.topic)[1] or ""].append(result.ack)
+                    if tick:
+                        out.extend(self.engine.check_deadlines())
+                        out.extend(self.engine.check_suspects())
+                        self.store.sent(self.delivery.expired())
+                return out, acks
+            except Exception:
+                # Broken infrastructure (disk full, database locked): nothing of this batch committed.
+                log.exception("batch failed; retrying", retry_in_s=delay, messages=len(batch))
+                self.engine.reload_all()
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.settings.commit_retry_max_s)
+        return None
+
+    def _handle(self, item: object) -> Result:
+        if isinstance(item, Reconnected):
+            return Result("accept", "reconnected")
         if isinstance(item, Internal):
             return self._guarded(lambda: self.engine.internal(item), item.kind)
+        assert isinstance(item, Inbound)
+        kind, ident = topics.parse(item.topic)
         if len(item.payload) > self.settings.max_payload_bytes:
-            kind, ident = topics.parse(item.topic)
             reason = f"payload of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
-            if kind in {"reports", "cancel"} and ident:
+            if kind == "cancel" and ident:
                 return self.engine.reject_for(ident, reason, None)
             return self.engine.error(item.topic, reason)
-        kind, ident = topics.parse(item.topic)
         if kind == "requests":
             return self._guarded(lambda: self.engine.request(item.payload, item.response_topic), item.topic)
-        if kind == "reports" and ident:
+        if kind == "agent_reports" and ident:
             return self._guarded(lambda: self.engine.report(ident, item.payload), item.topic)
+        if kind == "agent_receipts" and ident:
+            return self._guarded(lambda: self._receipts(ident, item.payload), item.topic)
         if kind == "cancel" and ident:
             return self._guarded(lambda: self.engine.cancel(ident, item.payload, item.response_topic), item.topic)
         if kind == "agent_status" and ident:
             if not item.payload:
                 return Result("ignore", "cleared status")
-            return self._guarded(lambda: self.engine.agent_status(item.payload), item.topic)
+            result = self._guarded(lambda: self.engine.agent_status(ident, item.payload), item.topic)
+            status = self.engine.agents.get(ident)
+            if status is not None and status.online:
+                # Its birth follows its subscriptions: whatever it has not receipted goes out again now.
+                self._publish(self.delivery.for_agent(ident))
+            return result
         return self.engine.error(item.topic, "topic not handled by the manager")
 
+    def _receipts(self, agent_id: str, payload: bytes) -> Result:
+        try:
+            receipt = CommandReceipt.model_validate_json(payload)
+        except ValidationError as exc:
+            return self.engine.error(topics.agent_receipts(agent_id), f"invalid receipt: {describe(exc)}")
+        self.store.sent(self.delivery.receipted(agent_id, receipt.command_ids))
+        return Result("accept", "receipt")
+
     def _guarded(self, handle: Callable[[], Result], what: str) -> Result:
-        """A bug in one handler must not stop the manager: log it, reject the message, go on."""
+        """A bug in one handler must not stop the manager: log it, reject the message, go on. A failing store
+        is no bug of one message: it fails the batch, which is retried."""
         try:
             return handle()
+        except StoreError:
+            raise
         except Exception as exc:
             log.exception("handler failed", what=what)
             return self.engine.error(what, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _on_reconnected(self, event: Reconnected) -> None:
+        """Publish what the broker may have lost: the outbox after a restart of ours, and on a fresh broker
+        session every project's retained state (a broker without persistence forgets them)."""
+        first, self._booted = not self._booted, True
+        if not event.session_present:
+            self.engine.fresh_session()
+            states = self.engine.retained_states()
+            log.info("fresh broker session; re-publishing retained states", projects=len(states))
+            for item in states:
+                self._send(item, track=False)
+        if first or not event.session_present:
+            self._publish(self.store.outbox())
 
     # --- publishing ------------------------------------------------------------------------------
 
     def _publish(self, items: list[OutboxItem]) -> None:
         for item in items:
-            try:
-                self.bus.publish(
-                    item.topic, item.payload, retain=item.retain, on_acked=lambda i=item: self._acked.append(i)
-                )
-            except PublishFailed:
-                # Still in the outbox; re-published at the next start.
-                log.exception("publish failed; left in the outbox", topic=item.topic)
+            self._send(item, track=True)
 
-    def _drain_acked(self) -> list[OutboxItem]:
+    def _send(self, item: OutboxItem, *, track: bool) -> None:
+        """Publish one item. Tracked items leave the outbox on their PUBACK, commands on their agent's receipt;
+        a refused PUBACK keeps the row (re-published after a restart or a fresh broker session)."""
+        command = track and self.delivery.is_command(item)
+        on_acked = _noop if not track or command else (lambda i=item: self._acked.append(i))
+        try:
+            self.bus.publish(
+                item.topic,
+                item.payload,
+                retain=item.retain,
+                on_acked=on_acked,
+                on_refused=lambda reason, i=item: self._refused.append((i, reason)),
+            )
+        except PublishFailed:
+            # Still in the outbox; re-published at the next start or fresh session.
+            log.exception("publish failed; left in the outbox", topic=item.topic)
+            return
+        if command:
+            self.delivery.sent(item)
+
+    def _resend_commands(self) -> None:
+        due = self.delivery.due()
+        if due:
+            log.info("re-sending commands not yet receipted", count=len(due))
+            self._publish(due)
+
+    def _send_acks(self, acks: dict[str, list[str]]) -> None:
+        for agent_id, event_ids in acks.items():
+            with contextlib.suppress(PublishFailed, ValueError):
+                self.bus.publish(topics.agent_acks(agent_id), ReportAck(event_ids=event_ids).to_bytes())
+
+    def _surface_refusals(self) -> None:
+        """A publish the broker refused is an error an operator must see: the log and ``flops/v1/errors``."""
+        for item, reason in self._drain(self._refused):
+            if self.delivery.is_command(item):
+                self.delivery.refused(item)
+            log.error("broker refused a publish; kept in the outbox", topic=item.topic, reason=reason)
+            if item.topic == topics.errors():
+                continue
+            error = ErrorEvent(topic=item.topic, reason=f"broker refused the manager's publish: {reason}")
+            with contextlib.suppress(PublishFailed):
+                self.bus.publish(topics.errors(), error.to_bytes())
+
+    @staticmethod
+    def _drain(source: collections.deque[T]) -> list[T]:
         out = []
-        while self._acked:
-            out.append(self._acked.popleft())
+        while source:
+            out.append(source.popleft())
         return out
 
     # --- commit resolution off the worker --------------------------------------------------------
@@ -194,6 +310,10 @@ class Manager:
             self.bus.inbox.put(event)  # type: ignore[arg-type]
 
         self._resolvers.submit(job)
+
+
+def _noop() -> None:
+    return None
 
 
 def _latest_retained(items: list[OutboxItem]) -> list[OutboxItem]:

@@ -214,6 +214,18 @@ class Command(Message):
     ts: float = Field(default_factory=now)
 
 
+class ReportAck(Message):
+    """Manager -> agent: these reports are committed (handled, rejected or known duplicates); stop re-sending."""
+
+    event_ids: Annotated[list[Id], Field(max_length=10_000)]
+
+
+class CommandReceipt(Message):
+    """Agent -> manager: these commands are recorded on the agent; stop re-sending them."""
+
+    command_ids: Annotated[list[Id], Field(min_length=1, max_length=10_000)]
+
+
 # --- manager -> everyone -----------------------------------------------------------------------------
 
 

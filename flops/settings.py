@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     deadline_check_interval_s: float = Field(0.5, gt=0)
+    # A last will is a hint: an agent is gone for its projects only if it has not announced itself again
+    # within this many seconds (a broker restart delivers every will at once; agents reconnect within ~10 s).
+    agent_grace_s: float = Field(30.0, ge=0)
+    # Commands stay in the outbox until their agent confirms it recorded them; re-sent this often meanwhile,
+    # and given up (with a warning) after command_ttl_s.
+    command_resend_s: float = Field(5.0, gt=0)
+    command_ttl_s: float = Field(24 * 3600.0, gt=0)
+    # A batch whose commit fails (database locked, disk full) is retried with backoff up to this long between
+    # tries; its messages stay unacknowledged until it commits.
+    commit_retry_max_s: float = Field(5.0, gt=0)
     aggregator_ports: tuple[int, int] = (19100, 19999)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flops.errors import StaleWrite
+from flops.errors import StaleWrite, StoreError
 from flops.lifecycle_stages import Outcome, Stage
 from flops.store import OutboxItem, ProjectRecord, Transition
 
@@ -198,15 +198,24 @@ class SQLiteStore:
             if self._in_batch:
                 yield
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(str(exc)) from exc
             self._in_batch = True
             try:
                 yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
             else:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.OperationalError as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise StoreError(str(exc)) from exc
             finally:
                 self._in_batch = False
 

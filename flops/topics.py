@@ -30,11 +30,6 @@ def project_cancel(project_id: str) -> str:
     return f"{PREFIX}/projects/{_segment(project_id)}/cancel"
 
 
-def project_reports(project_id: str) -> str:
-    """Workers (agents, builders, aggregators) report to the manager here."""
-    return f"{PREFIX}/projects/{_segment(project_id)}/reports"
-
-
 def agent_status(agent_id: str) -> str:
     """Retained birth / last will of one agent, with its capabilities."""
     return f"{PREFIX}/agents/{_segment(agent_id)}/status"
@@ -43,6 +38,21 @@ def agent_status(agent_id: str) -> str:
 def agent_commands(agent_id: str) -> str:
     """The manager's commands for one agent."""
     return f"{PREFIX}/agents/{_segment(agent_id)}/commands"
+
+
+def agent_reports(agent_id: str) -> str:
+    """An agent's reports (its own and its children's) to the manager; the topic names the sender."""
+    return f"{PREFIX}/agents/{_segment(agent_id)}/reports"
+
+
+def agent_receipts(agent_id: str) -> str:
+    """An agent tells the manager which commands it has recorded (the manager stops re-sending them)."""
+    return f"{PREFIX}/agents/{_segment(agent_id)}/receipts"
+
+
+def agent_acks(agent_id: str) -> str:
+    """The manager tells an agent which of its reports are committed (the agent stops re-sending them)."""
+    return f"{PREFIX}/agents/{_segment(agent_id)}/acks"
 
 
 def manager_status() -> str:
@@ -57,7 +67,8 @@ def errors() -> str:
 
 # Subscription wildcards.
 ALL_CANCELS = f"{PREFIX}/projects/+/cancel"
-ALL_REPORTS = f"{PREFIX}/projects/+/reports"
+ALL_AGENT_REPORTS = f"{PREFIX}/agents/+/reports"
+ALL_AGENT_RECEIPTS = f"{PREFIX}/agents/+/receipts"
 ALL_AGENT_STATUS = f"{PREFIX}/agents/+/status"
 ALL_PROJECT_STATES = f"{PREFIX}/projects/+/state"
 
@@ -70,9 +81,9 @@ def parse(topic: str) -> tuple[str, str | None]:
     rest = parts[2:]
     if rest == ["projects", "requests"]:
         return ("requests", None)
-    if len(rest) == 3 and rest[0] == "projects" and rest[2] in {"state", "events", "cancel", "reports"}:
+    if len(rest) == 3 and rest[0] == "projects" and rest[2] in {"state", "events", "cancel"}:
         return (rest[2], rest[1])
-    if len(rest) == 3 and rest[0] == "agents" and rest[2] in {"status", "commands"}:
+    if len(rest) == 3 and rest[0] == "agents" and rest[2] in {"status", "commands", "reports", "receipts", "acks"}:
         return (f"agent_{rest[2]}", rest[1])
     if len(rest) == 4 and rest[:2] == ["projects", "requests"] and rest[3] == "reply":
         return ("reply", rest[2])

@@ -103,7 +103,7 @@ class EngineHarness:
             data_tags={"digits": 100} if tags is None else tags,
             ts=self.clock(),
         )
-        return self._keep(self.engine.agent_status(status.to_bytes()))
+        return self._keep(self.engine.agent_status(agent_id, status.to_bytes()))
 
     def fleet(self, learners: int = 2) -> list[str]:
         """One builder, one aggregator (also serving), ``learners`` learner agents with 'digits' data."""
@@ -114,12 +114,19 @@ class EngineHarness:
             self.announce(agent_id, LEARNER)
         return ids
 
-    def offline(self, agent_id: str) -> Result:
-        """The agent's last will: the retained status flips to offline, capabilities as before."""
+    def will(self, agent_id: str) -> Result:
+        """The agent's last will: the retained status flips to offline, capabilities as before (a hint)."""
         known = self.engine.agents.get(agent_id)
         assert known is not None, agent_id
         status = known.model_copy(update={"online": False, "ts": self.clock()})
-        return self._keep(self.engine.agent_status(status.to_bytes()))
+        return self._keep(self.engine.agent_status(agent_id, status.to_bytes()))
+
+    def offline(self, agent_id: str) -> Result:
+        """The agent is gone: its last will, then the grace period passes without it coming back."""
+        result = self.will(agent_id)
+        self.clock.advance(self.settings.agent_grace_s)
+        self.published.extend(self.engine.check_suspects())
+        return result
 
     def submit(self, body: dict[str, Any] | None = None, request_id: str | None = None) -> str:
         request = ProjectRequest(
@@ -138,8 +145,8 @@ class EngineHarness:
         request = CancelRequest(request_id=f"c-{uuid.uuid4().hex[:12]}", reason=reason, ts=self.clock())
         return self._keep(self.engine.cancel(project_id, request.to_bytes(), None))
 
-    def report_raw(self, project_id: str, body: dict[str, Any]) -> Result:
-        return self._keep(self.engine.report(project_id, json.dumps(body).encode()))
+    def report_raw(self, agent_id: str, body: dict[str, Any]) -> Result:
+        return self._keep(self.engine.report(agent_id, json.dumps(body).encode()))
 
     def report(self, cmd: Command, kind: str, event_id: str | None = None, **fields: Any) -> Result:
         self._events += 1
@@ -152,7 +159,7 @@ class EngineHarness:
             "ts": self.clock(),
             **fields,
         }
-        return self.report_raw(cmd.project_id, body)
+        return self.report_raw(cmd.agent_id, body)
 
     def check_deadlines(self) -> list[OutboxItem]:
         items = self.engine.check_deadlines()

@@ -19,7 +19,7 @@ from typing import Any
 
 from flops import topics
 from flops.bus import Bus, BusOptions, Inbound
-from flops.messages import AgentStatus, Command, ProjectState, new_id
+from flops.messages import AgentStatus, Command, CommandReceipt, ProjectState, new_id
 from flops.settings import BrokerAddress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ class FakeWorkers:
             "kind": kind,
             **fields,
         }
-        self.bus.publish_wait(topics.project_reports(cmd.project_id), json.dumps(body).encode())
+        self.bus.publish_wait(topics.agent_reports(cmd.agent_id), json.dumps(body).encode())
         return event_id
 
     def publish_raw(self, topic: str, payload: bytes) -> None:
@@ -138,6 +138,10 @@ class FakeWorkers:
                 first = self.delivered[cmd.command_id] == 1
                 if first:
                     self.all_commands.append(cmd)
+            # Like a real agent: the command is recorded, so the manager stops re-sending it.
+            self.bus.publish(
+                topics.agent_receipts(cmd.agent_id), CommandReceipt(command_ids=[cmd.command_id]).to_bytes()
+            )
             if not first:
                 continue  # deduplicated by command_id: a redelivery is not acted on again
             self.commands.put(cmd)

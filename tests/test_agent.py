@@ -30,7 +30,7 @@ def _reports(bus: Bus, want: int, timeout: float = 30.0) -> list[dict]:
 
 @pytest.fixture
 def listener(broker):
-    bus = Bus(broker, BusOptions(client_id=new_id("t-reports"), subscriptions=[topics.ALL_REPORTS])).connect()
+    bus = Bus(broker, BusOptions(client_id=new_id("t-reports"), subscriptions=[topics.ALL_AGENT_REPORTS])).connect()
     yield bus
     bus.close()
 

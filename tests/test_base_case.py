@@ -13,107 +13,29 @@ import signal
 import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from flops import topics
-from flops.bus import Bus, BusOptions
 from flops.data.mock import load_dataset, push_partitions, split_iid
-from flops.data.ops import mock
-from flops.demo import EXAMPLE_REPO, EXAMPLE_SLA, example_repo
-from flops.messages import ProjectState, new_id
+from flops.demo import EXAMPLE_REPO
+from flops.messages import ProjectState
 from flops.settings import BrokerAddress
-from tests.base_support import (
-    ProjectFeed,
-    find_process,
-    free_port_range,
-    project_processes,
-    wait_no_processes,
-)
-from tests.support import AgentProc, ManagerProcess, make_git_repo
+from tests.base_support import find_process, project_processes, wait_no_processes
+from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, running_fleet
+from tests.support import AgentProc, make_git_repo
 
-LEARNERS = ("node-0", "node-1", "node-2")
 SERVE = "flops.runtime.serve"
 FIRST_PROJECT_TIMEOUT = 300.0  # includes the cold runtime-base build
-PROJECT_TIMEOUT = 120.0
-CLEANUP_TIMEOUT = 40.0  # stop_project is asynchronous: SIGTERM, up to 10 s grace, then SIGKILL
-
-
-@dataclass
-class Fleet:
-    broker: BrokerAddress
-    tmp: Path
-    feed: ProjectFeed
-    manager: ManagerProcess
-    agents: dict[str, AgentProc]
-    rows: dict[str, int]  # rows of digits pushed to each agent
-    repo_url: str
-    extra_agents: list[AgentProc] = field(default_factory=list)
-
-    def sla(self, repo_url: str | None = None, *, post_training: bool = False, **training: Any) -> dict[str, Any]:
-        """The demo's project request (examples/projects/digits.json) for this fleet."""
-        body = json.loads(EXAMPLE_SLA.read_text())
-        body["ml_repo_url"] = repo_url or self.repo_url
-        tc = body["training_configuration"]
-        tc.update(min_available_clients=3, min_fit_clients=3, min_evaluate_clients=3)
-        deadlines = training.pop("deadlines", None)
-        tc.update(training)
-        if deadlines:
-            body["deadlines"] = deadlines
-        if not post_training:
-            body["post_training_steps"] = []
-        return body
-
-    def run(self, body: dict[str, Any], timeout: float = PROJECT_TIMEOUT) -> tuple[str, ProjectState]:
-        project_id = self.feed.submit(body)
-        return project_id, self.feed.wait_finished(project_id, timeout)
-
-    def work_dir(self, agent_id: str, project_id: str, command_id: str) -> Path:
-        return self.agents[agent_id].home / "work" / project_id / command_id
 
 
 @pytest.fixture(scope="module")
 def fleet(broker: BrokerAddress, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    tmp = tmp_path_factory.mktemp("base_case")
-    feed = ProjectFeed(broker)
-    ports = free_port_range()
-    manager = ManagerProcess(broker, tmp / "manager", {"FLOPS_AGGREGATOR_PORTS": json.dumps(ports)})
-    agents = {
-        agent_id: AgentProc(
-            agent_id, tmp / "agents" / agent_id, "learner,builder,aggregator,serve" if i == 0 else "learner", broker
-        )
-        for i, agent_id in enumerate(LEARNERS)
-    }
-    fleet = Fleet(broker, tmp, feed, manager, agents, {}, example_repo(tmp))
-    try:
-        manager.start()
-        for agent in agents.values():
-            agent.start()
-        statuses = feed.wait_agents(list(LEARNERS))
-        pushed = mock("digits", len(LEARNERS), "digits", [statuses[a].data_server for a in LEARNERS])
-        fleet.rows = {a: row["rows"] for a, row in zip(LEARNERS, pushed, strict=True)}
-        feed.wait_agents(list(LEARNERS), tag="digits")
+    with running_fleet(broker, tmp_path_factory.mktemp("base_case")) as fleet:
         yield fleet
-    finally:
-        for agent in [*fleet.extra_agents, *agents.values()]:
-            agent.stop()
-        manager.stop()
-        _clear_retained(broker, [a.agent_id for a in [*fleet.extra_agents, *agents.values()]])
-        feed.close()
-    # With its agents stopped, nothing of any project runs any more, model servers included.
-    for project_id in list(feed.projects):
-        wait_no_processes(project_id, timeout=CLEANUP_TIMEOUT)
-
-
-def _clear_retained(broker: BrokerAddress, agent_ids: list[str]) -> None:
-    """Remove our agents' retained statuses so later test modules start with an empty fleet."""
-    with Bus(broker, BusOptions(client_id=new_id("test-clear"))) as bus:
-        for agent_id in agent_ids:
-            bus.publish_wait(topics.agent_status(agent_id), b"", retain=True)
 
 
 @dataclass

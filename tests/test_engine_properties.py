@@ -102,19 +102,21 @@ class Run:
         base = {"event_id": eid, "source": "stale-worker", "ts": 0.0}
         if kind == "stale_build":
             body = {**base, "project_id": self.pid, "command_id": f"{self.pid}.99.build", "kind": "build.succeeded"}
-            self.h.report_raw(self.pid, {**body, "artifact": {"ref": "env://stale"}})
+            self.h.report_raw("stale-worker", {**body, "artifact": {"ref": "env://stale"}})
         elif kind == "stale_training":
             body = {**base, "project_id": self.pid, "command_id": f"{self.pid}.98.run_aggregator"}
-            self.h.report_raw(self.pid, {**body, "kind": "training.succeeded", "best_round": 1, "model_ref": "/x"})
+            self.h.report_raw(
+                "stale-worker", {**body, "kind": "training.succeeded", "best_round": 1, "model_ref": "/x"}
+            )
         elif kind == "unknown_project":
             body = {**base, "project_id": "p-ghost", "command_id": "p-ghost.1.build", "kind": "build.started"}
-            self.h.report_raw("p-ghost", body)
+            self.h.report_raw("stale-worker", body)
         elif kind == "finished_project":
             body = {**base, "project_id": self.done, "command_id": f"{self.done}.2.run_learner"}
-            self.h.report_raw(self.done, {**body, "kind": "learner.ready", "agent_id": "learner-0"})
+            self.h.report_raw("stale-worker", {**body, "kind": "learner.ready", "agent_id": "learner-0"})
         elif kind == "unpicked_learner":
             body = {**base, "project_id": self.pid, "command_id": f"{self.pid}.97.run_learner"}
-            self.h.report_raw(self.pid, {**body, "kind": "learner.ready", "agent_id": "extra"})
+            self.h.report_raw("stale-worker", {**body, "kind": "learner.ready", "agent_id": "extra"})
         else:  # pragma: no cover
             raise AssertionError(kind)
 

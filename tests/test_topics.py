@@ -15,9 +15,11 @@ BUILDERS: list[tuple[Callable[..., str], tuple[str, ...], str, tuple[str, str | 
     (topics.project_state, ("p-1",), "flops/v1/projects/p-1/state", ("state", "p-1")),
     (topics.project_events, ("p-1",), "flops/v1/projects/p-1/events", ("events", "p-1")),
     (topics.project_cancel, ("p-1",), "flops/v1/projects/p-1/cancel", ("cancel", "p-1")),
-    (topics.project_reports, ("p-1",), "flops/v1/projects/p-1/reports", ("reports", "p-1")),
     (topics.agent_status, ("node-a",), "flops/v1/agents/node-a/status", ("agent_status", "node-a")),
     (topics.agent_commands, ("node-a",), "flops/v1/agents/node-a/commands", ("agent_commands", "node-a")),
+    (topics.agent_reports, ("node-a",), "flops/v1/agents/node-a/reports", ("agent_reports", "node-a")),
+    (topics.agent_receipts, ("node-a",), "flops/v1/agents/node-a/receipts", ("agent_receipts", "node-a")),
+    (topics.agent_acks, ("node-a",), "flops/v1/agents/node-a/acks", ("agent_acks", "node-a")),
     (topics.manager_status, (), "flops/v1/manager/status", ("unknown", None)),
     (topics.errors, (), "flops/v1/errors", ("unknown", None)),
 ]
@@ -43,7 +45,8 @@ def test_parse_reads_back_what_the_builder_built(builder, args, _expected, parse
     ("wildcard", "expected"),
     [
         (topics.ALL_CANCELS, "flops/v1/projects/+/cancel"),
-        (topics.ALL_REPORTS, "flops/v1/projects/+/reports"),
+        (topics.ALL_AGENT_REPORTS, "flops/v1/agents/+/reports"),
+        (topics.ALL_AGENT_RECEIPTS, "flops/v1/agents/+/receipts"),
         (topics.ALL_AGENT_STATUS, "flops/v1/agents/+/status"),
         (topics.ALL_PROJECT_STATES, "flops/v1/projects/+/state"),
     ],
@@ -56,7 +59,8 @@ def test_subscription_wildcards(wildcard: str, expected: str) -> None:
     ("builder", "concrete"),
     [
         (topics.ALL_CANCELS, topics.project_cancel("p-9")),
-        (topics.ALL_REPORTS, topics.project_reports("p-9")),
+        (topics.ALL_AGENT_REPORTS, topics.agent_reports("a-9")),
+        (topics.ALL_AGENT_RECEIPTS, topics.agent_receipts("a-9")),
         (topics.ALL_AGENT_STATUS, topics.agent_status("a-9")),
         (topics.ALL_PROJECT_STATES, topics.project_state("p-9")),
     ],
@@ -87,7 +91,8 @@ def test_ordinary_ids_pass_unchanged(ok: str) -> None:
         "other/v1/projects/p-1/state",
         "flops/v1/projects/p-1/unknown",
         "flops/v1/projects/p-1/state/extra",
-        "flops/v1/agents/a-1/reports",
+        "flops/v1/projects/p-1/reports",  # reports moved to the sending agent's own topic
+        "flops/v1/agents/a-1/reports/extra",
         "flops/v1/projects/requests/r-1/answer",
         "flops/v1/projects",
         "flops/v1",
