@@ -43,7 +43,9 @@ class Client:
         raise TimedOut("reply from the manager (is `flops manager` running?)", timeout)
 
     def submit(self, sla: ProjectSLA, *, timeout: float = 15.0, request_id: str | None = None) -> Reply:
-        request = ProjectRequest(request_id=request_id or new_id("r"), sla=sla)
+        return self.send(ProjectRequest(request_id=request_id or new_id("r"), sla=sla), timeout=timeout)
+
+    def send(self, request: ProjectRequest, *, timeout: float = 15.0) -> Reply:
         return self._request(topics.requests(), request.request_id, request.to_bytes(), timeout)
 
     def submit_raw(self, payload: bytes, request_id: str, *, timeout: float = 15.0) -> Reply:

@@ -23,6 +23,7 @@ from flops.bus import Bus, BusOptions, Inbound, Will
 from flops.engine import Engine, Result
 from flops.errors import PublishFailed
 from flops.hooks import Internal
+from flops.messages import FieldError
 from flops.settings import BrokerAddress, Settings
 from flops.store import OutboxItem, Store
 
@@ -137,6 +138,10 @@ class Manager:
         if len(item.payload) > self.settings.max_payload_bytes:
             kind, ident = topics.parse(item.topic)
             reason = f"payload of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
+            if kind == "requests":
+                size = f"request of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
+                errors = [FieldError(field="payload", message=size)]
+                return self.engine.refuse(item.payload, item.response_topic, errors, size)
             if kind in {"reports", "cancel"} and ident:
                 return self.engine.reject_for(ident, reason, None)
             return self.engine.error(item.topic, reason)
