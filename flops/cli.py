@@ -16,7 +16,7 @@ from rich.table import Table
 from flops import logs
 from flops.errors import FlopsError
 from flops.lifecycle_stages import Outcome, Stage
-from flops.messages import ProjectEvent, ProjectState, describe
+from flops.messages import ProjectEvent, ProjectRequest, ProjectState, describe, new_id, too_deep
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 
@@ -183,18 +183,30 @@ def project_submit(
     settings = _settings(ctx)
     out = Console()
     try:
-        raw = json.loads(file.read_text())
+        data = file.read_bytes()
+        # Measured before parsing: a deeply nested file would exhaust json's recursion.
+        deep = too_deep(data)
+        raw = None if deep else json.loads(data)
     except (OSError, ValueError) as exc:
         Console(stderr=True).print(f"[red]cannot read {file}:[/] {exc}")
         raise typer.Exit(1) from None
+    if deep is not None:
+        _print_errors([(deep.field, deep.message)], as_json)
+        raise typer.Exit(1)
     sla_data = raw.get("sla", raw) if isinstance(raw, dict) else raw
     try:
         sla = ProjectSLA.model_validate(sla_data)
     except ValidationError as exc:
         _print_errors([(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()], as_json)
         raise typer.Exit(1) from None
+    request = ProjectRequest(request_id=new_id("r"), sla=sla)
+    size = len(request.to_bytes())
+    if size > settings.max_payload_bytes:
+        # The manager would refuse it too; say so without a round trip.
+        _print_errors([("payload", f"request of {size} bytes exceeds {settings.max_payload_bytes}")], as_json)
+        raise typer.Exit(1)
     with _errors(), Client(settings.broker()) as client:
-        reply = client.submit(sla, timeout=timeout)
+        reply = client.send(request, timeout=timeout)
     if reply.errors:
         _print_errors([(e.field, e.message) for e in reply.errors], as_json)
         raise typer.Exit(1)

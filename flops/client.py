@@ -43,7 +43,9 @@ class Client:
         raise TimedOut("reply from the manager (is `flops manager` running?)", timeout)
 
     def submit(self, sla: ProjectSLA, *, timeout: float = 15.0, request_id: str | None = None) -> Reply:
-        request = ProjectRequest(request_id=request_id or new_id("r"), sla=sla)
+        return self.send(ProjectRequest(request_id=request_id or new_id("r"), sla=sla), timeout=timeout)
+
+    def send(self, request: ProjectRequest, *, timeout: float = 15.0) -> Reply:
         return self._request(topics.requests(), request.request_id, request.to_bytes(), timeout)
 
     def submit_raw(self, payload: bytes, request_id: str, *, timeout: float = 15.0) -> Reply:
@@ -84,7 +86,8 @@ class Client:
         raise TimedOut(f"retained messages under {wildcard}", timeout)
 
     def follow(self, project_id: str, *, timeout: float) -> Iterator[ProjectState | ProjectEvent]:
-        """States and events of one project until it is finished (or ``timeout`` passes).
+        """States and events of one project until it is finished (or ``timeout`` passes). An event whose
+        ``seq`` was already yielded (the manager re-publishes its outbox after a crash) is skipped.
 
         NotFound when the broker holds no state for it (allowing two seconds for one submitted just now).
         """
@@ -93,6 +96,7 @@ class Client:
         marker = self._marker()
         deadline = time.monotonic() + timeout
         seen_state = False
+        seen_seqs: set[int] = set()
         unknown_after: float | None = None
         while (left := deadline - time.monotonic()) > 0:
             if unknown_after is not None and not seen_state and time.monotonic() > unknown_after:
@@ -107,7 +111,10 @@ class Client:
             elif not message.payload:
                 continue
             elif message.topic == events_topic:
-                yield ProjectEvent.model_validate_json(message.payload)
+                event = ProjectEvent.model_validate_json(message.payload)
+                if event.seq not in seen_seqs:
+                    seen_seqs.add(event.seq)
+                    yield event
             elif message.topic == state_topic:
                 state = ProjectState.model_validate_json(message.payload)
                 seen_state = True

@@ -7,7 +7,6 @@ The service (:mod:`flops.manager`) feeds it from the bus and publishes what it r
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from flops.messages import (
     describe,
     field_errors,
     new_id,
+    peek_request_id,
+    too_deep,
 )
 from flops.settings import Settings
 from flops.sla import ProjectSLA
@@ -189,22 +190,23 @@ class Engine:
 
     def request(self, payload: bytes, reply_to: str | None) -> Result:
         """A project request: validate, create, reply (or reply with field errors)."""
+        deep = too_deep(payload)
+        if deep is not None:
+            return self.refuse(payload, reply_to, [deep], f"invalid request: {deep.field}: {deep.message}")
         try:
             request = ProjectRequest.model_validate_json(payload)
         except ValidationError as exc:
-            request_id = _peek_request_id(payload)
-            errors = field_errors(exc)
-            topic = reply_to or (topics.request_reply(request_id) if request_id else None)
-            if topic is None:
-                return self.error(topics.requests(), f"invalid request: {describe(exc)}")
-            reply = Reply(request_id=request_id or "?", errors=errors)
-            with self.store.unit() as unit:
-                items = unit.enqueue([OutboxItem(f"reply:{new_id('r')}", topic, reply.to_bytes())])
-            return Result("reject", describe(exc), outbox=items)
+            return self.refuse(payload, reply_to, field_errors(exc), f"invalid request: {describe(exc)}")
         topic = reply_to or topics.request_reply(request.request_id)
         dedup = f"req:{request.request_id}"
         with self.store.unit() as unit:
             existing = unit.seen(dedup)
+            stored = unit.get(existing) if existing is not None else None
+            if stored is not None and stored.sla != request.sla.model_dump(mode="json", by_alias=True):
+                reason = f"request id {request.request_id} was already used for project {existing} with another SLA"
+                reply = Reply(request_id=request.request_id, errors=[FieldError(field="request_id", message=reason)])
+                items = unit.enqueue([OutboxItem(f"reply:{new_id('r')}", topic, reply.to_bytes())])
+                return Result("reject", reason, existing, items)
             if existing is not None:
                 reply = Reply(request_id=request.request_id, project_id=existing, duplicate=True)
                 items = unit.enqueue([OutboxItem(f"reply:{request.request_id}", topic, reply.to_bytes())])
@@ -235,6 +237,19 @@ class Engine:
         result = self._in_unit(project, None, create, created=True)
         result.project_id = project_id
         return result
+
+    def refuse(self, payload: bytes, reply_to: str | None, errors: list[FieldError], reason: str) -> Result:
+        """A request refused before it could be read: field errors on its reply topic (the MQTT 5 response
+        topic, else the one its request id names), or on the error topic when neither is known."""
+        request_id = peek_request_id(payload)
+        topic = reply_to or (topics.request_reply(request_id) if request_id else None)
+        if topic is None:
+            return self.error(topics.requests(), reason)
+        reply = Reply(request_id=request_id or "?", errors=errors)
+        with self.store.unit() as unit:
+            items = unit.enqueue([OutboxItem(f"reply:{new_id('r')}", topic, reply.to_bytes())])
+        log.warning("request refused", request_id=request_id, reason=reason)
+        return Result("reject", reason, outbox=items)
 
     def cancel(self, project_id: str, payload: bytes, reply_to: str | None) -> Result:
         try:
@@ -606,16 +621,3 @@ class Engine:
         with self.store.unit() as unit:
             items = unit.enqueue([OutboxItem(f"err:{new_id('e')}", topics.errors(), ev.to_bytes())])
         return Result("reject", reason, None, items)
-
-
-def _peek_request_id(payload: bytes) -> str | None:
-    """The request id of an invalid request, if one can be read, so the error reaches its sender."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    value = data.get("request_id") if isinstance(data, dict) else None
-    try:
-        return topics._segment(value) if isinstance(value, str) and len(value) <= 128 else None
-    except ValueError:
-        return None

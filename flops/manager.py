@@ -28,7 +28,7 @@ from flops.engine import Engine, Result
 from flops.errors import PublishFailed, StoreError
 from flops.hooks import Internal
 from flops.intake import FairIntake
-from flops.messages import CommandReceipt, ErrorEvent, ReportAck, describe
+from flops.messages import CommandReceipt, ErrorEvent, FieldError, ReportAck, describe
 from flops.settings import BrokerAddress, Settings
 from flops.store import OutboxItem, Store
 
@@ -185,6 +185,10 @@ class Manager:
         kind, ident = topics.parse(item.topic)
         if len(item.payload) > self.settings.max_payload_bytes:
             reason = f"payload of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
+            if kind == "requests":
+                size = f"request of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
+                errors = [FieldError(field="payload", message=size)]
+                return self.engine.refuse(item.payload, item.response_topic, errors, size)
             if kind == "cancel" and ident:
                 return self.engine.reject_for(ident, reason, None)
             return self.engine.error(item.topic, reason)
@@ -258,8 +262,9 @@ class Manager:
                 on_acked=on_acked,
                 on_refused=lambda reason, i=item: self._refused.append((i, reason)),
             )
-        except PublishFailed:
-            # Still in the outbox; re-published at the next start or fresh session.
+        except (PublishFailed, ValueError):
+            # Still in the outbox; re-published at the next start or fresh session. (paho raises ValueError for
+            # a topic it cannot publish to, e.g. a requester's response topic with wildcards.)
             log.exception("publish failed; left in the outbox", topic=item.topic)
             return
         if command:

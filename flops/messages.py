@@ -6,6 +6,8 @@ pydantic's field-level text, never a ``KeyError`` deep inside a handler.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -292,3 +294,49 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
 
 def describe(exc: ValidationError) -> str:
     return "; ".join(f"{e.field}: {e.message}" for e in field_errors(exc))
+
+
+# --- raw payloads ------------------------------------------------------------------------------------
+
+MAX_DEPTH = 32
+"""How deep a request's JSON may nest (an SLA needs 4 levels); deeper is refused before it is parsed."""
+PEEK_BYTES = 4096
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:\-]{1,128})"')
+
+
+def too_deep(payload: bytes, limit: int = MAX_DEPTH) -> FieldError | None:
+    """A field error when the JSON in ``payload`` nests deeper than ``limit``, else None.
+
+    A scan of the raw bytes (strings skipped, brackets counted), so a payload that would exhaust a
+    recursive parser is measured without parsing it. The field is the top-level key the nesting is under.
+    """
+    depth = 0
+    key: bytes | None = None
+    for match in _TOKENS.finditer(payload):
+        token = match.group()
+        if token[:1] == b'"':
+            if depth == 1:
+                key = token
+        elif token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return FieldError(field=_key_name(key), message=f"nested deeper than {limit} levels")
+        else:
+            depth -= 1
+    return None
+
+
+def _key_name(token: bytes | None) -> str:
+    try:
+        name = json.loads(token) if token else None
+    except ValueError:
+        name = None
+    return name if isinstance(name, str) and name else "payload"
+
+
+def peek_request_id(payload: bytes) -> str | None:
+    """The ``request_id`` of a request that cannot be read in full (invalid, too deep, too large), found
+    in its first :data:`PEEK_BYTES`, so the refusal still reaches its sender's reply topic."""
+    match = _REQUEST_ID.search(payload[:PEEK_BYTES])
+    return match.group(1).decode() if match else None

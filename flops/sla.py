@@ -8,9 +8,18 @@ keys and nonsense values are refused with a field-level message. Extensions of o
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from flops.lifecycle_stages import Stage
 
@@ -47,7 +56,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
-Positive = Annotated[int, Field(ge=1)]
+# Strict: "3" and 2.0 are refused, as the README promises for wrong types (pydantic would coerce them).
+Positive = Annotated[int, Field(ge=1, strict=True)]
 # Tags name files ``<tag>.<md5>.parquet``: a "." could never match and a "," breaks tag lists.
 DataTag = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")]
 
@@ -56,7 +66,7 @@ class TrainingConfiguration(_Strict):
     mode: TrainingMode = TrainingMode.CLASSIC
     data_tags: list[DataTag] = []
     training_cycles: Positive = 1
-    training_rounds: Annotated[int, Field(ge=1, le=10_000)] = 3
+    training_rounds: Annotated[int, Field(ge=1, le=10_000, strict=True)] = 3
     min_available_clients: Positive = 1
     min_fit_clients: Positive = 1
     min_evaluate_clients: Positive = 1
@@ -88,15 +98,26 @@ class TrainingConfiguration(_Strict):
     @field_validator("data_tags")
     @classmethod
     def _unique_tags(cls, tags: list[str]) -> list[str]:
+        # An omitted data_tags (the original's data-free SLAs) is the default and is not validated.
+        if not tags:
+            raise ValueError("give at least one data tag, or leave data_tags out")
         if len(set(tags)) != len(tags):
             raise ValueError("data_tags must not repeat a tag")
         return tags
 
+    @model_serializer(mode="wrap")
+    def _omit_no_tags(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Stored SLAs are validated again at boot: an omitted data_tags must stay omitted, not become [].
+        data: dict[str, Any] = handler(self)
+        if not self.data_tags:
+            data.pop("data_tags", None)
+        return data
+
 
 class ResourceConstraints(_Strict):
-    memory: Annotated[int, Field(ge=1, description="MiB")] = 100
-    vcpus: Annotated[int, Field(ge=1)] = 1
-    storage: Annotated[int, Field(ge=0, description="MiB")] = 0
+    memory: Annotated[int, Field(ge=1, strict=True, description="MiB")] = 100
+    vcpus: Annotated[int, Field(ge=1, strict=True)] = 1
+    storage: Annotated[int, Field(ge=0, strict=True, description="MiB")] = 0
 
 
 class ProjectSLA(_Strict):

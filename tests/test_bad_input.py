@@ -16,7 +16,7 @@ from flops.client import Client
 from flops.messages import new_id
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
-from tests.support import FakeWorkers, ManagerProcess, make_git_repo, sla
+from tests.support import FakeWorkers, ManagerProcess, cli, make_git_repo, sla
 
 
 class Listener:
@@ -135,3 +135,54 @@ def test_bad_agent_status_is_rejected_and_ignored(
     listener.bus.publish_wait(topics.agent_status("weird"), b'{"agent_id": "weird", "online": "maybe"}')
     listener.expect("errors", "invalid agent status")
     _still_answers(broker, tmp_path)
+
+
+def _reply_errors(reply: dict) -> dict[str, str]:
+    return {e["field"]: e["message"] for e in reply.get("errors") or []}
+
+
+def test_oversize_request_is_answered_on_its_reply_topic(broker, manager: ManagerProcess, listener: Listener) -> None:
+    body = {"request_id": "r-oversize", "sla": sla("file:///x") | {"customerID": "x" * (300 * 1024)}}
+    listener.bus.publish_wait(topics.requests(), json.dumps(body).encode())
+    errors = _reply_errors(listener.expect("r-oversize/reply", "exceeds"))
+    assert "exceeds 262144" in errors["payload"], errors
+
+
+def test_deeply_nested_request_is_answered_on_its_response_topic(
+    broker, manager: ManagerProcess, listener: Listener, tmp_path: Path
+) -> None:
+    # The MQTT 5 response topic wins over the default reply topic when the sender names one.
+    response_topic = f"{topics.PREFIX}/tests/{new_id('t')}/reply"
+    listener.bus.subscribe([response_topic])
+    payload = b'{"request_id": "r-deep", "sla": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    listener.bus.publish(topics.requests(), payload, response_topic=response_topic)
+    errors = _reply_errors(listener.expect(response_topic, "nested deeper"))
+    assert errors["sla"].startswith("nested deeper than"), errors
+    _still_answers(broker, tmp_path)
+
+
+def test_reused_request_id_with_another_sla_is_refused(broker, manager: ManagerProcess, tmp_path: Path) -> None:
+    first = ProjectSLA.model_validate(sla("file:///nowhere"))
+    other = ProjectSLA.model_validate(sla("file:///elsewhere"))
+    with Client(broker) as client:
+        created = client.submit(first, request_id="r-reused", timeout=10)
+        again = client.submit(first, request_id="r-reused", timeout=10)
+        refused = client.submit(other, request_id="r-reused", timeout=10)
+    assert created.project_id and not created.errors
+    assert again.duplicate and again.project_id == created.project_id
+    assert refused.project_id is None
+    assert refused.errors and refused.errors[0].field == "request_id", refused
+    assert created.project_id in refused.errors[0].message
+
+
+def test_cli_refuses_oversize_and_deep_files_before_publishing(broker, tmp_path: Path) -> None:
+    # No manager runs: the CLI must answer by itself, with field errors and exit 1, never a traceback.
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(sla("file:///x", data_tags=[f"tag{i:06d}" for i in range(30_000)])))
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"sla": ' + "[" * 5000 + "]" * 5000 + "}")
+    for path, text in ((big, "exceeds 262144"), (deep, "nested deeper than")):
+        result = cli(broker, "project", "submit", str(path), "--timeout", "2")
+        assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+        assert text in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr

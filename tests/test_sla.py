@@ -176,6 +176,12 @@ NONSENSE: list[tuple[str, dict[str, Any], str, str]] = [
     ("week-long deadline", _top(deadlines={"builder": 8 * 24 * 3600}), "deadlines.builder", "less than"),
     ("empty customer", _top(customerID=""), "customerID", "at least 1"),
     ("rounds as text", _tc(training_rounds="many"), "training_configuration.training_rounds", "integer"),
+    ("rounds as a numeric string", _tc(training_rounds="3"), "training_configuration.training_rounds", "integer"),
+    ("rounds as a float", _tc(training_rounds=2.0), "training_configuration.training_rounds", "integer"),
+    ("clients as a string", _tc(min_fit_clients="2"), "training_configuration.min_fit_clients", "integer"),
+    ("memory as a float", _top(resource_constraints={"memory": 100.0}), "resource_constraints.memory", "integer"),
+    ("vcpus as a string", _top(resource_constraints={"vcpus": "1"}), "resource_constraints.vcpus", "integer"),
+    ("no data tags", _tc(data_tags=[]), "training_configuration.data_tags", "at least one data tag"),
 ]
 
 
@@ -207,3 +213,19 @@ def test_deadlines_override_known_stages() -> None:
 @pytest.mark.parametrize("url", ["git@github.com:x/y.git", "ssh://git@h/x", "file:///tmp/r", "/abs/repo", "./rel"])
 def test_repo_url_forms_users_write(url: str) -> None:
     assert ProjectSLA.model_validate(_top(ml_repo_url=url)).ml_repo_url == url
+
+
+@pytest.mark.parametrize("value", ['"3"', "2.0"])
+def test_json_integers_are_strict(value: str) -> None:
+    body = json.dumps(_base()).replace('"training_rounds": 3', f'"training_rounds": {value}')
+    with pytest.raises(ValidationError) as caught:
+        ProjectSLA.model_validate_json(body)
+    assert [e.field for e in field_errors(caught.value)] == ["training_configuration.training_rounds"]
+
+
+def test_sla_without_data_tags_survives_the_store_round_trip() -> None:
+    # Leaving data_tags out (the original's data-free SLAs) stays allowed, also once the manager stored it.
+    body = _base()
+    del body["training_configuration"]["data_tags"]
+    sla = ProjectSLA.model_validate(body)
+    assert ProjectSLA.model_validate(sla.model_dump(mode="json", by_alias=True)) == sla

@@ -46,6 +46,22 @@ def _git(args: list[str | Path], *, timeout_s: float, cwd: Path | None = None) -
     return run(git, args, timeout_s=timeout_s, cwd=cwd, env=git_env())
 
 
+def git_message(output: str, limit: int = 300) -> str:
+    """git's own words from a failed call, trimmed for a one-line reason: its fatal/error/remote lines
+    ("repository not found", "Could not resolve host"), else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    said = [line for line in lines if line.lower().startswith(("fatal:", "error:", "remote:"))] or lines[-1:]
+    text = "; ".join(said)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failed(what: str, exc: CommandFailed) -> RepoError:
+    """A RepoError whose reason says what failed and, after a colon, what git said about it."""
+    said = "" if exc.timed_out else git_message(exc.output)
+    reason = f"{what} {'timed out' if exc.timed_out else 'failed'}" + (f": {said}" if said else "")
+    return RepoError(reason, tail(exc.output))
+
+
 def local_path(url: str) -> Path | None:
     """The directory a `file://` URL or plain path names, or None for a remote URL."""
     if url.startswith("file://"):
@@ -72,8 +88,7 @@ def resolve_commit(url: str, ref: str | None = None, *, timeout_s: float = 60.0)
         else:
             sha = _resolve_remote(url, ref, timeout_s=timeout_s)
     except CommandFailed as exc:
-        what = "timed out" if exc.timed_out else "failed"
-        raise RepoError(f"resolving {ref or 'HEAD'} in {url} {what}", tail(exc.output)) from exc
+        raise _failed(f"resolving {ref or 'HEAD'} in {url}", exc) from exc
     log.debug("commit resolved", commit=sha)
     return sha
 
@@ -126,8 +141,7 @@ def checkout(url: str, commit: str, cache_dir: Path, *, timeout_s: float = 300.0
             if not (dest / ".git").is_dir():  # not a concurrent builder winning the race: a real error
                 raise
     except CommandFailed as exc:
-        what = "timed out" if exc.timed_out else "failed"
-        raise RepoError(f"fetching commit {commit} from {url} {what}", tail(exc.output)) from exc
+        raise _failed(f"fetching commit {commit} from {url}", exc) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +127,12 @@ class RoundTracker:
 
 
 def _errors(replies: Iterable[Message]) -> str:
-    reasons = [m.error.reason for m in replies if m.has_error()]
-    return "; ".join(reasons) if reasons else "no replies"
+    """The learners' error reasons, each distinct one once: learners running the same repo fail alike, and
+    a traceback repeated per learner buries the reason."""
+    reasons = Counter(m.error.reason for m in replies if m.has_error())
+    if not reasons:
+        return "no replies"
+    return "; ".join(f"from {n} learners: {r}" if n > 1 else r for r, n in reasons.items())
 
 
 class _Tracked:

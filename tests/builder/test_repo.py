@@ -30,6 +30,15 @@ def test_unknown_repo_or_ref_is_a_repo_error(make_repo: GitRepo, tmp_path: Path)
         resolve_commit(str(repo), "no-such-branch")
 
 
+def test_resolve_failure_reason_carries_gits_own_message(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RepoError) as caught:
+        resolve_commit(str(tmp_path / "plain"))
+    # The reason (what the project's failure shows) names git's error, not just "failed".
+    assert "not a git repository" in caught.value.reason
+    assert len(caught.value.reason) < 1000
+
+
 def test_checkout_is_pinned_reused_and_leaves_no_temp_dirs(make_repo: GitRepo, tmp_path: Path) -> None:
     _, old = make_repo({"a": "old"})
     repo, _ = make_repo({"a": "new"})

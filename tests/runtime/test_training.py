@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -231,3 +232,28 @@ def test_aggregator_fails_when_too_few_learners(tmp_path: Path) -> None:
     finally:
         aggregator.stop()
     assert _wait_no_processes(marker) == []
+
+
+class _ErrorReply:
+    """What the strategy hook reads from a learner's error reply (``has_error()``, ``error.reason``)."""
+
+    def __init__(self, reason: str) -> None:
+        self.error = type("E", (), {"reason": reason})()
+
+    def has_error(self) -> bool:
+        return True
+
+
+def test_identical_learner_failures_report_their_traceback_once() -> None:
+    from flops.runtime.reports import ReportWriter
+    from flops.runtime.training import RoundTracker, TrainingError
+
+    reason = (
+        "ValueError: boom\nTraceback (most recent call last):\n"
+        '  File "model_manager.py", line 9, in fit_model\nValueError: boom'
+    )
+    tracker = RoundTracker(ReportWriter(io.StringIO()))
+    with pytest.raises(TrainingError) as caught:
+        tracker.train_done(1, [_ErrorReply(reason), _ErrorReply(reason)], None)  # type: ignore[list-item]
+    assert str(caught.value).count("Traceback") == 1, str(caught.value)
+    assert "2 learners" in str(caught.value)
