@@ -136,7 +136,7 @@ class Engine:
         self.clock = clock
         self.resolver = resolver
         self.lifecycle = Lifecycle()
-        self.agents = AgentRegistry()
+        self.agents = AgentRegistry(max_agents=settings.max_agents)
         self.hooks: dict[Stage, StageHooks] = hooks_by_stage()
         # Aggregator ports unfinished projects hold, by agent: {agent_id: {project_id: port}}.
         self.ports: dict[str, dict[str, int]] = {}
@@ -332,7 +332,12 @@ class Engine:
             status = AgentStatus.model_validate_json(payload)
         except ValidationError as exc:
             return self.error("agents/status", f"invalid agent status: {describe(exc)}")
-        previous = self.agents.update(status)
+        registration = self.agents.update(status)
+        if not registration.accepted:
+            return self.error(topics.agent_status(status.agent_id), registration.refused or "refused")
+        if registration.evicted:
+            log.info("agent forgotten to make room", agent_id=registration.evicted)
+        previous = registration.previous
         if previous is not None and previous.model_copy(update={"ts": 0}) == status.model_copy(update={"ts": 0}):
             return Result("ignore", "status unchanged")
         out = Result("accept")
