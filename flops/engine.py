@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from flops import topics
+from flops import retention, topics
 from flops.agents import AgentRegistry
 from flops.hooks import Decision, Internal, StageHooks
 from flops.lifecycle import EDGES, Lifecycle, Project
@@ -380,6 +380,15 @@ class Engine:
                 ).outbox
             )
         return items
+
+    def prune(self, now: float | None = None, *, limit: int = 1000) -> list[OutboxItem]:
+        """Forget up to ``limit`` projects finished more than ``retention_days`` ago (and artifacts unused
+        as long); returns the committed outbox items that clear their retained states. Call it periodically."""
+        before = (self.clock() if now is None else now) - self.settings.retention_days * retention.DAY_S
+        pruned = retention.prune(self.store, before, limit=limit)
+        if pruned.projects or pruned.artifacts:
+            log.info("pruned", projects=len(pruned.projects), artifacts=len(pruned.artifacts))
+        return pruned.outbox
 
     # --- the one place a unit of work happens ----------------------------------------------------
 

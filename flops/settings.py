@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     deadline_check_interval_s: float = Field(0.5, gt=0)
+    retention_days: float = Field(30.0, gt=0, description="Finished projects and unused artifacts are forgotten")
     max_agents: int = Field(10_000, gt=0, description="Agents the manager keeps track of at most")
     aggregator_ports: tuple[int, int] = (19100, 19999)
     log_format: Literal["auto", "console", "json"] = "auto"
