@@ -62,6 +62,9 @@ class AgentConfig:
 
 
 class Agent:
+    # Command ids remembered for idempotency (a redelivery comes long before 10,000 newer commands).
+    KEEP_HANDLED = 10_000
+
     def __init__(self, config: AgentConfig, address: BrokerAddress, *, ca_file: str | None = None) -> None:
         self.config = config
         self.id = config.agent_id
@@ -473,17 +476,39 @@ class Agent:
 
     # --- idempotency and restart bookkeeping -----------------------------------------------------
 
-    def _load_handled(self) -> set[str]:
-        if not self._handled_path.exists():
-            return set()
-        return {line.strip() for line in self._handled_path.read_text().splitlines() if line.strip()}
+    def _load_handled(self) -> dict[str, None]:
+        """The last ``KEEP_HANDLED`` command ids handled, oldest first; compacts the file if it holds more."""
+        lines = []
+        if self._handled_path.exists():
+            lines = [line.strip() for line in self._handled_path.read_text().splitlines() if line.strip()]
+        handled = dict.fromkeys(lines[-self.KEEP_HANDLED :])
+        self._handled_lines = len(lines)
+        if len(lines) > len(handled):
+            self._rewrite_handled(handled)
+        return handled
 
     def _mark_handled(self, command_id: str) -> None:
-        self._handled.add(command_id)
+        self._handled[command_id] = None
+        if len(self._handled) > self.KEEP_HANDLED:
+            del self._handled[next(iter(self._handled))]
+        if self._handled_lines >= 2 * self.KEEP_HANDLED:
+            self._rewrite_handled(self._handled)
+            return
+        self._handled_lines += 1
         with self._handled_path.open("a") as fh:
             fh.write(command_id + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def _rewrite_handled(self, handled: dict[str, None]) -> None:
+        """Replace the file atomically: a crash leaves the old or the new one, never half of either."""
+        tmp = self._handled_path.with_name(self._handled_path.name + ".tmp")
+        with tmp.open("w") as fh:
+            fh.write("".join(f"{command_id}\n" for command_id in handled))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._handled_path)
+        self._handled_lines = len(handled)
 
     def _read_running(self) -> dict[str, dict[str, Any]]:
         try:

@@ -299,6 +299,59 @@ def project_cancel(
     Console().print(f"cancel accepted for {project_id}")
 
 
+@project_app.command("prune")
+def project_prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        float | None,
+        typer.Option(min=0, metavar="DAYS", help="Finished more than DAYS ago [default: FLOPS_RETENTION_DAYS]"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Forget finished projects (and cached artifacts unused as long): delete them from the manager's store
+    and clear their retained states on the broker. Running projects, and served models, are kept."""
+    import time
+
+    from flops.client import Client
+    from flops.retention import DAY_S, prune
+    from flops.store_sqlite import SQLiteStore
+
+    settings = _settings(ctx)
+    path = settings.store_path
+    if not path.exists():
+        Console(stderr=True).print(f"[red]no manager store at {path}[/] (--data-dir or FLOPS_DATA_DIR)", markup=False)
+        raise typer.Exit(1)
+    days = settings.retention_days if older_than is None else older_than
+    before = time.time() - days * DAY_S
+    projects: list[str] = []
+    artifacts: list[str] = []
+    limit = 1000
+    # Connected first: when the broker is out of reach nothing is pruned.
+    with _errors(), Client(settings.broker()) as client:
+        store = SQLiteStore(path, settings.sqlite_synchronous)
+        try:
+            while True:
+                # Committed with the outbox items that clear the retained states: if a publish fails, the
+                # manager publishes what is left at its next start.
+                pruned = prune(store, before, limit=limit)
+                for item in pruned.outbox:
+                    client.bus.publish_wait(item.topic, item.payload, retain=item.retain)
+                store.sent(pruned.outbox)
+                projects += pruned.projects
+                artifacts += pruned.artifacts
+                if len(pruned.projects) < limit and len(pruned.artifacts) < limit:
+                    break
+        finally:
+            store.close()
+    if as_json:
+        print(json.dumps({"older_than_days": days, "projects": projects, "artifacts": artifacts}))
+        return
+    out = Console()
+    out.print(f"pruned {len(projects)} projects and {len(artifacts)} cached artifacts older than {days:g} days")
+    for project_id in projects:
+        out.print(f"  {project_id}", markup=False)
+
+
 @app.command()
 def diagram() -> None:
     """Print the project stage diagram (Mermaid), rendered from the machine's stage table."""

@@ -7,6 +7,7 @@ The service (:mod:`flops.manager`) feeds it from the bus and publishes what it r
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from flops import topics
+from flops import retention, topics
 from flops.agents import AgentRegistry
 from flops.hooks import Decision, Internal, StageHooks
 from flops.lifecycle import EDGES, Lifecycle, Project
@@ -140,7 +141,7 @@ class Engine:
         self.clock = clock
         self.resolver = resolver
         self.lifecycle = Lifecycle()
-        self.agents = AgentRegistry()
+        self.agents = AgentRegistry(max_agents=settings.max_agents)
         self.hooks: dict[Stage, StageHooks] = hooks_by_stage()
         # Aggregator ports unfinished projects hold, by agent: {agent_id: {project_id: port}}.
         self.ports: dict[str, dict[str, int]] = {}
@@ -148,6 +149,9 @@ class Engine:
         # hint: a broker stopping gracefully publishes every client's will at once. An agent that has not
         # announced itself again within ``agent_grace_s`` is gone for its projects.
         self.suspects: dict[str, float] = {}
+        # (deadline_at, project_id), pushed whenever a deadline is set; an entry whose project finished or
+        # got another deadline since is skipped when popped. A check costs O(due), not O(live projects).
+        self._deadlines: list[tuple[float, str]] = []
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -178,13 +182,27 @@ class Engine:
         for project_id in list(self.lifecycle.projects):
             self.lifecycle.remove(project_id)
         self.ports.clear()
+        self._deadlines.clear()
         for record in self.store.unfinished():
             self._load(record)
 
     def _load(self, record: ProjectRecord) -> Project:
         project = Project(record=record, sla=ProjectSLA.model_validate(record.sla), on_change=self._on_change)
         self._track_port(project)
+        self._push_deadline(record)
         return self.lifecycle.add(project)
+
+    def _push_deadline(self, record: ProjectRecord) -> None:
+        if record.deadline_at is None:
+            return
+        heapq.heappush(self._deadlines, (record.deadline_at, record.project_id))
+        if len(self._deadlines) > 4 * len(self.lifecycle.projects) + 1024:
+            # Mostly superseded entries: rebuild from the live deadlines (amortised O(1) per push).
+            live = self.lifecycle.projects.values()
+            self._deadlines = [(p.record.deadline_at, p.project_id) for p in live if p.record.deadline_at is not None]
+            if record.project_id not in self.lifecycle.projects:
+                self._deadlines.append((record.deadline_at, record.project_id))
+            heapq.heapify(self._deadlines)
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -353,7 +371,11 @@ class Engine:
         if not status.online and (previous is None or not previous.online):
             # An offline status of an agent we never saw online changes nothing (and must not grow the registry).
             return Result("ignore", "agent already offline")
-        self.agents.update(status)
+        registration = self.agents.update(status)
+        if not registration.accepted:
+            return self.error(topic, registration.refused or "refused")
+        if registration.evicted:
+            log.info("agent forgotten to make room", agent_id=registration.evicted)
         if previous is not None and previous.model_copy(update={"ts": 0}) == status.model_copy(update={"ts": 0}):
             return Result("ignore", "status unchanged")
         if not status.online:
@@ -447,10 +469,11 @@ class Engine:
         """Fail every project whose current stage ran past its deadline."""
         now = self.clock()
         items: list[OutboxItem] = []
-        for project in list(self.lifecycle.projects.values()):
-            deadline = project.record.deadline_at
-            if deadline is None or now < deadline:
-                continue
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, project_id = heapq.heappop(self._deadlines)
+            project = self.lifecycle.projects.get(project_id)
+            if project is None or project.record.deadline_at != deadline:
+                continue  # finished, or in another stage with another deadline, since this entry was pushed
             stage = project.stage
             seconds = self._deadline(project.sla, stage)
             reason = f"timed out in {stage.value} after {seconds:g} s"
@@ -462,6 +485,15 @@ class Engine:
                 ).outbox
             )
         return items
+
+    def prune(self, now: float | None = None, *, limit: int = 1000) -> list[OutboxItem]:
+        """Forget up to ``limit`` projects finished more than ``retention_days`` ago (and artifacts unused
+        as long); returns the committed outbox items that clear their retained states. Call it periodically."""
+        before = (self.clock() if now is None else now) - self.settings.retention_days * retention.DAY_S
+        pruned = retention.prune(self.store, before, limit=limit)
+        if pruned.projects or pruned.artifacts:
+            log.info("pruned", projects=len(pruned.projects), artifacts=len(pruned.artifacts))
+        return pruned.outbox
 
     # --- the one place a unit of work happens ----------------------------------------------------
 
@@ -541,6 +573,7 @@ class Engine:
         record.timestamps[f"{dest.value}_at"] = now
         seconds = self._deadline(project.sla, dest)
         record.deadline_at = None if seconds is None else now + seconds
+        self._push_deadline(record)
         if dest is Stage.FINISHED:
             record.outcome = _OUTCOMES[trigger]
             record.reason = str(data.get("reason") or record.outcome.value)

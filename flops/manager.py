@@ -37,6 +37,8 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 BATCH_MAX = 512
+# Finished projects past the retention are forgotten in rounds (at most 1,000 per round) this often.
+PRUNE_EVERY_S = 300.0
 SUBSCRIPTIONS = [
     topics.requests(),
     topics.ALL_CANCELS,
@@ -85,6 +87,7 @@ class Manager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._booted = False
+        self._next_prune = 0.0
         self.ready = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -167,6 +170,9 @@ class Manager:
                         out.extend(self.engine.check_deadlines())
                         out.extend(self.engine.check_suspects())
                         self.store.sent(self.delivery.expired())
+                        if time.monotonic() >= self._next_prune:
+                            out.extend(self.engine.prune())
+                            self._next_prune = time.monotonic() + PRUNE_EVERY_S
                 return out, acks
             except Exception:
                 # Broken infrastructure (disk full, database locked): nothing of this batch committed.

@@ -5,6 +5,9 @@ cache and an outbox of messages to publish. A handled event is one :meth:`Store.
 record, the new stage (compare-and-set on the stage it was read in) and the outgoing messages commit
 together, so a crash can never leave half an event applied. Several units may share one durable commit
 (:meth:`Store.batch`) without losing their individual atomicity.
+
+Nothing grows without bound: :meth:`Store.prune` forgets finished projects (with their transitions and seen
+ids) and :meth:`Store.prune_artifacts` cache entries nobody used, both by an indexed timestamp.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flops.lifecycle_stages import Outcome, Stage
+
+# An artifact's last use is written at most this often, so a cache lookup is rarely a write.
+ARTIFACT_TOUCH_S = 3600.0
 
 
 @dataclass
@@ -33,6 +39,13 @@ class ProjectRecord:
     timestamps: dict[str, float] = field(default_factory=dict)
     seq: int = 0
     request_id: str | None = None
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the project finished (None while it runs): what retention counts from."""
+        if self.stage is not Stage.FINISHED:
+            return None
+        return self.timestamps.get(f"{Stage.FINISHED.value}_at", self.stage_entered_at)
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,8 @@ class Unit(Protocol):
     def enqueue(self, items: list[OutboxItem]) -> list[OutboxItem]:
         """Add items; returns them numbered (``seq``) as :meth:`Store.sent` expects them back."""
 
-    def get_artifact(self, key: str) -> dict[str, Any] | None: ...
+    def get_artifact(self, key: str) -> dict[str, Any] | None:
+        """The cached artifact; a hit counts as a use (recorded at most every ``ARTIFACT_TOUCH_S``)."""
 
     def put_artifact(self, key: str, artifact: dict[str, Any]) -> None: ...
 
@@ -104,6 +118,14 @@ class Store(Protocol):
 
     def sent(self, items: list[OutboxItem]) -> None:
         """Forget outbox items the broker acknowledged (only if not replaced by a newer item meanwhile)."""
+
+    def prune(self, finished_before: float, *, limit: int = 1000) -> list[str]:
+        """Delete up to ``limit`` projects finished before ``finished_before`` (oldest first), with their
+        transitions and seen ids; returns their ids. Unfinished projects, and finished ones whose model is
+        still served (``ctx["model_url"]``, so it can still be stopped), are kept."""
+
+    def prune_artifacts(self, unused_before: float, *, limit: int = 1000) -> list[str]:
+        """Delete up to ``limit`` cached artifacts neither stored nor used since ``unused_before``; their keys."""
 
     def close(self) -> None: ...
 

@@ -6,21 +6,35 @@ import contextlib
 import copy
 import dataclasses
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flops.errors import StaleWrite
 from flops.lifecycle_stages import Stage
-from flops.store import OutboxItem, ProjectRecord, Transition
+from flops.store import ARTIFACT_TOUCH_S, OutboxItem, ProjectRecord, Transition
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    result: str
+    project_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Artifact:
+    artifact: dict[str, Any]
+    used_at: float
 
 
 class _State:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.projects: dict[str, ProjectRecord] = {}
-        self.seen: dict[str, str] = {}
+        self.seen: dict[str, _Seen] = {}
         self.transitions: list[Transition] = []
         self.outbox: dict[str, OutboxItem] = {}
-        self.artifacts: dict[str, dict[str, Any]] = {}
+        self.artifacts: dict[str, _Artifact] = {}
         self.counter = 0
         # While an outermost batch runs: what it needs to undo itself if it fails (as SQLite's ROLLBACK does).
         self.journal: _Journal | None = None
@@ -33,9 +47,11 @@ _MISSING = object()
 class _Journal:
     projects: dict[str, ProjectRecord]
     outbox: dict[str, OutboxItem]
-    artifacts: dict[str, dict[str, Any]]
+    artifacts: dict[str, _Artifact]
     transitions: int
     seen: dict[str, object] = dataclasses.field(default_factory=dict)  # previous value per id written
+    # The transition log as it was before the batch's first prune (which rewrites the list).
+    before_prune: list[Transition] | None = None
 
     @classmethod
     def of(cls, state: _State) -> _Journal:
@@ -44,6 +60,8 @@ class _Journal:
 
     def undo(self, state: _State) -> None:
         state.projects, state.outbox, state.artifacts = self.projects, self.outbox, self.artifacts
+        if self.before_prune is not None:
+            state.transitions = self.before_prune
         del state.transitions[self.transitions :]
         for message_id, previous in self.seen.items():
             if previous is _MISSING:
@@ -59,18 +77,17 @@ class _MemoryUnit:
         self._state = state
         self.projects: dict[str, ProjectRecord] = {}
         self.expected: dict[str, Stage] = {}
-        self.seen_ids: dict[str, str] = {}
+        self.seen_ids: dict[str, _Seen] = {}
         self.transitions: list[Transition] = []
         self.outbox: list[OutboxItem] = []
-        self.artifacts: dict[str, dict[str, Any]] = {}
+        self.artifacts: dict[str, _Artifact] = {}
 
     def seen(self, message_id: str) -> str | None:
-        if message_id in self.seen_ids:
-            return self.seen_ids[message_id]
-        return self._state.seen.get(message_id)
+        found = self.seen_ids.get(message_id) or self._state.seen.get(message_id)
+        return None if found is None else found.result
 
     def mark_seen(self, message_id: str, project_id: str | None, result: str = "") -> None:
-        self.seen_ids[message_id] = result
+        self.seen_ids[message_id] = _Seen(result, project_id)
 
     def get(self, project_id: str) -> ProjectRecord | None:
         record = self.projects.get(project_id) or self._state.projects.get(project_id)
@@ -99,10 +116,16 @@ class _MemoryUnit:
         return numbered
 
     def get_artifact(self, key: str) -> dict[str, Any] | None:
-        return self.artifacts.get(key) or self._state.artifacts.get(key)
+        found = self.artifacts.get(key) or self._state.artifacts.get(key)
+        if found is None:
+            return None
+        now = self._state.clock()
+        if found.used_at < now - ARTIFACT_TOUCH_S:
+            self.artifacts[key] = _Artifact(found.artifact, now)
+        return found.artifact
 
     def put_artifact(self, key: str, artifact: dict[str, Any]) -> None:
-        self.artifacts[key] = artifact
+        self.artifacts[key] = _Artifact(artifact, self._state.clock())
 
     def apply(self) -> None:
         state = self._state
@@ -119,8 +142,8 @@ class _MemoryUnit:
 
 
 class MemoryStore:
-    def __init__(self) -> None:
-        self._state = _State()
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._state = _State(clock)
         self._lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -170,6 +193,40 @@ class MemoryStore:
             for item in items:
                 if self._state.outbox.get(item.key) == item:
                     del self._state.outbox[item.key]
+
+    def prune(self, finished_before: float, *, limit: int = 1000) -> list[str]:
+        # Scans: this adapter is for tests and benchmarks; the SQLite one reads an index.
+        with self._lock, self.batch():
+            state = self._state
+            old = sorted(
+                (p.finished_at, pid)
+                for pid, p in state.projects.items()
+                if p.finished_at is not None and p.finished_at < finished_before and not p.ctx.get("model_url")
+            )
+            ids = [pid for _, pid in old[:limit]]
+            gone = set(ids)
+            if not gone:
+                return []
+            journal = state.journal
+            assert journal is not None
+            if journal.before_prune is None:
+                journal.before_prune = state.transitions
+            state.transitions = [t for t in state.transitions if t.project_id not in gone]
+            for message_id, seen in list(state.seen.items()):
+                if seen.project_id in gone:
+                    journal.seen.setdefault(message_id, seen)
+                    del state.seen[message_id]
+            for pid in ids:
+                del state.projects[pid]
+        return ids
+
+    def prune_artifacts(self, unused_before: float, *, limit: int = 1000) -> list[str]:
+        with self._lock, self.batch():
+            old = sorted((a.used_at, key) for key, a in self._state.artifacts.items() if a.used_at < unused_before)
+            keys = [key for _, key in old[:limit]]
+            for key in keys:
+                del self._state.artifacts[key]
+        return keys
 
     def close(self) -> None:
         return None

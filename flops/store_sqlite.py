@@ -7,13 +7,14 @@ import dataclasses
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from flops.errors import StaleWrite, StoreError
 from flops.lifecycle_stages import Outcome, Stage
-from flops.store import OutboxItem, ProjectRecord, Transition
+from flops.store import ARTIFACT_TOUCH_S, OutboxItem, ProjectRecord, Transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS projects (
     ctx TEXT NOT NULL,
     timestamps TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    request_id TEXT
+    request_id TEXT,
+    finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS projects_unfinished ON projects(stage) WHERE stage != 'finished';
 CREATE TABLE IF NOT EXISTS transitions (
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS seen (
     project_id TEXT,
     result TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_project ON seen(project_id) WHERE project_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS outbox (
     key TEXT PRIMARY KEY,
     n INTEGER NOT NULL,
@@ -57,9 +60,33 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_order ON outbox(n);
 CREATE TABLE IF NOT EXISTS artifacts (
     key TEXT PRIMARY KEY,
-    artifact TEXT NOT NULL
+    artifact TEXT NOT NULL,
+    used_at REAL
 );
 """
+
+# Columns added after the first release: (table, column, how existing rows are filled). The indexes on them
+# are created after the columns exist (an older file gets the column first).
+_ADDED = (
+    (
+        "projects",
+        "finished_at",
+        "UPDATE projects SET finished_at = COALESCE(json_extract(timestamps, '$.finished_at'), stage_entered_at) "
+        "WHERE stage = 'finished'",
+    ),
+    ("artifacts", "used_at", "UPDATE artifacts SET used_at = :now"),
+)
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS projects_finished ON projects(finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS artifacts_used ON artifacts(used_at);
+"""
+
+# Prunable projects, oldest first, through projects_finished (never a scan of every project).
+PRUNABLE = (
+    "SELECT project_id FROM projects WHERE finished_at IS NOT NULL AND finished_at < ? "
+    "AND json_extract(ctx, '$.model_url') IS NULL ORDER BY finished_at LIMIT ?"
+)
+UNUSED_ARTIFACTS = "SELECT key FROM artifacts WHERE used_at < ? ORDER BY used_at LIMIT ?"
 
 _COLUMNS = (
     "project_id, stage, sla, created_at, stage_entered_at, deadline_at, outcome, reason, failed_stage, "
@@ -68,7 +95,8 @@ _COLUMNS = (
 
 
 _CHANGING = (
-    "stage=?, stage_entered_at=?, deadline_at=?, outcome=?, reason=?, failed_stage=?, ctx=?, timestamps=?, seq=?"
+    "stage=?, stage_entered_at=?, deadline_at=?, outcome=?, reason=?, failed_stage=?, ctx=?, timestamps=?, seq=?, "
+    "finished_at=?"
 )
 
 
@@ -102,13 +130,15 @@ def _changing_values(r: ProjectRecord) -> tuple[Any, ...]:
         json.dumps(r.ctx),
         json.dumps(r.timestamps),
         r.seq,
+        r.finished_at,
     )
 
 
 def _record_values(r: ProjectRecord) -> tuple[Any, ...]:
-    """Every column, in the order of ``_COLUMNS``."""
-    stage, *rest = _changing_values(r)
-    return (r.project_id, stage, json.dumps(r.sla), r.created_at, *rest, r.request_id)
+    """Every column, in the order of ``_COLUMNS`` and then ``finished_at``."""
+    *changing, finished_at = _changing_values(r)
+    stage, *rest = changing
+    return (r.project_id, stage, json.dumps(r.sla), r.created_at, *rest, r.request_id, finished_at)
 
 
 class _SQLiteUnit:
@@ -133,7 +163,8 @@ class _SQLiteUnit:
     def insert(self, record: ProjectRecord) -> None:
         try:
             self._db.execute(
-                f"INSERT INTO projects({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _record_values(record)
+                f"INSERT INTO projects({_COLUMNS}, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                _record_values(record),
             )
         except sqlite3.IntegrityError:
             raise StaleWrite(record.project_id, "(new)", "exists") from None
@@ -167,26 +198,51 @@ class _SQLiteUnit:
         return numbered
 
     def get_artifact(self, key: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT artifact FROM artifacts WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        row = self._db.execute("SELECT artifact, used_at FROM artifacts WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        now = self._store._clock()
+        if row[1] is None or row[1] < now - ARTIFACT_TOUCH_S:
+            self._db.execute("UPDATE artifacts SET used_at = ? WHERE key = ?", (now, key))
+        return json.loads(row[0])
 
     def put_artifact(self, key: str, artifact: dict[str, Any]) -> None:
-        self._db.execute("INSERT OR REPLACE INTO artifacts(key, artifact) VALUES (?, ?)", (key, json.dumps(artifact)))
+        self._db.execute(
+            "INSERT OR REPLACE INTO artifacts(key, artifact, used_at) VALUES (?, ?, ?)",
+            (key, json.dumps(artifact), self._store._clock()),
+        )
 
 
 class SQLiteStore:
     """One connection, WAL journal; every public call takes the lock (paho's thread never calls in)."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL", *, clock: Callable[[], float] = time.time) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._clock = clock
+        self._migrate()
         self._lock = threading.RLock()
         self._in_batch = False
         self._n = self._db.execute("SELECT COALESCE(MAX(n), 0) FROM outbox").fetchone()[0]
+
+    def _migrate(self) -> None:
+        """Add the columns a file written by an older version lacks (filled from what it holds), then the
+        indexes on them."""
+        self._db.execute("BEGIN IMMEDIATE")  # another process opening the same file waits, then finds them
+        try:
+            for table, column, fill in _ADDED:
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} REAL")
+                    self._db.execute(fill, {"now": self._clock()} if ":now" in fill else {})
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._db.executescript(_INDEXES)
 
     def _next_n(self) -> int:
         self._n += 1
@@ -283,6 +339,21 @@ class SQLiteStore:
 
     def _delete_sent(self, items: list[OutboxItem]) -> None:
         self._db.executemany("DELETE FROM outbox WHERE key = ? AND n = ?", [(item.key, item.seq) for item in items])
+
+    def prune(self, finished_before: float, *, limit: int = 1000) -> list[str]:
+        with self._lock, self.batch():
+            ids = [r[0] for r in self._db.execute(PRUNABLE, (finished_before, limit))]
+            rows = [(pid,) for pid in ids]
+            self._db.executemany("DELETE FROM transitions WHERE project_id = ?", rows)
+            self._db.executemany("DELETE FROM seen WHERE project_id = ?", rows)
+            self._db.executemany("DELETE FROM projects WHERE project_id = ?", rows)
+        return ids
+
+    def prune_artifacts(self, unused_before: float, *, limit: int = 1000) -> list[str]:
+        with self._lock, self.batch():
+            keys = [r[0] for r in self._db.execute(UNUSED_ARTIFACTS, (unused_before, limit))]
+            self._db.executemany("DELETE FROM artifacts WHERE key = ?", [(k,) for k in keys])
+        return keys
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -313,6 +313,57 @@ def test_deadline_restarts_in_every_stage(h: EngineHarness) -> None:
     h.clock.advance(90)
     assert h.check_deadlines() == []
     assert h.stage(pid) is L
+
+
+class _Watched(ProjectRecord):
+    """A record that notes, in ``read``, every project whose deadline is looked at."""
+
+    read: ClassVar[set[str]] = set()
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "deadline_at":
+            _Watched.read.add(object.__getattribute__(self, "project_id"))
+        return object.__getattribute__(self, name)
+
+
+def test_a_deadline_check_looks_only_at_the_projects_that_are_due(h: EngineHarness) -> None:
+    """The check runs twice a second: it must cost O(due projects), not a scan of every live one."""
+    now = h.clock()
+    body = ProjectSLA.model_validate(sla_body()).model_dump(mode="json", by_alias=True)
+    with h.store.batch():
+        for i in range(5_000):
+            deadline = now - 1 if i == 1234 else now + 60 + i % 500
+            record = _Watched(f"p-{i}", P, body, now - 10, now - 10, deadline_at=deadline)
+            with h.store.unit() as unit:
+                unit.insert(record)
+    h.engine.reload_all()
+    assert len(h.engine.lifecycle.projects) == 5_000
+    _Watched.read.clear()
+
+    assert h.check_deadlines()
+    assert _Watched.read == {"p-1234"}
+    assert h.stage("p-1234") is F
+
+    _Watched.read.clear()
+    assert h.check_deadlines() == []
+    assert _Watched.read == set()
+    # The next ones come due in deadline order.
+    h.clock.advance(60.5)
+    assert h.check_deadlines()
+    assert h.stage("p-0") is F and h.stage("p-1") is P
+
+
+def test_the_deadline_index_stays_bounded_as_projects_come_and_go(h: EngineHarness) -> None:
+    """Entries of finished projects are dropped lazily; many short projects must not pile them up."""
+    keep = h.submit(sla_body(deadlines={"preparation": 5000}))
+    for _ in range(1_500):
+        h.cancel(h.submit())
+    assert len(h.engine.lifecycle.projects) == 1
+    assert len(h.engine._deadlines) <= 1_100
+    h.clock.advance(4_999)
+    assert h.check_deadlines() == []
+    h.clock.advance(1)
+    assert h.check_deadlines() and h.stage(keep) is F
 
 
 def _fail_case(h: EngineHarness, pid: str, what: str) -> None:

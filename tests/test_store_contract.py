@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,9 +16,24 @@ from flops.store_memory import MemoryStore
 from flops.store_sqlite import SQLiteStore
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> _Clock:
+    return _Clock()
+
+
 @pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "store.sqlite3")
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: _Clock) -> Iterator[Store]:
+    s: Store = (
+        MemoryStore(clock=clock) if request.param == "memory" else SQLiteStore(tmp_path / "store.sqlite3", clock=clock)
+    )
     try:
         yield s
     finally:
@@ -306,6 +322,126 @@ def test_seen_records_the_result(store: Store) -> None:
         assert unit.seen("e-3") is None
 
 
+# --- retention -----------------------------------------------------------------------------------------
+
+
+def _finished(pid: str, at: float, **changes: object) -> ProjectRecord:
+    fields: dict[str, object] = {
+        "outcome": Outcome.COMPLETED,
+        "stage_entered_at": at,
+        "timestamps": {"preparation_at": 10.0, "finished_at": at},
+        "deadline_at": None,
+    }
+    return _record(pid, Stage.FINISHED, **{**fields, **changes})
+
+
+def _with_history(store: Store, record: ProjectRecord) -> None:
+    with store.unit() as unit:
+        unit.insert(record)
+        unit.mark_seen(f"e-{record.project_id}", record.project_id, "accept")
+        unit.mark_seen(f"req:{record.project_id}", record.project_id, record.project_id)
+        unit.log_transition(Transition(record.project_id, None, Stage.PREPARATION, "create", None, 1.0))
+
+
+def _has_history(store: Store, pid: str) -> bool:
+    with store.unit() as unit:
+        seen = unit.seen(f"e-{pid}") is not None
+    return store.get(pid) is not None and bool(store.transitions(pid)) and seen
+
+
+def test_prune_forgets_projects_finished_before_the_cutoff_with_their_history(store: Store) -> None:
+    _with_history(store, _finished("p-old", 100.0))
+    _with_history(store, _finished("p-older", 50.0))
+    _with_history(store, _finished("p-recent", 300.0))
+    _with_history(store, _record("p-running", Stage.LEARNERS, created_at=1.0, stage_entered_at=1.0))
+    with store.unit() as unit:
+        unit.mark_seen("e-anonymous", None, "reject")
+
+    assert store.prune(200.0) == ["p-older", "p-old"]  # oldest first
+
+    for pid in ("p-old", "p-older"):
+        _nothing_of(store, pid)
+        with store.unit() as unit:
+            assert unit.seen(f"req:{pid}") is None
+    assert _has_history(store, "p-recent") and _has_history(store, "p-running")
+    with store.unit() as unit:
+        assert unit.seen("e-anonymous") == "reject"
+    assert store.prune(200.0) == []
+
+
+def test_prune_never_touches_unfinished_projects(store: Store) -> None:
+    for stage in (Stage.PREPARATION, Stage.BUILDER, Stage.POST_TRAINING):
+        _with_history(store, _record(f"p-{stage.value}", stage, created_at=0.0, stage_entered_at=0.0))
+    assert store.prune(1e12) == []
+    assert len(store.unfinished()) == 3
+
+
+def test_prune_counts_from_the_finish_stamp_or_else_the_stage_entry(store: Store) -> None:
+    _insert(store, _finished("p-stamped", 100.0, stage_entered_at=500.0))
+    _insert(store, _finished("p-unstamped", 0.0, timestamps={}, stage_entered_at=150.0))
+    assert store.prune(120.0) == ["p-stamped"]
+    assert store.prune(160.0) == ["p-unstamped"]
+
+
+def test_prune_keeps_a_project_whose_model_is_still_served(store: Store) -> None:
+    """Else nobody could stop its inference server any more (cancel of a completed project)."""
+    served = _finished("p-served", 100.0, ctx={"model_url": "http://127.0.0.1:9/"})
+    _insert(store, served)
+    assert store.prune(200.0) == []
+    with store.unit() as unit:
+        unit.update(dataclasses.replace(served, ctx={}), Stage.FINISHED)
+    assert store.prune(200.0) == ["p-served"]
+
+
+def test_prune_takes_at_most_limit_oldest_first(store: Store) -> None:
+    for i in range(5):
+        _insert(store, _finished(f"p-{i}", 100.0 + i))
+    assert store.prune(1000.0, limit=2) == ["p-0", "p-1"]
+    assert store.prune(1000.0, limit=2) == ["p-2", "p-3"]
+    assert store.prune(1000.0, limit=2) == ["p-4"]
+
+
+def test_a_project_finished_by_an_update_is_prunable(store: Store) -> None:
+    _insert(store, _record())
+    with store.unit() as unit:
+        unit.update(_finished("p-1", 100.0), Stage.PREPARATION)
+    assert store.prune(100.0) == []
+    assert store.prune(100.5) == ["p-1"]
+
+
+def test_prune_in_a_failed_batch_is_undone(store: Store) -> None:
+    _with_history(store, _finished("p-old", 100.0))
+    with pytest.raises(RuntimeError), store.batch():
+        with store.unit() as unit:
+            unit.log_transition(Transition("p-new", None, Stage.PREPARATION, "create", None, 2.0))
+            unit.mark_seen("e-p-old-late", "p-old", "ignore")
+        assert store.prune(200.0) == ["p-old"]
+        raise RuntimeError("crash before commit")
+    assert _has_history(store, "p-old")
+    assert len(store.transitions("p-old")) == 1 and store.transitions("p-new") == []
+    with store.unit() as unit:
+        assert unit.seen("e-p-old-late") is None
+
+
+def test_prune_artifacts_forgets_those_unused_since_the_cutoff(store: Store, clock: _Clock) -> None:
+    with store.unit() as unit:
+        unit.put_artifact("built-long-ago", {"ref": "env://1"})
+        unit.put_artifact("used-lately", {"ref": "env://2"})
+    clock.now += 30 * 86400
+    with store.unit() as unit:
+        unit.put_artifact("built-lately", {"ref": "env://3"})
+    clock.now += 1
+    with store.unit() as unit:
+        assert unit.get_artifact("used-lately") == {"ref": "env://2"}
+        assert unit.get_artifact("never-built") is None
+    assert store.prune_artifacts(clock.now - 86400) == ["built-long-ago"]
+    with store.unit() as unit:
+        assert unit.get_artifact("built-long-ago") is None
+        assert unit.get_artifact("used-lately") == {"ref": "env://2"}
+        assert unit.get_artifact("built-lately") == {"ref": "env://3"}
+    assert store.prune_artifacts(clock.now + 1, limit=1) == ["built-lately"]
+
+
 # --- adapters ------------------------------------------------------------------------------------------
 
 
@@ -348,6 +484,56 @@ def test_sqlite_uncommitted_unit_is_not_on_disk(tmp_path: Path) -> None:
         _nothing_of(reopened, "p-1")
     finally:
         reopened.close()
+
+
+# The schema a file written by the first release has (no finish time, no artifact use time).
+_FIRST_SCHEMA = """
+CREATE TABLE projects (project_id TEXT PRIMARY KEY, stage TEXT NOT NULL, sla TEXT NOT NULL,
+    created_at REAL NOT NULL, stage_entered_at REAL NOT NULL, deadline_at REAL, outcome TEXT, reason TEXT,
+    failed_stage TEXT, ctx TEXT NOT NULL, timestamps TEXT NOT NULL, seq INTEGER NOT NULL, request_id TEXT);
+CREATE TABLE artifacts (key TEXT PRIMARY KEY, artifact TEXT NOT NULL);
+INSERT INTO projects VALUES ('p-done', 'finished', '{}', 1, 100, NULL, 'completed', 'completed', NULL, '{}',
+    '{"finished_at": 100}', 1, NULL);
+INSERT INTO projects VALUES ('p-run', 'builder', '{}', 1, 1, 9, NULL, NULL, NULL, '{}', '{}', 1, NULL);
+INSERT INTO artifacts VALUES ('k', '{"ref": "env://x"}');
+"""
+
+
+def test_sqlite_file_of_the_first_release_gains_the_retention_columns(tmp_path: Path, clock: _Clock) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(_FIRST_SCHEMA)
+    store = SQLiteStore(path, clock=clock)
+    try:
+        assert store.prune(50.0) == []
+        assert store.prune(150.0) == ["p-done"]
+        assert [r.project_id for r in store.unfinished()] == ["p-run"]
+        # Cached before the upgrade: counted as used at the upgrade, so kept a whole retention period.
+        assert store.prune_artifacts(clock.now) == []
+        assert store.prune_artifacts(clock.now + 1) == ["k"]
+    finally:
+        store.close()
+    SQLiteStore(path).close()  # opening it again changes nothing
+
+
+def test_sqlite_prune_reads_indexes_not_every_row(tmp_path: Path) -> None:
+    from flops.store_sqlite import PRUNABLE, UNUSED_ARTIFACTS
+
+    store = SQLiteStore(tmp_path / "plan.sqlite3")
+    try:
+        db = store._db
+
+        def plan(sql: str, *args: object) -> str:
+            return " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+
+        assert "USING INDEX projects_finished" in plan(PRUNABLE, 1.0, 10)
+        assert "USING INDEX artifacts_used" in plan(UNUSED_ARTIFACTS, 1.0, 10)
+        assert "INDEX seen_project" in plan("DELETE FROM seen WHERE project_id = ?", "p-1")
+        assert "INDEX transitions_project" in plan("DELETE FROM transitions WHERE project_id = ?", "p-1")
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(
