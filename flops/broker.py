@@ -8,9 +8,7 @@ listening on the default address is used as it is.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +18,7 @@ from typing import Protocol
 import structlog
 
 from flops.errors import BrokerStartFailed
+from flops.ports import free_port, port_open
 from flops.settings import BrokerAddress
 
 log = structlog.get_logger(__name__)
@@ -203,18 +202,6 @@ def embedded_or_external(url: str | None, address: BrokerAddress, data_dir: Path
         log.info("using the broker already listening", address=address.url)
         return ExternalBroker(address)
     return start_embedded(address.host, address.port, data_dir)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
