@@ -23,21 +23,30 @@ from flops.settings import BrokerAddress
 
 log = structlog.get_logger(__name__)
 
-DEV_CONFIG = """\
-# Written by FLOps for an embedded development broker (see mosquitto/dev.conf).
+DEV_SETTINGS = """\
 per_listener_settings false
 allow_anonymous true
-listener {port} {host}
+listener {listener}
 protocol mqtt
 set_tcp_nodelay true
 max_inflight_messages 0
 max_queued_messages 1000000
 message_size_limit 1048576
 {persistence}
-log_dest stderr
-log_type error
-log_type warning
+{logging}
 """
+EMBEDDED_LOGGING = "log_dest stderr\nlog_type error\nlog_type warning"
+
+
+def dev_config(
+    listener: str = "1883 127.0.0.1", persistence: str = "persistence false", logging: str = EMBEDDED_LOGGING
+) -> str:
+    """The development broker's settings: the one source of the embedded broker's config, of
+    ``mosquitto/dev.conf`` and of the test container's config (``tests/test_broker.py`` compares them).
+
+    paho never sets TCP_NODELAY and Mosquitto's default is false: Nagle + delayed ACK cost 40-90 ms a hop.
+    """
+    return DEV_SETTINGS.format(listener=listener, persistence=persistence, logging=logging)
 
 
 class Broker(Protocol):
@@ -90,7 +99,10 @@ class MosquittoBroker:
             else "persistence false"
         )
         config = self._dir / "mosquitto.conf"
-        config.write_text(DEV_CONFIG.format(port=self.port, host=host, persistence=persistence))
+        config.write_text(
+            "# Written by FLOps for an embedded development broker (see mosquitto/dev.conf).\n"
+            + dev_config(f"{self.port} {host}", persistence)
+        )
         self._log_path = self._dir / "mosquitto.log"
         self._log_file = self._log_path.open("ab")
         self._proc = subprocess.Popen(
