@@ -14,6 +14,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ from flops.bus import Bus, BusOptions, Will
 from flops.errors import PublishFailed
 from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
 from flops.settings import BrokerAddress
-from flops.supervisor import Child, Supervisor, kill_group
+from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,20 @@ FAILURE_KIND = {
 }
 # Put on the agent's own queue after every (re)connect: re-send every report not acknowledged yet.
 _RESEND_ALL = object()
-TERMINAL = {"learner.failed", "training.succeeded", "training.failed", "model.served", "model.failed"}
+TERMINAL = {
+    "learner.failed",
+    "training.succeeded",
+    "training.failed",
+    "model.served",
+    "model.failed",
+    "build.succeeded",
+    "build.failed",
+}
+BUILD_WORKER = "flops.builder.worker"
+
+
+class _Stopped(Exception):
+    """The project was told to stop while this command was starting: nothing to report."""
 
 
 @dataclass
@@ -123,9 +137,9 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        self.supervisor.stop_all()
         self._builds.shutdown(wait=False, cancel_futures=True)
         self._starts.shutdown(wait=False, cancel_futures=True)
+        self.supervisor.stop_all()  # SIGTERM, STOP_GRACE_S, SIGKILL: builds included
         if self.bus.connected:
             try:
                 self.bus.publish_wait(
@@ -206,7 +220,7 @@ class Agent:
                 self._receipt(command.command_id)
                 self.bus.ack(message)
                 continue
-            self._mark_handled(command.command_id)
+            self._record(command)
             self._receipt(command.command_id)
             self.bus.ack(message)
             try:
@@ -217,9 +231,6 @@ class Agent:
                 self._report(command, "command.failed", reason=f"{type(exc).__name__}: {exc}")
 
     def _execute(self, cmd: Command) -> None:
-        if cmd.kind in {"build", "build_model_image"}:
-            # Recorded like a child, so an agent restarted mid-build says the build is gone.
-            self._remember(cmd.command_id, cmd.project_id, cmd.kind, None)
         if cmd.kind == "build":
             self._builds.submit(self._build, cmd)
         elif cmd.kind == "run_learner":
@@ -238,48 +249,41 @@ class Agent:
             self._forget_running({c.command_id for c in stopped})
             self._log.info("project stopped", project_id=cmd.project_id, children=len(stopped))
 
+    def _build_argv(self, spec: dict[str, Any]) -> list[str]:
+        return [BUILD_WORKER, "--spec", json.dumps(spec), "--workdir", str(self.dirs["builds"])]
+
     def _build(self, cmd: Command) -> None:
-        try:
-            self._build_env(cmd)
-        finally:
+        """A build runs as a child (``flops.builder.worker``): stop_project and the agent's stop kill it."""
+        child = self._spawn(cmd, self._build_argv(cmd.spec), {"python": sys.executable})
+        if child is None:
             self._forget_running({cmd.command_id})
-
-    def _build_env(self, cmd: Command) -> None:
-        from flops.builder import EnvBuilder
-
-        self._report(cmd, "build.started")
-        result = EnvBuilder().build(cmd.spec, self.dirs["builds"])
-        payload = result.to_payload()
-        if result.kind == "build.succeeded":
-            artifact = payload["artifact"]
-            self._report(
-                cmd,
-                "build.succeeded",
-                artifact={
-                    "ref": f"env://{artifact['key']}",
-                    "key": artifact["key"],
-                    "commit": artifact["commit"],
-                    "details": artifact,
-                },
-                cached=payload["cached"],
-                warnings=payload["warnings"],
-                duration_s=payload["duration_s"],
-            )
         else:
-            self._report(cmd, "build.failed", reason=payload["reason"], log_tail=payload["log_tail"][-4000:])
+            child.done.wait()  # one build per builder worker thread at a time
 
     def _artifact(self, cmd: Command) -> dict[str, Any]:
         """The built environment; built here when it is not on this node (another host built it)."""
         details = dict(cmd.spec.get("artifact", {}).get("details", {}))
         if details.get("python") and Path(details["python"]).exists() and Path(details["repo_dir"]).exists():
             return details
-        from flops.builder import EnvBuilder
-
         spec = {k: details.get(k) for k in ("repo_url", "commit", "flavor", "platforms") if details.get(k)}
-        result = EnvBuilder().build(spec, self.dirs["builds"])
-        if result.kind != "build.succeeded":
-            raise RuntimeError(f"local build failed: {result.to_payload()['reason']}")
-        return result.to_payload()["artifact"]
+        outcome: dict[str, dict[str, Any]] = {}
+        child = self._spawn(
+            cmd,
+            self._build_argv(spec),
+            {"python": sys.executable},
+            kind="local_build",
+            on_report=lambda _child, kind, payload: outcome.__setitem__(kind, payload),
+            on_exit=lambda _child, _code: None,
+        )
+        if child is None:
+            raise _Stopped
+        child.done.wait()
+        if child.stopped:
+            raise _Stopped
+        if "build.succeeded" in outcome:
+            return dict(outcome["build.succeeded"]["artifact"]["details"])
+        reason = outcome.get("build.failed", {}).get("reason") or f"exit status {child.proc.returncode}"
+        raise RuntimeError(f"local build failed: {reason}")
 
     def _workdir(self, cmd: Command) -> Path:
         path = self.dirs["work"] / cmd.project_id / cmd.command_id
@@ -288,14 +292,30 @@ class Agent:
 
     def _start(self, cmd: Command, start: Any) -> None:
         try:
-            start(cmd)
+            if start(cmd) is None:  # not started: the project was stopped meanwhile
+                self._forget_running({cmd.command_id})
+        except _Stopped:
+            self._forget_running({cmd.command_id})
         except Exception as exc:
             self._log.exception("command failed", project_id=cmd.project_id, command_id=cmd.command_id)
+            self._forget_running({cmd.command_id})
             self._report(cmd, "command.failed", reason=f"{type(exc).__name__}: {exc}")
 
-    def _spawn(self, cmd: Command, argv: list[str], artifact: dict[str, Any]) -> Child | None:
+    def _spawn(
+        self,
+        cmd: Command,
+        argv: list[str],
+        artifact: dict[str, Any],
+        *,
+        kind: str | None = None,
+        restart: int = 0,
+        **callbacks: Any,
+    ) -> Child | None:
+        """Start a child for ``cmd`` unless its project was stopped. A child of another ``kind`` (a local
+        build before the command's own child) and children with their own callbacks are not recorded."""
         work = self._workdir(cmd)
         env = {**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"}
+        kind = kind or cmd.kind
         with self._spawn_lock:
             keep = self._stopped.get(cmd.project_id)
             if keep is not None and cmd.kind not in keep:
@@ -304,21 +324,24 @@ class Agent:
             child = self.supervisor.spawn(
                 cmd.project_id,
                 cmd.command_id,
-                cmd.kind,
+                kind,
                 [artifact["python"], "-m", *argv],
-                log_path=work / f"{cmd.kind}.log",
+                log_path=work / f"{kind}.log",
                 env=env,
                 cwd=work,
+                restart=restart,
+                **callbacks,
             )
-            self._remember_running(child)
+            if kind == cmd.kind:
+                self._remember_running(child)
         return child
 
-    def _run_learner(self, cmd: Command) -> None:
+    def _run_learner(self, cmd: Command) -> Child | None:
         if self.data_server is None:
             raise RuntimeError("this agent has no learner role")
         artifact = self._artifact(cmd)
         tags = ",".join(cmd.spec.get("data_tags", []))
-        self._spawn(
+        return self._spawn(
             cmd,
             [
                 "flops.runtime.learner",
@@ -336,11 +359,11 @@ class Agent:
             artifact,
         )
 
-    def _run_aggregator(self, cmd: Command) -> None:
+    def _run_aggregator(self, cmd: Command) -> Child | None:
         artifact = self._artifact(cmd)
         spec = cmd.spec
         work = self._workdir(cmd)
-        self._spawn(
+        return self._spawn(
             cmd,
             [
                 "flops.runtime.aggregator",
@@ -379,16 +402,18 @@ class Agent:
                 model_ref.parent if model_ref.is_file() else model_ref, artifact, Path(artifact["repo_dir"]), out
             )
             self._report(cmd, "model.built", image_ref=f"dir://{package.path}")
+        except _Stopped:
+            pass
         except Exception as exc:
             self._report(cmd, "model.failed", reason=f"packaging failed: {type(exc).__name__}: {exc}")
         finally:
             self._forget_running({cmd.command_id})
 
-    def _serve_model(self, cmd: Command) -> None:
+    def _serve_model(self, cmd: Command, *, port: int = 0, restart: int = 0) -> Child | None:
         package = cmd.spec["image_ref"].removeprefix("dir://")
         manifest = json.loads((Path(package) / "manifest.json").read_text())
         python = manifest.get("python") or sys.executable
-        self._spawn(
+        return self._spawn(
             cmd,
             [
                 manifest.get("entry_module", "flops.runtime.serve"),
@@ -397,11 +422,12 @@ class Agent:
                 "--host",
                 self.config.bind_host,
                 "--port",
-                "0",
+                str(port),
                 "--advertise-host",
                 self.config.host,
             ],
             {"python": python},
+            restart=restart,
         )
 
     # --- child reports -> MQTT -------------------------------------------------------------------
@@ -409,15 +435,22 @@ class Agent:
     def _child_report(self, child: Child, kind: str, payload: dict[str, Any]) -> None:
         if kind in TERMINAL:
             child.terminal_reported = True
+        if kind == "model.served" and child.kind == "serve_model":
+            # Where it listens: an agent restarted later serves the model again at this URL.
+            self._remember(child.command_id, child.project_id, child.kind, url=payload.get("url"))
         fields = dict(payload)
         if kind.startswith("learner."):
             fields["agent_id"] = self.id
             fields.pop("node_id", None)
             fields.pop("aggregator", None)
-        # Deterministic ids: a report re-sent after a restart is recognised by the manager.
-        self._send(child.project_id, child.command_id, kind, fields, event_id=f"{child.command_id}.r{child.lines}")
+        # Deterministic ids: a report re-sent after a restart is recognised by the manager; a model server
+        # the agent restarted counts its reports anew.
+        run = f".g{child.restart}" if child.restart else ""
+        self._send(child.project_id, child.command_id, kind, fields, event_id=f"{child.command_id}{run}.r{child.lines}")
 
     def _child_exit(self, child: Child, code: int) -> None:
+        if child.shutdown:
+            return  # the agent stops: the command stays recorded, the next start reports it (or serves again)
         self._forget_running({child.command_id})
         if child.stopped or child.terminal_reported:
             return
@@ -428,7 +461,8 @@ class Agent:
         }
         if kind == "learner.failed":
             fields["agent_id"] = self.id
-        self._send(child.project_id, child.command_id, kind, fields, event_id=f"{child.command_id}.exit")
+        run = f".g{child.restart}" if child.restart else ""
+        self._send(child.project_id, child.command_id, kind, fields, event_id=f"{child.command_id}{run}.exit")
 
     def _report(self, cmd: Command, kind: str, **fields: Any) -> None:
         self._send(cmd.project_id, cmd.command_id, kind, fields, event_id=f"{cmd.command_id}.{kind}")
@@ -521,13 +555,26 @@ class Agent:
         tmp.write_text(json.dumps(running))
         tmp.replace(self._running_path)
 
-    def _remember_running(self, child: Child) -> None:
-        self._remember(child.command_id, child.project_id, child.kind, child.pid)
+    def _record(self, command: Command) -> None:
+        """Before the command is acknowledged: handled (never acted on twice) and, when it starts something,
+        recorded as running with no pid yet, so a crash before it runs is reported after the restart."""
+        if command.kind in FAILURE_KIND:
+            self._remember(
+                command.command_id, command.project_id, command.kind, pid=None, command=command.model_dump(mode="json")
+            )
+        self._mark_handled(command.command_id)
 
-    def _remember(self, command_id: str, project_id: str, kind: str, pid: int | None) -> None:
+    def _remember_running(self, child: Child) -> None:
+        self._remember(
+            child.command_id, child.project_id, child.kind, pid=child.pid, started=child.started, restart=child.restart
+        )
+
+    def _remember(self, command_id: str, project_id: str, kind: str, **fields: Any) -> None:
+        """Add or update the running.json entry of ``command_id`` (pid, its start time, the command, the URL)."""
         with self._running_lock:
             running = self._read_running()
-            running[command_id] = {"project_id": project_id, "kind": kind, "pid": pid}
+            entry = running.setdefault(command_id, {"project_id": project_id, "kind": kind, "pid": None})
+            entry.update(fields)
             self._write_running(running)
 
     def _forget_running(self, command_ids: set[str]) -> None:
@@ -538,17 +585,61 @@ class Agent:
             self._write_running(running)
 
     def _reconcile(self) -> None:
-        """After a restart: children of the previous run are gone for us; stop leftovers and say so."""
+        """After a restart: what the previous run recorded is gone for us. Stop leftovers that are still ours
+        (same pid *and* start time), serve finished projects' models again at their URL, report the rest."""
         previous = self._read_running()
+        leftovers = [
+            int(entry["pid"])
+            for entry in previous.values()
+            if entry.get("pid") and still_ours(int(entry["pid"]), entry.get("started"))
+        ]
+        self._stop_leftovers(leftovers)
         for command_id, entry in previous.items():
-            if entry.get("pid"):
-                kill_group(int(entry["pid"]), 15)
+            if entry["kind"] == "serve_model" and entry.get("url") and entry.get("command"):
+                self._starts.submit(self._serve_again, command_id, entry)
+                continue
             kind = FAILURE_KIND.get(entry["kind"], "command.failed")
             fields: dict[str, Any] = {"reason": f"agent {self.id} restarted; its {entry['kind']} no longer runs"}
             if kind == "learner.failed":
                 fields["agent_id"] = self.id
             self._send(entry["project_id"], command_id, kind, fields, event_id=f"{command_id}.lost")
-        self._write_running({})
+            self._forget_running({command_id})
+
+    def _stop_leftovers(self, pids: list[int]) -> None:
+        for pid in pids:
+            kill_group(pid, signal.SIGTERM)
+        import psutil
+
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(pid))
+        _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+        for proc in alive:
+            kill_group(proc.pid, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=2.0)
+
+    def _serve_again(self, command_id: str, entry: dict[str, Any]) -> None:
+        """A finished project's model server, started again on the host:port its URL advertises."""
+        from urllib.parse import urlsplit
+
+        cmd = Command.model_validate(entry["command"])
+        restart = int(entry.get("restart") or 0) + 1
+        try:
+            port = urlsplit(entry["url"]).port or 0
+            if self._serve_model(cmd, port=port, restart=restart) is None:
+                self._forget_running({command_id})
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}"
+            self._log.exception("model server not restarted", project_id=cmd.project_id, command_id=command_id)
+            self._forget_running({command_id})
+            self._send(
+                cmd.project_id,
+                command_id,
+                "model.failed",
+                {"reason": f"agent {self.id} restarted; cannot serve {entry['url']} again: {what}"},
+                event_id=f"{command_id}.g{restart}.failed",
+            )
 
 
 def _says_online(payload: bytes) -> bool:

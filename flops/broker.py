@@ -8,9 +8,7 @@ listening on the default address is used as it is.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,25 +18,35 @@ from typing import Protocol
 import structlog
 
 from flops.errors import BrokerStartFailed
+from flops.ports import free_port, port_open
 from flops.settings import BrokerAddress
 
 log = structlog.get_logger(__name__)
 
-DEV_CONFIG = """\
-# Written by FLOps for an embedded development broker (see mosquitto/dev.conf).
+DEV_SETTINGS = """\
 per_listener_settings false
 allow_anonymous true
-listener {port} {host}
+listener {listener}
 protocol mqtt
 set_tcp_nodelay true
 max_inflight_messages 0
 max_queued_messages 1000000
 message_size_limit 1048576
 {persistence}
-log_dest stderr
-log_type error
-log_type warning
+{logging}
 """
+EMBEDDED_LOGGING = "log_dest stderr\nlog_type error\nlog_type warning"
+
+
+def dev_config(
+    listener: str = "1883 127.0.0.1", persistence: str = "persistence false", logging: str = EMBEDDED_LOGGING
+) -> str:
+    """The development broker's settings: the one source of the embedded broker's config, of
+    ``mosquitto/dev.conf`` and of the test container's config (``tests/test_broker.py`` compares them).
+
+    paho never sets TCP_NODELAY and Mosquitto's default is false: Nagle + delayed ACK cost 40-90 ms a hop.
+    """
+    return DEV_SETTINGS.format(listener=listener, persistence=persistence, logging=logging)
 
 
 class Broker(Protocol):
@@ -91,7 +99,10 @@ class MosquittoBroker:
             else "persistence false"
         )
         config = self._dir / "mosquitto.conf"
-        config.write_text(DEV_CONFIG.format(port=self.port, host=host, persistence=persistence))
+        config.write_text(
+            "# Written by FLOps for an embedded development broker (see mosquitto/dev.conf).\n"
+            + dev_config(f"{self.port} {host}", persistence)
+        )
         self._log_path = self._dir / "mosquitto.log"
         self._log_file = self._log_path.open("ab")
         self._proc = subprocess.Popen(
@@ -203,18 +214,6 @@ def embedded_or_external(url: str | None, address: BrokerAddress, data_dir: Path
         log.info("using the broker already listening", address=address.url)
         return ExternalBroker(address)
     return start_embedded(address.host, address.port, data_dir)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -375,11 +375,12 @@ class AgentProc:
     broker: BrokerAddress
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # added to the agent's environment
 
     def start(self) -> AgentProc:
         self.starts += 1
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "FLOPS_BROKER_URL": self.broker.url, "FLOPS_LOG_FORMAT": "json"}
+        env = {**os.environ, "FLOPS_BROKER_URL": self.broker.url, "FLOPS_LOG_FORMAT": "json", **self.env}
         with (self.home / f"agent-{self.starts}.log").open("wb") as out:
             self.proc = subprocess.Popen(
                 [
@@ -403,7 +404,7 @@ class AgentProc:
         return self
 
     def kill9(self) -> None:
-        """SIGKILL the agent process only: its children (own process groups) stay behind, as on a crash."""
+        """SIGKILL the agent process only, as on a crash (its children are in their own process groups)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flops import topics
@@ -65,12 +66,19 @@ def test_a_restarted_agent_kills_leftovers_and_reports_what_it_no_longer_runs(
 ) -> None:
     data_dir = tmp_path / "phoenix"
     (data_dir / "state").mkdir(parents=True)
-    # What a killed agent leaves behind: a learner child still running (own session) and a build in flight.
+    # What a killed agent leaves behind: a learner child still running (own session; recorded with its start
+    # time, so the restarted agent knows the pid is still its own) and a build in flight.
     orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    started = psutil.Process(orphan.pid).create_time()
     (data_dir / "state" / "running.json").write_text(
         json.dumps(
             {
-                "p-x.3.run_learner": {"project_id": "p-x", "kind": "run_learner", "pid": orphan.pid},
+                "p-x.3.run_learner": {
+                    "project_id": "p-x",
+                    "kind": "run_learner",
+                    "pid": orphan.pid,
+                    "started": started,
+                },
                 "p-y.1.build": {"project_id": "p-y", "kind": "build", "pid": None},
             }
         )

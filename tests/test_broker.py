@@ -57,3 +57,16 @@ def test_manager_answers_through_the_iotcore_fallback(tmp_path: Path) -> None:
     finally:
         manager.stop()
         running.stop()
+
+
+def _settings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_development_broker_configs_all_come_from_dev_config() -> None:
+    from flops.broker import dev_config
+
+    root = Path(__file__).resolve().parent.parent
+    assert _settings((root / "mosquitto" / "dev.conf").read_text()) == _settings(dev_config())
+    container = (Path(__file__).parent / "fixtures" / "mosquitto-container.conf").read_text()
+    assert _settings(container) == _settings(dev_config("1883", logging="log_dest stdout"))

@@ -2,8 +2,8 @@
 
 Every call the builder makes to `git`, `uv`, `pip` or a project's Python goes through `run`, so each
 has a timeout, kills its whole process group when the timeout fires (uv and pip spawn helpers that
-would otherwise outlive it), and reports a failure as `StepFailed` carrying the output tail that the
-`build.failed` report shows the user.
+would otherwise outlive it), dies with the process that runs the build, and reports a failure as
+`StepFailed` carrying the output tail that the `build.failed` report shows the user.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sh
+
+from flops.supervisor import die_with_parent
 
 TAIL_LINES = 40
 TAIL_CHARS = 4000
@@ -73,6 +75,7 @@ def run(
         _bg_exc=False,
         _timeout=timeout_s,
         _new_session=True,  # its own process group: uv/pip helpers die with it
+        _preexec_fn=die_with_parent(),  # and it dies with us: a build worker killed mid-install stops uv too
         _err_to_out=True,
         _tty_out=False,  # no progress bars or colour codes in the captured output
         _cwd=str(cwd) if cwd else None,

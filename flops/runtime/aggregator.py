@@ -28,7 +28,6 @@ from typing import Any
 
 import structlog
 
-from flops.runtime.children import OWNER_PID_ENV, ChildGroup, install_sigterm_exit
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
 from flops.runtime.reports import (
@@ -39,6 +38,7 @@ from flops.runtime.reports import (
     decode_report,
 )
 from flops.runtime.training import STRATEGIES
+from flops.supervisor import OWNER_PID_ENV, ChildGroup, install_sigterm_exit
 
 CONNECTION = "flops"
 TERMINAL_RUN_STATUSES = ("finished",)
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     events_file.unlink(missing_ok=True)
     env = flower_env(os.environ, poll_interval=args.poll_interval)
     env["FLWR_HOME"] = str(work_dir / "flwr-home")
-    env[OWNER_PID_ENV] = str(os.getpid())  # the ServerApp exits when we do (children.exit_with_owner)
+    env[OWNER_PID_ENV] = str(os.getpid())  # the ServerApp exits when we do (supervisor.exit_with_owner)
     write_cli_config(work_dir / "flwr-home", connection=CONNECTION, address=args.address)
     app_dir = write_app(
         work_dir / "app",

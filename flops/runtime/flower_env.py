@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from flops.runtime.children import project_pythonpath
+from flops.ports import free_port
+from flops.supervisor import project_pythonpath
+
+__all__ = ["flower_bin", "flower_env", "free_port", "script_dirs", "split_address"]
 
 FAST_POLL_INTERVAL = 0.05
 
@@ -64,10 +66,3 @@ def split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import structlog
 
-from flops.runtime.children import ChildGroup, install_sigterm_exit
 from flops.runtime.fast_supernode import DEFAULT_POLL, POLL_ENV
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, free_port
 from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
 from flops.runtime.reports import LEARNER_FAILED, LEARNER_READY, ReportWriter
+from flops.supervisor import ChildGroup, install_sigterm_exit
 from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV, parse_tags
 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")

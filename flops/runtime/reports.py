@@ -13,6 +13,8 @@ Kinds and payloads:
 - ``training.failed`` {reason}
 - ``model.served`` {url}
 - ``model.failed`` {reason, log_tail}
+- ``build.started`` {}, ``build.succeeded`` {artifact, cached, warnings, duration_s},
+  ``build.failed`` {reason, log_tail} (``flops.builder.worker``)
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ TRAINING_SUCCEEDED: Final = "training.succeeded"
 TRAINING_FAILED: Final = "training.failed"
 MODEL_SERVED: Final = "model.served"
 MODEL_FAILED: Final = "model.failed"
+BUILD_STARTED: Final = "build.started"
+BUILD_SUCCEEDED: Final = "build.succeeded"
+BUILD_FAILED: Final = "build.failed"
 
 REPORT_KINDS: Final = frozenset(
     {
@@ -42,6 +47,9 @@ REPORT_KINDS: Final = frozenset(
         TRAINING_FAILED,
         MODEL_SERVED,
         MODEL_FAILED,
+        BUILD_STARTED,
+        BUILD_SUCCEEDED,
+        BUILD_FAILED,
     }
 )
 

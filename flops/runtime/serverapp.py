@@ -15,11 +15,11 @@ import structlog
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flops.runtime.children import exit_with_owner
 from flops.runtime.polling_grid import PollingGrid
 from flops.runtime.repo import new_model_manager, traceback_tail
 from flops.runtime.reports import TRAINING_FAILED, ReportWriter
 from flops.runtime.training import TrainingError, TrainingSettings, run_training
+from flops.supervisor import exit_with_owner
 
 app = ServerApp()
 

@@ -21,6 +21,8 @@ import pytest
 from pyarrow import flight
 from sklearn.datasets import load_digits
 
+from flops.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_REPO = ROOT / "examples" / "ml_repos" / "digits_sklearn"
 TAG = "digits"
@@ -103,14 +105,6 @@ class Worker:
         self.proc.wait(timeout=30)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _processes_with_marker(marker: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -134,7 +128,7 @@ def _wait_no_processes(marker: str, timeout: float = 15.0) -> list[int]:
 @pytest.mark.timeout(300)
 def test_two_learners_three_rounds_fedavg(data_servers: list[str], tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     model_out = tmp_path / "model"
     rounds = 3
     started = time.monotonic()
@@ -217,7 +211,7 @@ def test_aggregator_fails_when_too_few_learners(tmp_path: Path) -> None:
         [
             "--repo", str(DIGITS_REPO), "--rounds", "1",
             "--min-available-clients", "2", "--min-fit-clients", "2", "--min-evaluate-clients", "2",
-            "--address", f"127.0.0.1:{_free_port()}", "--model-out", str(tmp_path / "model"),
+            "--address", f"127.0.0.1:{free_port()}", "--model-out", str(tmp_path / "model"),
             "--client-wait-timeout", "2", "--work-dir", str(tmp_path / "aggregator"),
         ],
         marker,

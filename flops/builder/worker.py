@@ -1,0 +1,62 @@
+"""One build as a child process of the agent, so stopping the project or the agent stops the build.
+
+``python -m flops.builder.worker --spec JSON --workdir DIR [--report-fd FD]`` runs ``EnvBuilder().build``
+and writes ``build.started``, then ``build.succeeded`` (the artifact as the agent reports it) or
+``build.failed`` to ``--report-fd``. Killing its process group (SIGTERM, then SIGKILL) ends it at once, and
+the installer it runs (``uv``, ``pip``, ``git``: their own sessions) dies with it (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from flops.runtime.reports import BUILD_FAILED, BUILD_STARTED, BUILD_SUCCEEDED, ReportWriter
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flops.builder.worker", description=__doc__)
+    p.add_argument("--spec", required=True, help="the build spec as JSON (repo_url, commit, flavor, platforms)")
+    p.add_argument("--workdir", type=Path, required=True, help="the builder's directory (envs, repos, caches)")
+    p.add_argument("--report-fd", type=int, default=None, help="file descriptor for report lines (default stdout)")
+    return p.parse_args(argv)
+
+
+def artifact_report(payload: dict[str, Any]) -> dict[str, Any]:
+    """A ``build.succeeded`` payload of the builder as the agent reports it: ``ref`` and ``details``."""
+    artifact = payload["artifact"]
+    return {
+        "artifact": {"ref": f"env://{artifact['key']}", "key": artifact["key"], "commit": artifact["commit"]}
+        | {"details": artifact},
+        "cached": payload["cached"],
+        "warnings": payload["warnings"],
+        "duration_s": payload["duration_s"],
+    }
+
+
+def run(args: argparse.Namespace, reports: ReportWriter) -> int:
+    from flops.builder import EnvBuilder
+
+    reports.emit(BUILD_STARTED)
+    result = EnvBuilder().build(json.loads(args.spec), args.workdir)
+    payload = result.to_payload()
+    if result.kind == "build.succeeded":
+        reports.emit(BUILD_SUCCEEDED, **artifact_report(payload))
+        return 0
+    reports.emit(BUILD_FAILED, reason=payload["reason"], log_tail=payload["log_tail"][-4000:])
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    args = parse_args(argv)
+    return run(args, ReportWriter.open(args.report_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
