@@ -111,7 +111,7 @@ class Agent:
             address,
             BusOptions(
                 client_id=f"flops-agent-{self.id}",
-                subscriptions=[topics.agent_commands(self.id), topics.agent_acks(self.id), topics.manager_status()],
+                subscriptions=[topics.agent_commands(self.id), topics.agent_acks(self.id)],
                 clean_start=False,
                 session_expiry_s=3600,
                 manual_ack=True,
@@ -200,12 +200,6 @@ class Agent:
             kind, _ = topics.parse(message.topic)
             if kind == "agent_acks":
                 self._on_ack(message.payload)
-                self.bus.ack(message)
-                continue
-            if message.topic == topics.manager_status():
-                # A manager (re)announcing itself is subscribed: whatever it missed goes out now.
-                if _says_online(message.payload):
-                    self._resend(everything=True)
                 self.bus.ack(message)
                 continue
             try:
@@ -502,6 +496,8 @@ class Agent:
             self._log.warning("unreadable report acknowledgement", error=str(exc)[:300])
             return
         self.outbox.acked(ack.event_ids)
+        if ack.resend:
+            self._resend(everything=True)
 
     def _receipt(self, command_id: str) -> None:
         """Tell the manager the command is recorded here, so it stops re-sending it."""
@@ -640,10 +636,3 @@ class Agent:
                 {"reason": f"agent {self.id} restarted; cannot serve {entry['url']} again: {what}"},
                 event_id=f"{command_id}.g{restart}.failed",
             )
-
-
-def _says_online(payload: bytes) -> bool:
-    try:
-        return json.loads(payload).get("online") is True
-    except (ValueError, AttributeError):
-        return False

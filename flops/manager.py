@@ -212,8 +212,11 @@ class Manager:
             result = self._guarded(lambda: self.engine.agent_status(ident, item.payload), item.topic)
             status = self.engine.agents.get(ident)
             if status is not None and status.online:
-                # Its birth follows its subscriptions: whatever it has not receipted goes out again now.
+                # Its birth follows its subscriptions: whatever it has not receipted goes out again now, and it
+                # re-sends whatever we have not acknowledged (we may have been away when it sent it).
                 self._publish(self.delivery.for_agent(ident))
+                with contextlib.suppress(PublishFailed):
+                    self.bus.publish(topics.agent_acks(ident), ReportAck(resend=True).to_bytes())
             return result
         return self.engine.error(item.topic, "topic not handled by the manager")
 

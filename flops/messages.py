@@ -217,9 +217,12 @@ class Command(Message):
 
 
 class ReportAck(Message):
-    """Manager -> agent: these reports are committed (handled, rejected or known duplicates); stop re-sending."""
+    """Manager -> agent: these reports are committed (handled, rejected or known duplicates); stop re-sending.
+    With ``resend`` the manager has just heard the agent announce itself (its birth, or its retained status
+    after the manager's own reconnect): re-send everything not acknowledged yet, now."""
 
-    event_ids: Annotated[list[Id], Field(max_length=10_000)]
+    event_ids: Annotated[list[Id], Field(max_length=10_000)] = []
+    resend: bool = False
 
 
 class CommandReceipt(Message):

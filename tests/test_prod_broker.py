@@ -1,5 +1,6 @@
 """The production broker config we ship (mosquitto/prod.conf + acl) really runs: TLS only, no anonymous
-access, passwords checked, and agents cannot read each other's commands."""
+access, passwords checked, agents cannot read each other's commands nor publish as another agent, and the
+manager may publish everything it must (its refused birth went unnoticed before PUBACK codes were read)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from flops import topics
 from flops.broker import free_port, wait_for_port
 from flops.bus import Bus, BusOptions
 from flops.client import Client
-from flops.errors import BrokerUnavailable
+from flops.errors import BrokerUnavailable, PublishFailed
 from flops.manager import Manager
-from flops.messages import new_id
+from flops.messages import ReportAck, new_id
 from flops.settings import BrokerAddress, Settings
 from flops.sla import ProjectSLA
 from flops.store_memory import MemoryStore
@@ -135,6 +136,15 @@ def test_tls_passwords_and_acl_of_the_shipped_production_config(prod_broker, tmp
         assert node2.inbox.get(timeout=10).payload == b"for node-2"
         assert node1.inbox.get(timeout=10).payload == b"for node-1"
         assert node1.inbox.empty()
+        # The manager may publish its own retained status (birth / last will) and acknowledge reports.
+        manager.bus.publish_wait(topics.manager_status(), b'{"online": true}', retain=True)
+        manager.bus.publish_wait(topics.agent_acks("node-1"), ReportAck(event_ids=["e-1"]).to_bytes())
+        # An agent reports and receipts on its own topics only; the broker refuses the rest (PUBACK >= 0x80).
+        node1.publish_wait(topics.agent_reports("node-1"), b"{}")
+        node1.publish_wait(topics.agent_receipts("node-1"), b"{}")
+        for forged in (topics.agent_reports("node-2"), topics.agent_status("node-2"), topics.requests()):
+            with pytest.raises(PublishFailed, match="refused"):
+                node1.publish_wait(forged, b"{}")
     finally:
         node1.close()
         node2.close()

@@ -17,3 +17,11 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/test.sh" in readme
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "bash scripts/test.sh"
+
+
+def test_every_setting_is_documented_with_its_variable() -> None:
+    from flops.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"FLOPS_{name.upper()}" for name in Settings.model_fields if f"FLOPS_{name.upper()}" not in readme]
+    assert not missing, f"settings not in the README's table: {missing}"
