@@ -36,7 +36,7 @@ from tests.support import AgentProc, wait_until
 
 @pytest.fixture
 def listener(broker: BrokerAddress) -> Iterator[Bus]:
-    bus = Bus(broker, BusOptions(client_id=new_id("t-reports"), subscriptions=[topics.ALL_REPORTS])).connect()
+    bus = Bus(broker, BusOptions(client_id=new_id("t-reports"), subscriptions=[topics.ALL_AGENT_REPORTS])).connect()
     yield bus
     bus.close()
 
