@@ -427,6 +427,10 @@ class Agent:
     # --- child reports -> MQTT -------------------------------------------------------------------
 
     def _child_report(self, child: Child, kind: str, payload: dict[str, Any]) -> None:
+        if child.stopped and kind in FAILURE_KIND.values():
+            # We stopped it (stop_project, or our own shutdown): its "I was stopped" is no failure of the
+            # project. After a shutdown the restarted agent reports what it lost, naming itself.
+            return
         if kind in TERMINAL:
             child.terminal_reported = True
         if kind == "model.served" and child.kind == "serve_model":
