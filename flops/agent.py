@@ -197,8 +197,7 @@ class Agent:
             if message is _RESEND_ALL:
                 self._resend(everything=True)
                 continue
-            kind, _ = topics.parse(message.topic)
-            if kind == "agent_acks":
+            if topics.parse(message.topic).kind == "agent_acks":
                 self._on_ack(message.payload)
                 self.bus.ack(message)
                 continue

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # A batch whose commit fails (database locked, disk full) is retried with backoff up to this long between
     # tries; its messages stay unacknowledged until it commits.
     commit_retry_max_s: float = Field(5.0, gt=0)
+    # Provisioned agents and their roles (written by `flops setup production`); unset = any agent (development).
+    agents_file: Path | None = None
     retention_days: float = Field(30.0, gt=0, description="Finished projects and unused artifacts are forgotten")
     max_agents: int = Field(10_000, gt=0, description="Agents the manager keeps track of at most")
     aggregator_ports: tuple[int, int] = (19100, 19999)

@@ -20,7 +20,7 @@ from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
 from tests.support import received, wait_until
 
-ALL_EVENTS = f"{topics.PREFIX}/projects/+/events"
+ALL_EVENTS = topics.ALL_PROJECT_EVENTS
 ALL_COMMANDS = f"{topics.PREFIX}/agents/+/commands"
 
 
@@ -66,7 +66,7 @@ class ProjectFeed:
         for message in received(self.bus, self._stop):
             if not message.payload:
                 continue
-            kind, _ = topics.parse(message.topic)
+            kind = topics.parse(message.topic).kind
             with self._cond:
                 if kind == "state":
                     state = ProjectState.model_validate_json(message.payload)

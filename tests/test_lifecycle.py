@@ -535,22 +535,23 @@ def test_a_restarted_engine_resumes_at_the_stored_stage(tmp_path: Path, stage: S
 
 def test_duplicate_request_returns_the_same_project(h: EngineHarness) -> None:
     request = ProjectRequest(request_id="r-same", sla=ProjectSLA.model_validate(sla_body()))
-    first = h.engine.request(request.to_bytes(), None)
-    again = h.engine.request(request.to_bytes(), "my/reply")
+    first = h.engine.request("tests", request.to_bytes(), None)
+    mine = "flops/v1/customers/tests/requests/r-other/reply"
+    again = h.engine.request("tests", request.to_bytes(), mine)
     assert first.verdict == "accept" and again.verdict == "ignore"
     assert again.project_id == first.project_id
     reply = Reply.model_validate_json(again.outbox[0].payload)
-    assert again.outbox[0].topic == "my/reply" and reply.duplicate and reply.project_id == first.project_id
+    assert again.outbox[0].topic == mine and reply.duplicate and reply.project_id == first.project_id
     assert len(h.store.projects()) == 1
 
 
 def test_invalid_request_is_answered_with_field_errors(h: EngineHarness) -> None:
     body = {"request_id": "r-bad", "sla": sla_body() | {"ml_model_flavor": "caffe"}}
     body["sla"]["training_configuration"]["training_rounds"] = 0
-    result = h.engine.request(json.dumps(body).encode(), None)
+    result = h.engine.request("tests", json.dumps(body).encode(), None)
     assert result.verdict == "reject"
     (item,) = result.outbox
-    assert item.topic == "flops/v1/projects/requests/r-bad/reply"
+    assert item.topic == "flops/v1/customers/tests/requests/r-bad/reply"
     reply = Reply.model_validate_json(item.payload)
     assert reply.project_id is None and reply.errors is not None
     assert {e.field for e in reply.errors} == {"sla.ml_model_flavor", "sla.training_configuration.training_rounds"}

@@ -142,7 +142,7 @@ def test_tls_passwords_and_acl_of_the_shipped_production_config(prod_broker, tmp
         # An agent reports and receipts on its own topics only; the broker refuses the rest (PUBACK >= 0x80).
         node1.publish_wait(topics.agent_reports("node-1"), b"{}")
         node1.publish_wait(topics.agent_receipts("node-1"), b"{}")
-        for forged in (topics.agent_reports("node-2"), topics.agent_status("node-2"), topics.requests()):
+        for forged in (topics.agent_reports("node-2"), topics.agent_status("node-2"), topics.requests("alice")):
             with pytest.raises(PublishFailed, match="refused"):
                 node1.publish_wait(forged, b"{}")
     finally:
