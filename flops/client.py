@@ -21,8 +21,18 @@ from flops.sla import ProjectSLA
 class Client:
     """A short-lived MQTT client for one user action."""
 
-    def __init__(self, address: BrokerAddress, *, ca_file: str | None = None) -> None:
-        self.bus = Bus(address, BusOptions(client_id=new_id("flops-cli"), ca_file=ca_file))
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> None:
+        options = BusOptions(
+            client_id=new_id("flops-cli"), ca_file=ca_file, client_cert=client_cert, client_key=client_key
+        )
+        self.bus = Bus(address, options)
 
     def __enter__(self) -> Client:
         self.bus.connect()
@@ -125,8 +135,10 @@ class Client:
 
     def _marker(self) -> str:
         """Subscribe to and publish a private marker; it arrives after every retained message of the
-        subscriptions made before it (the broker handles one connection's packets in order)."""
-        marker = f"{topics.PREFIX}/clients/{self.bus.options.client_id}/marker/{new_id('m')}"
+        subscriptions made before it (the broker handles one connection's packets in order). Under the
+        client's username when it has one: the production ACL grants ``flops/v1/clients/<username>/#``."""
+        owner = self.bus.address.username or self.bus.options.client_id
+        marker = f"{topics.PREFIX}/clients/{owner}/marker/{new_id('m')}"
         self.bus.subscribe([marker])
         self.bus.publish(marker, b"end", qos=1)
         return marker
