@@ -28,6 +28,8 @@ project_app = typer.Typer(no_args_is_help=True, help="Submit and follow projects
 app.add_typer(project_app, name="project")
 data_app = typer.Typer(no_args_is_help=True, help="Node-local data: push mock partitions, see who holds what.")
 app.add_typer(data_app, name="data")
+setup_app = typer.Typer(no_args_is_help=True, help="Provision a deployment: certificates, credentials, broker.")
+app.add_typer(setup_app, name="setup")
 
 EXIT_BY_OUTCOME = {Outcome.COMPLETED: 0, Outcome.FAILED: 1, Outcome.CANCELLED: 2}
 
@@ -457,6 +459,78 @@ def data_ls(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
     for r in rows:
         table.add_row(r["agent_id"], r["tag"] or "", str(r["rows"] or ""), str(r["files"] or ""), r["error"] or "")
     Console().print(table)
+
+
+# --- setup -----------------------------------------------------------------------------------------
+
+
+@setup_app.command("production")
+def setup_production(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the files go (created)")],
+    agents: Annotated[str, typer.Option(help="Comma-separated agent ids (MQTT usernames), e.g. node-1,node-2")] = "",
+    customers: Annotated[str, typer.Option(help="Comma-separated customers, e.g. alice,bob")] = "",
+    operators: Annotated[str, typer.Option(help="Comma-separated operators (read everything, cancel)")] = "",
+    host: Annotated[
+        str | None, typer.Option(help="Broker host name or IP: its certificate's SAN and the URL [127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Broker TLS port [8883]")] = None,
+    agent_host: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=ADDR", help="Address an agent's servers are reached at (its node certificate)"),
+    ] = None,
+    agent_roles: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=ROLES", help="An agent's roles, e.g. node-1=learner,serve")
+    ] = None,
+    add_agent: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add an agent to DIR's setup")] = None,
+    add_customer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add a customer")] = None,
+    add_operator: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add an operator")] = None,
+) -> None:
+    """Write a CA, the broker's certificate, a TLS-only Mosquitto config with passwords and ACL, agents.json
+    and one env file per identity (env/<name>.env); with --add-*, extend an existing DIR (the CA and existing
+    passwords stay)."""
+    from flops import setup
+
+    adding = bool(add_agent or add_customer or add_operator)
+    fixed = {"agents": agents, "customers": customers, "operators": operators, "host": host, "port": port}
+    errors = [(flag, "fixed by the existing setup; use --add-*") for flag, value in fixed.items() if adding and value]
+    specs, bad = setup.agent_specs(
+        list(add_agent or []) if adding else _names(agents), agent_host or [], agent_roles or []
+    )
+    errors += bad
+    try:
+        if errors:
+            raise setup.SetupRefused(errors)
+        if adding:
+            files = setup.extend(directory, agents=specs, customers=add_customer or [], operators=add_operator or [])
+        else:
+            layout = setup.Layout(
+                host or setup.DEFAULT_HOST,
+                port or setup.DEFAULT_PORT,
+                specs,
+                tuple(_names(customers)),
+                tuple(_names(operators)),
+            )
+            files = setup.production(directory, layout)
+    except setup.SetupRefused as exc:
+        err = Console(stderr=True)
+        err.print("[red]setup refused[/] (nothing written):")
+        for field, message in exc.errors:
+            err.print(f"  {field}: {message}", markup=False)
+        raise typer.Exit(2) from None
+    with _errors():
+        setup.write(directory, files)
+    out = Console()
+    out.print(f"wrote {len(files)} files to {directory}", markup=False)
+    for rel in sorted(f for f in files if f.startswith("env/")):
+        out.print(f"  {directory / rel}", markup=False)
+    hint = (
+        "reload the broker (kill -HUP)" if adding else f"start the broker: mosquitto -c {directory / 'mosquitto.conf'}"
+    )
+    out.print(f"next: {hint}; see deploy/README.md", markup=False)
+
+
+def _names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
