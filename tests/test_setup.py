@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from flops.cli import app
 from flops.errors import BrokerUnavailable, PublishFailed
 from flops.messages import AgentStatus, new_id
 from flops.settings import Settings
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, wait_until
 
 C = "flops/v1/customers"
 A = "flops/v1/agents"
@@ -43,7 +44,7 @@ def env_of(directory: Path, name: str) -> dict[str, str]:
 
 
 @contextmanager
-def mosquitto(directory: Path) -> Iterator[Path]:
+def mosquitto(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Mosquitto with the generated config. As root it would drop to the `mosquitto` user, which cannot read
     the root-owned 0600 files: only this test adds `user root`."""
     conf = (directory / "mosquitto.conf").read_text()
@@ -58,7 +59,7 @@ def mosquitto(directory: Path) -> Iterator[Path]:
         proc = subprocess.Popen([binary, "-c", str(test_conf)], stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port("127.0.0.1", port, 10, proc)  # type: ignore[arg-type]
-            yield log_path
+            yield proc
         finally:
             proc.terminate()
             proc.wait(10)
@@ -92,8 +93,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         *("--agents", "node-1,node-2", "--customers", "alice,bob", "--operators", "ops"),
         *("--port", str(port), "--agent-roles", "node-2=learner"),
     )
-    with mosquitto(directory) as log:
-        yield directory, log
+    with mosquitto(directory):
+        yield directory, directory / "mosquitto.log"
 
 
 def test_files_modes_and_acl_blocks(deployment: tuple[Path, Path]) -> None:
@@ -257,7 +258,17 @@ def test_add_customer_keeps_the_ca_and_existing_passwords(tmp_path: Path) -> Non
     _setup(directory, "--agents", "node-1", "--customers", "alice", "--port", str(free_port()))
     kept = {f: (directory / f).read_bytes() for f in ["ca.crt", "ca.key", "broker.crt", "env/alice.env"]}
     alice_hash = next(line for line in (directory / "passwd").read_text().splitlines() if line.startswith("alice:"))
-    _setup(directory, "--add-customer", "carol", "--add-agent", "node-3", "--agent-host", "node-3=10.1.2.3")
+    with mosquitto(directory) as broker:
+        _setup(directory, "--add-customer", "carol", "--add-agent", "node-3", "--agent-host", "node-3=10.1.2.3")
+        with pytest.raises(BrokerUnavailable):
+            bus(directory, "carol")
+        # As deploy/README.md says: SIGHUP makes Mosquitto re-read the password file and the ACL.
+        broker.send_signal(signal.SIGHUP)
+        carol = wait_until(lambda: _connects(directory, "carol"), 10, "carol accepted after SIGHUP")
+        carol.publish_wait(f"{C}/carol/requests", b"{}")
+        carol.close()
+        for name in ("alice", "node-3"):
+            bus(directory, name).close()
     assert {f: (directory / f).read_bytes() for f in kept} == kept
     passwd = (directory / "passwd").read_text().splitlines()
     assert alice_hash in passwd
@@ -265,9 +276,13 @@ def test_add_customer_keeps_the_ca_and_existing_passwords(tmp_path: Path) -> Non
     assert "user carol\n" in (directory / "acl").read_text()
     assert list(json.loads((directory / "agents.json").read_text())["agents"]) == ["node-1", "node-3"]
     assert "--host 10.1.2.3" in (directory / "env" / "node-3.env").read_text()
-    with mosquitto(directory):
-        for name in ("alice", "carol", "node-3"):
-            bus(directory, name).close()
+
+
+def _connects(directory: Path, name: str) -> Bus | None:
+    try:
+        return bus(directory, name)
+    except BrokerUnavailable:
+        return None
 
 
 @pytest.mark.parametrize(
