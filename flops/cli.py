@@ -520,13 +520,13 @@ def setup_production(
     with _errors():
         setup.write(directory, files)
     out = Console()
-    out.print(f"wrote {len(files)} files to {directory}", markup=False)
+    out.print(f"wrote {len(files)} files to {directory}", markup=False, soft_wrap=True)
     for rel in sorted(f for f in files if f.startswith("env/")):
-        out.print(f"  {directory / rel}", markup=False)
+        out.print(f"  {directory / rel}", markup=False, soft_wrap=True)
     hint = (
         "reload the broker (kill -HUP)" if adding else f"start the broker: mosquitto -c {directory / 'mosquitto.conf'}"
     )
-    out.print(f"next: {hint}; see deploy/README.md", markup=False)
+    out.print(f"next: {hint}; see deploy/README.md", markup=False, soft_wrap=True)
 
 
 def _names(value: str) -> list[str]:

@@ -412,7 +412,8 @@ def env_file(directory: Path, layout: Layout, name: str, password: str) -> str:
             f"FLOPS_TLS_CA_FILE={d / 'ca.crt'}",
             f"FLOPS_TLS_CERT_FILE={d / 'certs' / f'{name}-node.crt'}",
             f"FLOPS_TLS_KEY_FILE={d / 'certs' / f'{name}-node.key'}",
-            f"# flops agent --id {name} --host {spec.host} --roles {','.join(spec.roles)} --data-dir /var/lib/flops",
+            f"# flops agent --id {name} --host {spec.host} --roles {','.join(spec.roles)}"
+            f" --data-dir /var/lib/flops/{name}",
         ]
     if kind == "manager":
         lines += [f"FLOPS_AGENTS_FILE={d / 'agents.json'}", "# FLOPS_DATA_DIR=/var/lib/flops"]
