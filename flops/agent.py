@@ -79,7 +79,15 @@ class Agent:
     # Command ids remembered for idempotency (a redelivery comes long before 10,000 newer commands).
     KEEP_HANDLED = 10_000
 
-    def __init__(self, config: AgentConfig, address: BrokerAddress, *, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        address: BrokerAddress,
+        *,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> None:
         self.config = config
         self.id = config.agent_id
         self.dirs = {name: config.data_dir / name for name in ("data", "work", "builds", "state")}
@@ -120,6 +128,8 @@ class Agent:
                 # After every reconnect: re-send what the manager has not acknowledged yet.
                 on_ready=lambda _present: self.bus.inbox.put(_RESEND_ALL),  # type: ignore[arg-type]
                 ca_file=ca_file,
+                client_cert=client_cert,
+                client_key=client_key,
             ),
         )
 

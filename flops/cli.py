@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -20,11 +20,16 @@ from flops.messages import ProjectEvent, ProjectRequest, ProjectState, describe,
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 
+if TYPE_CHECKING:
+    from flops.client import Client
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated-learning operations over MQTT.")
 project_app = typer.Typer(no_args_is_help=True, help="Submit and follow projects.")
 app.add_typer(project_app, name="project")
 data_app = typer.Typer(no_args_is_help=True, help="Node-local data: push mock partitions, see who holds what.")
 app.add_typer(data_app, name="data")
+setup_app = typer.Typer(no_args_is_help=True, help="Provision a deployment: certificates, credentials, broker.")
+app.add_typer(setup_app, name="setup")
 
 EXIT_BY_OUTCOME = {Outcome.COMPLETED: 0, Outcome.FAILED: 1, Outcome.CANCELLED: 2}
 
@@ -140,7 +145,7 @@ def agent(
     settings = _settings(ctx)
     config = AgentConfig(agent_id, data_dir, chosen, cluster, host, bind_host, data_port)
     with _errors():
-        running = Agent(config, settings.broker()).start()
+        running = Agent(config, settings.broker(), **settings.broker_tls_files()).start()
     Console(stderr=True).print(f"agent {agent_id} running (roles {','.join(chosen)})")
     _wait_for_signal(running.wait, running.stop)
 
@@ -178,8 +183,6 @@ def project_submit(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the manager's reply")] = 15.0,
 ) -> None:
     """Submit a project request; prints the new project id (or the field errors, exit 1)."""
-    from flops.client import Client
-
     settings = _settings(ctx)
     out = Console()
     try:
@@ -205,7 +208,7 @@ def project_submit(
         # The manager would refuse it too; say so without a round trip.
         _print_errors([("payload", f"request of {size} bytes exceeds {settings.max_payload_bytes}")], as_json)
         raise typer.Exit(1)
-    with _errors(), Client(settings.broker()) as client:
+    with _errors(), _client(settings) as client:
         reply = client.send(request, timeout=timeout)
     if reply.errors:
         _print_errors([(e.field, e.message) for e in reply.errors], as_json)
@@ -224,9 +227,7 @@ def project_status(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the retained state")] = 5.0,
 ) -> None:
     """Show a project's current stage, outcome and progress."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         state = client.state(project_id, timeout=timeout)
     if as_json:
         Console().print_json(state.model_dump_json())
@@ -237,9 +238,7 @@ def project_status(
 @project_app.command("list")
 def project_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List every project the broker holds a state for."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         states = client.states()
     if as_json:
         Console().print_json(json.dumps([json.loads(s.model_dump_json()) for s in states]))
@@ -259,11 +258,9 @@ def project_watch(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 3600.0,
 ) -> None:
     """Follow a project live until it is finished; exit 0 completed, 1 failed, 2 cancelled."""
-    from flops.client import Client
-
     out = Console()
     last: ProjectState | None = None
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         for item in client.follow(project_id, timeout=timeout):
             if as_json:
                 kind = "event" if isinstance(item, ProjectEvent) else "state"
@@ -289,9 +286,7 @@ def project_cancel(
 ) -> None:
     """Cancel a project in any stage; whatever it runs is stopped. On a completed project, stop its inference
     server."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         reply = client.cancel(project_id, reason)
     if reply.errors:
         _print_errors([(e.field, e.message) for e in reply.errors], False)
@@ -312,7 +307,6 @@ def project_prune(
     and clear their retained states on the broker. Running projects, and served models, are kept."""
     import time
 
-    from flops.client import Client
     from flops.retention import DAY_S, prune
     from flops.store_sqlite import SQLiteStore
 
@@ -327,7 +321,7 @@ def project_prune(
     artifacts: list[str] = []
     limit = 1000
     # Connected first: when the broker is out of reach nothing is pruned.
-    with _errors(), Client(settings.broker()) as client:
+    with _errors(), _client(settings) as client:
         store = SQLiteStore(path, settings.sqlite_synchronous)
         try:
             while True:
@@ -366,9 +360,7 @@ def diagram() -> None:
 @app.command("agents")
 def agents_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the agents the broker knows (retained status): roles, data tags, online or not."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         found = client.agents()
     if as_json:
         Console().print_json(json.dumps([json.loads(a.model_dump_json()) for a in found]))
@@ -383,9 +375,7 @@ def agents_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--jso
 
 
 def _data_servers(ctx: typer.Context, to: list[str] | None) -> dict[str, str]:
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         found = {a.agent_id: a for a in client.agents() if a.online and a.data_server}
     if to:
         missing = sorted(set(to) - set(found))
@@ -471,6 +461,78 @@ def data_ls(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
     Console().print(table)
 
 
+# --- setup -----------------------------------------------------------------------------------------
+
+
+@setup_app.command("production")
+def setup_production(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the files go (created)")],
+    agents: Annotated[str, typer.Option(help="Comma-separated agent ids (MQTT usernames), e.g. node-1,node-2")] = "",
+    customers: Annotated[str, typer.Option(help="Comma-separated customers, e.g. alice,bob")] = "",
+    operators: Annotated[str, typer.Option(help="Comma-separated operators (read everything, cancel)")] = "",
+    host: Annotated[
+        str | None, typer.Option(help="Broker host name or IP: its certificate's SAN and the URL [127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Broker TLS port [8883]")] = None,
+    agent_host: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=ADDR", help="Address an agent's servers are reached at (its node certificate)"),
+    ] = None,
+    agent_roles: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=ROLES", help="An agent's roles, e.g. node-1=learner,serve")
+    ] = None,
+    add_agent: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add an agent to DIR's setup")] = None,
+    add_customer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add a customer")] = None,
+    add_operator: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add an operator")] = None,
+) -> None:
+    """Write a CA, the broker's certificate, a TLS-only Mosquitto config with passwords and ACL, agents.json
+    and one env file per identity (env/<name>.env); with --add-*, extend an existing DIR (the CA and existing
+    passwords stay)."""
+    from flops import setup
+
+    adding = bool(add_agent or add_customer or add_operator)
+    fixed = {"agents": agents, "customers": customers, "operators": operators, "host": host, "port": port}
+    errors = [(flag, "fixed by the existing setup; use --add-*") for flag, value in fixed.items() if adding and value]
+    specs, bad = setup.agent_specs(
+        list(add_agent or []) if adding else _names(agents), agent_host or [], agent_roles or []
+    )
+    errors += bad
+    try:
+        if errors:
+            raise setup.SetupRefused(errors)
+        if adding:
+            files = setup.extend(directory, agents=specs, customers=add_customer or [], operators=add_operator or [])
+        else:
+            layout = setup.Layout(
+                host or setup.DEFAULT_HOST,
+                port or setup.DEFAULT_PORT,
+                specs,
+                tuple(_names(customers)),
+                tuple(_names(operators)),
+            )
+            files = setup.production(directory, layout)
+    except setup.SetupRefused as exc:
+        err = Console(stderr=True)
+        err.print("[red]setup refused[/] (nothing written):")
+        for field, message in exc.errors:
+            err.print(f"  {field}: {message}", markup=False)
+        raise typer.Exit(2) from None
+    with _errors():
+        setup.write(directory, files)
+    out = Console()
+    out.print(f"wrote {len(files)} files to {directory}", markup=False, soft_wrap=True)
+    for rel in sorted(f for f in files if f.startswith("env/")):
+        out.print(f"  {directory / rel}", markup=False, soft_wrap=True)
+    hint = (
+        "reload the broker (kill -HUP)" if adding else f"start the broker: mosquitto -c {directory / 'mosquitto.conf'}"
+    )
+    out.print(f"next: {hint}; see deploy/README.md", markup=False, soft_wrap=True)
+
+
+def _names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -498,6 +560,13 @@ def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:
     err.print("[red]request rejected:[/]")
     for field, message in errors:
         err.print(f"  {field}: {message}", markup=False)
+
+
+def _client(settings: Settings) -> Client:
+    """A client for the configured broker, with its CA and client certificate."""
+    from flops.client import Client
+
+    return Client(settings.broker(), **settings.broker_tls_files())
 
 
 class _errors:

@@ -148,7 +148,8 @@ class Client:
 
     def _marker(self) -> str:
         """Subscribe to and publish a private marker; it arrives after every retained message of the
-        subscriptions made before it (the broker handles one connection's packets in order)."""
+        subscriptions made before it (the broker handles one connection's packets in order). Under the
+        client's username when it has one: the production ACL grants ``flops/v1/clients/<username>/#``."""
         owner = self.username or self.bus.options.client_id
         marker = f"{topics.client_scratch(owner)}/marker/{new_id('m')}"
         self.bus.subscribe([marker])

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     broker_ca_file: Path | None = None
     broker_client_cert: Path | None = None
     broker_client_key: Path | None = None
+    # The node's own certificate for its servers (Flight data server, Flower SuperLink, model server) and the
+    # CA its peers are checked against: TLS when configured, plaintext (development, loopback) when not.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Provisioned agents and their roles ({"agents": {"node-1": {"roles": [...]}}}); unset = any agent accepted.
+    agents_file: Path | None = None
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".flops")
     deadlines: StageDeadlines = StageDeadlines()
     max_payload_bytes: int = Field(256 * 1024, gt=0)
@@ -114,6 +121,18 @@ class Settings(BaseSettings):
         password = self.broker_password.get_secret_value() if self.broker_password else addr.password
         return addr.model_copy(update={"username": username, "password": password})
 
+    def broker_tls_files(self) -> dict[str, str | None]:
+        """The broker CA and client certificate as :class:`flops.bus.BusOptions` keywords."""
+        return {
+            "ca_file": _str(self.broker_ca_file),
+            "client_cert": _str(self.broker_client_cert),
+            "client_key": _str(self.broker_client_key),
+        }
+
     @property
     def store_path(self) -> Path:
         return self.data_dir / "manager.sqlite3"
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None
