@@ -335,7 +335,6 @@ def acl(layout: Layout) -> str:
             f"topic write flops/v1/customers/{c}/projects/+/cancel",
             f"topic read flops/v1/customers/{c}/requests/+/reply",
             f"topic read flops/v1/customers/{c}/projects/#",
-            "topic read flops/v1/agents/+/status",
             f"topic readwrite flops/v1/clients/{c}/#",
         ]
     for o in layout.operators:

@@ -7,88 +7,32 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from flops import setup
-from flops.broker import free_port, wait_for_port
+from flops.broker import free_port
 from flops.bus import Bus, BusOptions
 from flops.cli import app
 from flops.errors import BrokerUnavailable, PublishFailed
 from flops.messages import AgentStatus, new_id
 from flops.settings import Settings
+from tests.prod_support import A, C, bus, deliveries, env_of, mosquitto, setup_production
 from tests.support import REPO_ROOT, wait_until
-
-C = "flops/v1/customers"
-A = "flops/v1/agents"
-
-
-def _setup(directory: Path, *args: str) -> None:
-    result = CliRunner().invoke(app, ["setup", "production", "--dir", str(directory), *args])
-    assert result.exit_code == 0, result.output
-
-
-def env_of(directory: Path, name: str) -> dict[str, str]:
-    lines = (directory / "env" / f"{name}.env").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-
-
-@contextmanager
-def mosquitto(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Mosquitto with the generated config. As root it would drop to the `mosquitto` user, which cannot read
-    the root-owned 0600 files: only this test adds `user root`."""
-    conf = (directory / "mosquitto.conf").read_text()
-    if os.geteuid() == 0:
-        conf += "user root\n"
-    test_conf = directory / "test-mosquitto.conf"
-    test_conf.write_text(conf)
-    log_path = directory / "mosquitto.log"
-    port = setup.Layout.from_json((directory / "setup.json").read_text()).port
-    with log_path.open("wb") as log:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        proc = subprocess.Popen([binary, "-c", str(test_conf)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port("127.0.0.1", port, 10, proc)  # type: ignore[arg-type]
-            yield proc
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
-def bus(directory: Path, name: str, subscriptions: list[str] | None = None) -> Bus:
-    """A real paho client configured from nothing but ``env/<name>.env``."""
-    settings = Settings(**{k.removeprefix("FLOPS_").lower(): v for k, v in env_of(directory, name).items()})
-    options = BusOptions(client_id=new_id(name), subscriptions=subscriptions or [], **settings.broker_tls_files())
-    return Bus(settings.broker(), options).connect(timeout=10)
-
-
-def deliveries(reader: Bus, control: str, timeout: float = 10.0) -> list[str]:
-    """Topics ``reader`` received up to and including the ``control`` topic (published last, in order)."""
-    got: list[str] = []
-    deadline = time.monotonic() + timeout
-    while control not in got:
-        try:
-            got.append(reader.inbox.get(timeout=max(0.01, deadline - time.monotonic())).topic)
-        except queue.Empty:
-            raise AssertionError(f"{control} never arrived; got {got}") from None
-    return got
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     directory = tmp_path_factory.mktemp("prod") / "flops"
     port = free_port()
-    _setup(
+    setup_production(
         directory,
         *("--agents", "node-1,node-2", "--customers", "alice,bob", "--operators", "ops"),
         *("--port", str(port), "--agent-roles", "node-2=learner"),
@@ -132,7 +76,7 @@ def test_customers_are_isolated(deployment: tuple[Path, Path]) -> None:
     directory, _ = deployment
     manager = bus(directory, "manager", [f"{C}/+/requests", f"{C}/+/projects/+/cancel", "flops/v1/clients/manager/#"])
     alice_reads = [f"{C}/alice/requests/+/reply", f"{C}/alice/projects/+/state", f"{C}/alice/projects/+/events"]
-    alice = bus(directory, "alice", [*alice_reads, f"{A}/+/status"])
+    alice = bus(directory, "alice", alice_reads)
     greedy = bus(directory, "alice", ["#", f"{C}/bob/projects/#", f"{C}/+/projects/+/state"])
     try:
         # Alice writes her requests and cancels; the manager reads them.
@@ -239,7 +183,8 @@ def test_the_cli_and_the_agent_run_on_nothing_but_their_env_file(deployment: tup
     try:
         deadline = time.monotonic() + 60
         while True:
-            lister = _cli(directory, "alice", "agents", "--json")
+            # An operator's view: agents' statuses carry data-server addresses no customer may read.
+            lister = _cli(directory, "ops", "agents", "--json")
             out, err = lister.communicate(timeout=60)
             assert lister.returncode == 0, err
             online = [AgentStatus.model_validate(a) for a in json.loads(out) if a["online"]]
@@ -255,11 +200,13 @@ def test_the_cli_and_the_agent_run_on_nothing_but_their_env_file(deployment: tup
 
 def test_add_customer_keeps_the_ca_and_existing_passwords(tmp_path: Path) -> None:
     directory = tmp_path / "flops"
-    _setup(directory, "--agents", "node-1", "--customers", "alice", "--port", str(free_port()))
+    setup_production(directory, "--agents", "node-1", "--customers", "alice", "--port", str(free_port()))
     kept = {f: (directory / f).read_bytes() for f in ["ca.crt", "ca.key", "broker.crt", "env/alice.env"]}
     alice_hash = next(line for line in (directory / "passwd").read_text().splitlines() if line.startswith("alice:"))
     with mosquitto(directory) as broker:
-        _setup(directory, "--add-customer", "carol", "--add-agent", "node-3", "--agent-host", "node-3=10.1.2.3")
+        setup_production(
+            directory, "--add-customer", "carol", "--add-agent", "node-3", "--agent-host", "node-3=10.1.2.3"
+        )
         with pytest.raises(BrokerUnavailable):
             bus(directory, "carol")
         # As deploy/README.md says: SIGHUP makes Mosquitto re-read the password file and the ACL.
@@ -309,7 +256,7 @@ def test_bad_names_are_refused_and_nothing_is_written(tmp_path: Path, args: list
 
 def test_adding_an_existing_name_changes_nothing(tmp_path: Path) -> None:
     directory = tmp_path / "flops"
-    _setup(directory, "--agents", "node-1", "--customers", "alice", "--port", str(free_port()))
+    setup_production(directory, "--agents", "node-1", "--customers", "alice", "--port", str(free_port()))
     before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
     for args in (["--add-customer", "node-1"], ["--add-agent", "alice"], ["--add-operator", "manager"]):
         result = CliRunner().invoke(app, ["setup", "production", "--dir", str(directory), *args])
@@ -317,3 +264,12 @@ def test_adding_an_existing_name_changes_nothing(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["setup", "production", "--dir", str(directory), "--agents", "x"])
     assert result.exit_code == 2 and "already holds a setup" in result.output, result.output
     assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
+
+
+def test_the_shipped_example_acl_is_what_the_generator_writes() -> None:
+    """mosquitto/acl is documentation that must not drift from the code: the generator's output for its names."""
+    layout = setup.Layout(
+        agents={"node-1": setup.AgentSpec(), "node-2": setup.AgentSpec()}, customers=("alice",), operators=("ops",)
+    )
+    shipped = Path(__file__).resolve().parent.parent / "mosquitto" / "acl"
+    assert shipped.read_text() == setup.acl(layout)
