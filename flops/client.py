@@ -62,6 +62,9 @@ class Client:
         return self.send(ProjectRequest(request_id=request_id or new_id("r"), sla=sla), timeout=timeout)
 
     def send(self, request: ProjectRequest, *, timeout: float = 15.0) -> Reply:
+        if self.username and "customerID" not in request.sla.model_fields_set:
+            # The SLA names no customer: it is ours (the manager would fill it in the same way).
+            request = request.model_copy(update={"sla": request.sla.model_copy(update={"customerID": self.username})})
         customer = self.username or request.sla.customerID
         return self._request(topics.requests(customer), customer, request.request_id, request.to_bytes(), timeout)
 

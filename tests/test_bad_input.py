@@ -91,6 +91,7 @@ def test_bad_reports_are_rejected_on_the_project_stream_or_the_error_topic(
             reply = client.submit(ProjectSLA.model_validate(sla(make_git_repo(tmp_path / "repo"))))
         project_id = reply.project_id
         assert project_id
+        build = workers.next_command("build", timeout=60)
         reports = topics.agent_reports("node-x")
         # Malformed JSON, wrong schema, a kind nobody knows: no project can be read from them.
         workers.publish_raw(reports, b"{oops")
@@ -115,11 +116,22 @@ def test_bad_reports_are_rejected_on_the_project_stream_or_the_error_topic(
         with Client(broker) as client:
             client.cancel(project_id, "done testing")
         listener.expect(f"{project_id}/events", "cancelled")
+        workers.report(build, "build.started", event_id="e5")
+        listener.expect(f"{project_id}/events", "finished project")
+        # A report from an agent the named command was not sent to: refused, the project's stream untouched.
         workers.publish_raw(
             reports,
-            json.dumps({"kind": "build.started", "event_id": "e5", "project_id": project_id, "source": "x"}).encode(),
+            json.dumps(
+                {
+                    "kind": "build.started",
+                    "event_id": "e6",
+                    "project_id": project_id,
+                    "source": "x",
+                    "command_id": build.command_id,
+                }
+            ).encode(),
         )
-        listener.expect(f"{project_id}/events", "finished project")
+        listener.expect("errors", "sent no such command")
         # A cancel that is not JSON, for a project that does not exist.
         workers.publish_raw(topics.project_cancel("tests", "p-ghost"), b"nope")
         listener.expect("errors", "p-ghost")
