@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     broker_ca_file: Path | None = None
     broker_client_cert: Path | None = None
     broker_client_key: Path | None = None
+    # The node's certificate for its own servers (Flower SuperLink, ...), signed by the fleet CA; TLS when set.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".flops")
     deadlines: StageDeadlines = StageDeadlines()
     max_payload_bytes: int = Field(256 * 1024, gt=0)
