@@ -73,6 +73,10 @@ class AgentConfig:
     data_port: int = 0
     builder_workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The fleet CA and this node's certificate (FLOPS_TLS_*): Flower runs TLS + SuperNode auth when set.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 class Agent:
@@ -356,16 +360,28 @@ class Agent:
                 self.data_server.location,
                 "--data-tags",
                 tags,
+                *self._tls_args("--tls-ca-file"),
                 "--work-dir",
                 str(self._workdir(cmd)),
             ],
             artifact,
         )
 
+    def _tls_args(self, *flags: str) -> list[str]:
+        """``--tls-ca-file F --tls-cert-file F --tls-key-file F`` for the configured files among ``flags``."""
+        files = {
+            "--tls-ca-file": self.config.tls_ca_file,
+            "--tls-cert-file": self.config.tls_cert_file,
+            "--tls-key-file": self.config.tls_key_file,
+        }
+        return [arg for flag in flags if (path := files[flag]) is not None for arg in (flag, str(path))]
+
     def _run_aggregator(self, cmd: Command) -> Child | None:
         artifact = self._artifact(cmd)
         spec = cmd.spec
         work = self._workdir(cmd)
+        keys = work / "supernode_keys.txt"
+        keys.write_text("".join(f"{key}\n" for key in spec.get("supernode_keys", [])), encoding="utf-8")
         return self._spawn(
             cmd,
             [
@@ -386,6 +402,9 @@ class Agent:
                 f"{self.config.bind_host}:{spec['port']}",
                 "--model-out",
                 str(work / "model"),
+                *self._tls_args("--tls-ca-file", "--tls-cert-file", "--tls-key-file"),
+                "--supernode-keys",
+                str(keys),
                 "--work-dir",
                 str(work / "flower"),
             ],

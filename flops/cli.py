@@ -143,7 +143,18 @@ def agent(
         Console(stderr=True).print(f"[red]the agent needs {', '.join(missing)}:[/] pip install 'flops-mqtt\\[agent]'")
         raise typer.Exit(78)
     settings = _settings(ctx)
-    config = AgentConfig(agent_id, data_dir, chosen, cluster, host, bind_host, data_port)
+    config = AgentConfig(
+        agent_id,
+        data_dir,
+        chosen,
+        cluster,
+        host,
+        bind_host,
+        data_port,
+        tls_ca_file=settings.tls_ca_file,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+    )
     with _errors():
         running = Agent(config, settings.broker(), **settings.broker_tls_files()).start()
     Console(stderr=True).print(f"agent {agent_id} running (roles {','.join(chosen)})")

@@ -103,6 +103,9 @@ class LearnerReady(ReportBase):
     kind: Literal["learner.ready"] = "learner.ready"
     agent_id: Id
     examples: int | None = None
+    # The learner's SuperNode key for this project (OpenSSH line) when it dials over TLS; the aggregator
+    # registers it with its SuperLink (flops.runtime.flower_tls).
+    public_key: Annotated[str, Field(max_length=1024)] | None = None
 
 
 class LearnerFailed(ReportBase):

@@ -57,6 +57,7 @@ class Learners(StageHooks):
             )
         project.ctx["learners"] = learners
         project.ctx["learners_ready"] = []
+        project.ctx["learner_keys"] = {}
         project.ctx["critical_agents"] = sorted(learners)
         return None
 
@@ -69,6 +70,8 @@ class Learners(StageHooks):
             if report.agent_id not in ready:
                 ready.append(report.agent_id)
                 ready.sort()
+                if report.public_key:
+                    project.ctx.setdefault("learner_keys", {})[report.agent_id] = report.public_key
                 ctx.event(
                     project,
                     "report.accepted",
