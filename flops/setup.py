@@ -453,7 +453,9 @@ def identity_files(directory: Path, layout: Layout, ca: Authority, name: str, pa
     files = {f"certs/{name}.crt": File(cert), f"certs/{name}.key": File(key, SECRET)}
     if name in layout.agents:
         host = layout.agents[name].host
-        cert, key = issue(ca, name, hosts=[host], server=True, client=True)
+        # Peers dial the agent's host; the aggregator's own flwr CLI and Flower's processes dial loopback.
+        hosts = list(dict.fromkeys([host, "127.0.0.1"]))
+        cert, key = issue(ca, name, hosts=hosts, server=True, client=True)
         files |= {f"certs/{name}-node.crt": File(cert), f"certs/{name}-node.key": File(key, SECRET)}
     files[f"env/{name}.env"] = File(env_file(directory, layout, name, password).encode(), SECRET)
     return files
