@@ -12,8 +12,9 @@ aggregator's ``np.savez`` of the parameter list) and serves HTTP:
   carry exactly one of ``inputs`` / ``instances`` (rows), ``dataframe_split`` (``columns`` + ``data``)
   or ``dataframe_records`` (list of objects); ``text/csv`` bodies are rows of values, with a header
   row when the first row is not all numbers. Rows of more than one dimension (8x8 images) are
-  flattened, a single flat row is one sample. Bad input → 400 (MLflow-style
-  ``{"error_code", "message"}``), oversized body → 413, unknown media type → 415.
+  flattened, a single flat row is one sample. Bad input (malformed JSON or CSV, nesting too deep,
+  numbers too large, wrong shapes) → 400 (MLflow-style ``{"error_code", "message"}``), oversized
+  body → 413, unknown media type → 415; a model bug → 500 with a generic message, traceback in the log.
 
 Once it listens it writes a ``model.served`` report ``{"url": "http://host:port/"}`` to
 ``--report-fd`` (stdout when absent); when the model cannot be loaded, ``model.failed``
@@ -174,7 +175,9 @@ def parse_json_body(body: bytes) -> tuple[list[str] | None, Any]:
     """(column names or None, rows) of an MLflow JSON scoring body."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise BadInput("body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # also UnicodeDecodeError, and integers beyond Python's int-string limit
         raise BadInput(f"body is not valid JSON: {exc}") from exc
     keys = [k for k in JSON_KEYS if isinstance(payload, dict) and k in payload]
     if len(keys) != 1:
@@ -234,15 +237,17 @@ def to_features(rows: Any, columns: list[str] | None, model: Any) -> Any:
         raise BadInput("no rows to score: send at least one row")
     try:
         array = np.asarray(rows)
-    except ValueError as exc:  # ragged nesting
+    except (ValueError, OverflowError, RecursionError) as exc:  # ragged nesting, more than 64 dimensions
         raise BadInput(f"rows must all have the same shape: {exc}") from exc
-    if array.dtype == object:  # None (missing value) among numbers, or nested objects
+    if array.dtype == object:  # None (missing value) among numbers, integers beyond int64, nested objects
         try:
             array = array.astype(np.float64)
+        except OverflowError as exc:
+            raise BadInput("a number is too large for a 64-bit float") from exc
         except (TypeError, ValueError) as exc:
             raise BadInput("rows must all have the same shape and hold plain values") from exc
     if array.dtype.kind in "US":  # CSV cells, or JSON strings: numbers if they all parse
-        with contextlib.suppress(ValueError):  # otherwise the model decides (e.g. a text pipeline)
+        with contextlib.suppress(ValueError, OverflowError):  # otherwise the model decides (e.g. a text pipeline)
             array = array.astype(np.float64)
     if array.ndim == 1:
         array = array.reshape(1, -1)  # one flat row is one sample
@@ -282,7 +287,7 @@ def score(model: Any, body: bytes, content_type: str | None) -> tuple[list[Any],
     features = to_features(rows, columns, model)
     try:
         predictions = model.predict(features)
-    except (ValueError, TypeError) as exc:  # sklearn's way of refusing input
+    except (ValueError, TypeError, OverflowError) as exc:  # sklearn's way of refusing input
         raise BadInput(f"the model rejected the input: {exc}") from exc
     return np.asarray(predictions).tolist(), len(features)
 
@@ -351,9 +356,9 @@ class ScoringHandler(BaseHTTPRequestHandler):
         except BadInput as exc:
             self._error(exc.status, str(exc), started)
             return
-        except Exception as exc:  # a model bug must cost one request, never the server
+        except Exception:  # a model bug must cost one request, never the server
             structlog.get_logger(__name__).exception("predict.crashed")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"prediction failed: {exc!r}", started)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "prediction failed; see the server log", started)
             return
         self._send(HTTPStatus.OK, {"predictions": predictions}, started, rows=rows)
 

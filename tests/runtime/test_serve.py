@@ -306,3 +306,37 @@ def test_unloadable_package_reports_model_failed(trained: tuple[Path, Any], tmp_
         assert failed.proc.wait(timeout=10) == 1
     finally:
         _stop(failed)
+
+
+# -- hostile input -----------------------------------------------------------------------------------------
+def _assert_short_json_error(reply: dict[str, Any]) -> None:
+    assert set(reply) == {"error_code", "message"}
+    assert "Traceback" not in reply["message"] and len(reply["message"]) <= 300
+
+
+def _huge(value: int) -> bytes:
+    return json.dumps({"inputs": [[0] * 63 + [0]]}).replace("0]]", f"{value}]]").encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        pytest.param(b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json", "nested", id="deep"),
+        pytest.param(b'{"inputs": [[' + b"7" * 5000 + b"]]}", "application/json", "not valid JSON", id="digits"),
+        pytest.param(_huge(10**400), "application/json", "too large", id="int-overflow"),
+        pytest.param(_huge(-(10**400)), "application/json", "too large", id="negative-overflow"),
+        pytest.param(b'{"inputs": [["\xff\xfe"]]}', "application/json", "not valid JSON", id="json-not-utf8"),
+        pytest.param(b"1,2\n\xc3\x28\n", "text/csv", "not UTF-8", id="csv-not-utf8"),
+        pytest.param(b'{"inputs": [[[1, 2], [3]]]}', "application/json", "same shape", id="ragged"),
+        pytest.param(b'{"inputs": [[{"a": 1}]]}', "application/json", "plain values", id="objects"),
+        pytest.param(b'{"inputs": [[1, 2, 3]]}', "application/json", "64 features", id="narrow"),
+        pytest.param(b'{"inputs": ' + b"[" * 80 + b"1" + b"]" * 80 + b"}", "application/json", "shape", id="ndim"),
+        pytest.param(b'"a' + b"x" * 200_000 + b"\n", "text/csv", "CSV", id="csv-field"),
+    ],
+)
+def test_malformed_input_is_400_never_500(server: Server, body: bytes, content_type: str, message: str) -> None:
+    status, reply = _post(server.url, body[:MAX_BODY], content_type)
+
+    assert status == 400, reply
+    _assert_short_json_error(reply)
+    assert message in reply["message"]
