@@ -435,22 +435,29 @@ class Agent:
         package = cmd.spec["image_ref"].removeprefix("dir://")
         manifest = json.loads((Path(package) / "manifest.json").read_text())
         python = manifest.get("python") or sys.executable
-        return self._spawn(
-            cmd,
-            [
-                manifest.get("entry_module", "flops.runtime.serve"),
-                "--package",
-                package,
-                "--host",
-                self.config.bind_host,
-                "--port",
-                str(port),
-                "--advertise-host",
-                self.config.host,
-            ],
-            {"python": python},
-            restart=restart,
-        )
+        argv = [
+            manifest.get("entry_module", "flops.runtime.serve"),
+            "--package",
+            package,
+            "--host",
+            self.config.bind_host,
+            "--port",
+            str(port),
+            "--advertise-host",
+            self.config.host,
+        ]
+        if cmd.spec.get("token"):
+            argv += ["--token-file", str(self._token_file(cmd, str(cmd.spec["token"])))]
+        return self._spawn(cmd, argv, {"python": python}, restart=restart)
+
+    def _token_file(self, cmd: Command, token: str) -> Path:
+        """The model server's bearer token in a file only this user can read (never on a command line)."""
+        path = self._workdir(cmd) / "model-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)  # an older file may have had wider permissions
+            out.write(token + "\n")
+        return path
 
     # --- child reports -> MQTT -------------------------------------------------------------------
 
