@@ -561,6 +561,8 @@ def _print_state(out: Console, s: ProjectState) -> None:
         )
     if s.model_url:
         out.print(f"  model served at {s.model_url}", markup=False)
+        if s.model_token:
+            out.print(f"  model token (Authorization: Bearer …) {s.model_token}", markup=False)
 
 
 def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:

@@ -196,7 +196,7 @@ def run_demo(
         predictions: list[int] = []
         labels: list[int] = []
         if state.model_url:
-            predictions, labels = ask_model(state.model_url, console)
+            predictions, labels = ask_model(state.model_url, console, token=state.model_token)
     total = time.monotonic() - started
     ts = state.stage_timestamps
     order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
@@ -231,7 +231,7 @@ def follow(client: object, project_id: str, rounds: int, console: Console, timeo
     return last
 
 
-def ask_model(url: str, console: Console, n: int = 12) -> tuple[list[int], list[int]]:
+def ask_model(url: str, console: Console, n: int = 12, *, token: str | None = None) -> tuple[list[int], list[int]]:
     """Held-out digits (never pushed to any agent) sent to the inference server."""
     import urllib.request
 
@@ -247,7 +247,7 @@ def ask_model(url: str, console: Console, n: int = 12) -> tuple[list[int], list[
     request = urllib.request.Request(
         url.rstrip("/") + "/invocations",
         data=json.dumps({"inputs": rows}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         predictions = [int(p) for p in json.loads(response.read())["predictions"]]

@@ -654,6 +654,7 @@ class Engine:
             deadline_at=r.deadline_at,
             progress=Progress(**{k: v for k, v in progress.items() if k in Progress.model_fields}),
             model_url=r.ctx.get("model_url"),
+            model_token=r.ctx.get("model_token") if r.ctx.get("model_url") else None,
             customer=r.sla.get("customerID"),
             seq=r.seq,
             updated_at=self.clock(),

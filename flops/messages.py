@@ -254,6 +254,8 @@ class ProjectState(Message):
     deadline_at: float | None = None
     progress: Progress = Progress()
     model_url: str | None = None
+    # Bearer token of the inference server at model_url (the state is readable by its customer only).
+    model_token: str | None = None
     customer: str | None = None
     seq: int = 0
     updated_at: float = Field(default_factory=now)

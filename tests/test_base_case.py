@@ -82,11 +82,11 @@ def _held_out_digits() -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(len(images), -1) / 16.0, np.asarray(test.column("label").to_pylist())
 
 
-def _invoke(url: str, rows: np.ndarray) -> np.ndarray:
+def _invoke(url: str, rows: np.ndarray, token: str | None) -> np.ndarray:
     request = urllib.request.Request(
         url.rstrip("/") + "/invocations",
         data=json.dumps({"inputs": rows.tolist()}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return np.asarray(json.loads(response.read())["predictions"])
@@ -131,7 +131,7 @@ def test_demo_project_completes_and_serves_an_accurate_model(fleet: Fleet, first
     # The inference server answers held-out digits, accurately.
     assert state.model_url, state
     x_test, y_test = _held_out_digits()
-    served = _invoke(state.model_url, x_test)
+    served = _invoke(state.model_url, x_test, state.model_token)
     accuracy = float((served == y_test).mean())
     assert accuracy >= 0.90, f"inference server accuracy {accuracy:.3f} on {len(y_test)} held-out digits"
 
