@@ -34,7 +34,8 @@ FIRST_PROJECT_TIMEOUT = 300.0  # includes the cold runtime-base build
 
 @pytest.fixture(scope="module")
 def fleet(broker: BrokerAddress, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    with running_fleet(broker, tmp_path_factory.mktemp("base_case")) as fleet:
+    # The broker stays up here: an agent's last will is the truth, so a short grace keeps the tests quick.
+    with running_fleet(broker, tmp_path_factory.mktemp("base_case"), {"FLOPS_AGENT_GRACE_S": "3"}) as fleet:
         yield fleet
 
 
