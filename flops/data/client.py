@@ -21,6 +21,10 @@ import structlog
 from flops.data.server import DROP_DATASET, NOT_FOUND, is_valid_tag, parse_dataset_file_name
 
 DEFAULT_TIMEOUT_S = 30.0
+# How an agent hands a learner its project's read token and the CA of the node's certificate (also read by
+# flops_utils.ml_repo_building_blocks.load_dataset, inside ML repositories).
+DATA_TOKEN_ENV = "FLOPS_DATA_TOKEN"
+TLS_CA_ENV = "FLOPS_TLS_CA_FILE"
 
 
 class DataError(Exception):
