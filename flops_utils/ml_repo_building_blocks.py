@@ -34,7 +34,7 @@ def parse_tags(raw: str) -> list[str]:
     return [tag.strip() for tag in raw.split(",") if tag.strip()]
 
 
-def _fetch_table(location: str, tags: list[str], token: str, ca_file: str | None) -> pa.Table:
+def _fetch_table(location: str, tags: list[str], token: str | None, ca_file: str | None) -> pa.Table:
     """Read and concatenate every Flight stream whose tag matches ``tags``.
 
     Stand-in for ``flops.data.client.DataClient`` where the ``flops`` package is not installed.
@@ -43,7 +43,7 @@ def _fetch_table(location: str, tags: list[str], token: str, ca_file: str | None
 
     root_certs = Path(ca_file).read_bytes() if ca_file else None
     client = flight.FlightClient(location, tls_root_certs=root_certs)
-    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())] if token else [])
     try:
         criteria = json.dumps({"data_tags": tags}).encode()
         tables = [
@@ -61,12 +61,10 @@ def _fetch_table(location: str, tags: list[str], token: str, ca_file: str | None
 def fetch_table(location: str, tags: list[str]) -> pa.Table:
     """Return all partitions matching ``tags`` from the data server at ``location`` as one table.
 
-    Authorised by the token in ``FLOPS_DATA_TOKEN``; a TLS server's certificate is checked against
-    ``FLOPS_TLS_CA_FILE`` when set.
+    Authorised by the token in ``FLOPS_DATA_TOKEN`` (a FLOps data server refuses calls without one); a TLS
+    server's certificate is checked against ``FLOPS_TLS_CA_FILE`` when set.
     """
-    token = os.environ.get(DATA_TOKEN_ENV, "")
-    if not token:
-        raise DataUnavailableError(f"{DATA_TOKEN_ENV} is not set: the data server needs a token")
+    token = os.environ.get(DATA_TOKEN_ENV) or None
     ca_file = os.environ.get(TLS_CA_ENV) or None
     try:
         from flops.data.client import DataClient  # type: ignore[import-not-found]
