@@ -125,8 +125,16 @@ def agent(
     ] = "learner,builder,aggregator,serve",
     cluster: Annotated[str | None, typer.Option(help="Cluster label (hierarchical mode)")] = None,
     host: Annotated[str, typer.Option(help="Address other nodes reach this node at")] = "127.0.0.1",
-    bind_host: Annotated[str, typer.Option(help="Address this node's services listen on")] = "127.0.0.1",
+    bind_host: Annotated[
+        str, typer.Option(help="Address this node's aggregator and model servers listen on")
+    ] = "127.0.0.1",
     data_port: Annotated[int, typer.Option(help="Arrow Flight data server port (0: any free port)")] = 0,
+    data_bind_host: Annotated[
+        str, typer.Option(help="Address the data server listens on; open it only with TLS (see deploy/README.md)")
+    ] = "127.0.0.1",
+    data_max_upload_mb: Annotated[
+        int | None, typer.Option(min=1, help="Largest upload the data server accepts [env FLOPS_DATA_MAX_UPLOAD_MB]")
+    ] = None,
 ) -> None:
     """Run a node agent: announces the node, serves its data, runs learners/aggregators/builds for projects."""
     from flops.agent import ROLES, Agent, AgentConfig
@@ -151,9 +159,11 @@ def agent(
         host,
         bind_host,
         data_port,
-        tls_ca_file=settings.tls_ca_file,
+        data_bind_host=data_bind_host,
+        data_max_upload_mb=data_max_upload_mb or settings.data_max_upload_mb,
         tls_cert_file=settings.tls_cert_file,
         tls_key_file=settings.tls_key_file,
+        tls_ca_file=settings.tls_ca_file,
     )
     with _errors():
         running = Agent(config, settings.broker(), **settings.broker_tls_files()).start()
@@ -400,6 +410,40 @@ def _data_servers(ctx: typer.Context, to: list[str] | None) -> dict[str, str]:
     return {k: v.data_server for k, v in sorted(found.items()) if v.data_server}
 
 
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help="The target nodes' data admin token (default: read from --agent-dir)")
+]
+AgentDirOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--agent-dir",
+        help="An agent's directory (its --data-dir), to read its data admin token from (repeat); "
+        "default: FLOPS_DATA_DIR and its subdirectories",
+    ),
+]
+
+
+def _data_tokens(ctx: typer.Context, agents: list[str], token: str | None, dirs: list[Path] | None) -> dict[str, str]:
+    """Admin tokens of `agents`' data servers: `--token` for all, else each agent's `state/data-admin.token`."""
+    from flops.data.server import ADMIN_TOKEN_FILE
+
+    if token:
+        return dict.fromkeys(agents, token)
+    home = _settings(ctx).data_dir
+    candidates = dirs or [home, *sorted(p for p in home.glob("*") if p.is_dir())]
+    found: dict[str, str] = {}
+    for directory in candidates:
+        state = directory / "state"
+        try:
+            agent_id = str(json.loads((state / "data-server.json").read_text())["agent_id"])
+            found[agent_id] = (state / ADMIN_TOKEN_FILE).read_text().strip()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if dirs:  # named explicitly: say why it does not help
+                Console(stderr=True).print(f"[red]no agent data token in {directory}:[/] {exc}", markup=False)
+                raise typer.Exit(1) from None
+    return {a: found[a] for a in agents if a in found}
+
+
 @data_app.command("mock")
 def data_mock(
     ctx: typer.Context,
@@ -415,9 +459,13 @@ def data_mock(
     sla: Annotated[
         Path | None, typer.Option(help="An original FLOps mock-data SLA (mock_data_configuration) instead of flags")
     ] = None,
+    token: TokenOption = None,
+    agent_dir: AgentDirOption = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Split a dataset into IID partitions and push one to each target agent's data server."""
+    """Split a dataset into IID partitions and push one to each target agent's data server (with each node's
+    data admin token)."""
+    from flops.data.client import DataError
     from flops.data.ops import mock
 
     if sla is not None:
@@ -430,9 +478,24 @@ def data_mock(
     if count != len(servers):
         Console(stderr=True).print(f"[red]--partitions {count} but {len(servers)} target agents[/]")
         raise typer.Exit(2)
+    tokens = _data_tokens(ctx, list(servers), token, agent_dir)
+    missing = sorted(set(servers) - set(tokens))
+    if missing:
+        Console(stderr=True).print(
+            f"[red]no data admin token for {', '.join(missing)}:[/] pass --token, or --agent-dir with their directories"
+        )
+        raise typer.Exit(1)
     try:
-        pushed = mock(dataset, count, tag, list(servers.values()), seed)
-    except (ValueError, OSError) as exc:
+        pushed = mock(
+            dataset,
+            count,
+            tag,
+            list(servers.values()),
+            seed,
+            tokens=[tokens[a] for a in servers],
+            ca_file=_settings(ctx).tls_ca_file,
+        )
+    except (ValueError, OSError, DataError) as exc:
         Console(stderr=True).print(f"[red]cannot push {dataset}:[/] {exc}")
         raise typer.Exit(1) from None
     by_location = {v: k for k, v in servers.items()}
@@ -458,11 +521,18 @@ def _mock_sla(path: Path) -> tuple[str, int | None, str]:
 
 
 @data_app.command("ls")
-def data_ls(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def data_ls(
+    ctx: typer.Context,
+    token: TokenOption = None,
+    agent_dir: AgentDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Which agent holds which data tags, with row counts (asked from each agent's data server)."""
     from flops.data.ops import inventory
 
-    rows = inventory(_data_servers(ctx, None))
+    servers = _data_servers(ctx, None)
+    tokens = _data_tokens(ctx, list(servers), token, agent_dir)
+    rows = inventory(servers, tokens=tokens, ca_file=_settings(ctx).tls_ca_file)
     if as_json:
         print(json.dumps(rows))
         return

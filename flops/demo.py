@@ -126,6 +126,12 @@ class Fleet:
                         seen[status.agent_id] = status
         return seen
 
+    def data_token(self, agent_id: str) -> str:
+        """The agent's data admin token (written before it announces its data server, so after wait_online)."""
+        from flops.data.server import ADMIN_TOKEN_FILE
+
+        return (self.work / "agents" / agent_id / "state" / ADMIN_TOKEN_FILE).read_text().strip()
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -177,7 +183,13 @@ def run_demo(
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
         statuses = fleet.wait_online()
         partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)
-        push_partitions(partitions, [statuses[a].data_server for a in fleet.ids], "digits")
+        push_partitions(
+            partitions,
+            [statuses[a].data_server for a in fleet.ids],
+            "digits",
+            tokens=[fleet.data_token(a) for a in fleet.ids],
+            ca_file=settings.tls_ca_file,
+        )
         shares = ", ".join(f"{a}: {p.num_rows} rows" for a, p in zip(fleet.ids, partitions, strict=True))
         console.print(f"data: digits train split → {shares}")
         body = json.loads(EXAMPLE_SLA.read_text())

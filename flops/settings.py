@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     # Provisioned agents and their roles ({"agents": {"node-1": {"roles": [...]}}}); unset = any agent accepted.
     agents_file: Path | None = None
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".flops")
+    # The node's certificate and key for its own servers (the Flight data server): configured = TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = Field(None, description="CA that signed the nodes' server certificates")
+    data_max_upload_mb: int = Field(512, gt=0, description="Largest upload a node's data server accepts")
     deadlines: StageDeadlines = StageDeadlines()
     max_payload_bytes: int = Field(256 * 1024, gt=0)
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)

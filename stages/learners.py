@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
@@ -53,6 +54,9 @@ class Learners(StageHooks):
                     "data_tags": tc.data_tags,
                     "aggregator_address": address,
                     "index": index,
+                    # The learner's read token for its node's data server, for this project's tags only;
+                    # the agent revokes it when the project stops.
+                    "data_token": secrets.token_urlsafe(24),
                 },
             )
         project.ctx["learners"] = learners

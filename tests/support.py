@@ -431,6 +431,12 @@ class AgentProc:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
+    def data_token(self, timeout: float = 30.0) -> str:
+        """The agent's data admin token (``state/data-admin.token``), waiting for the agent to write it."""
+        path = self.home / "state" / "data-admin.token"
+        wait_until(lambda: path.is_file() and len(path.read_text().strip()) >= 16, timeout, f"{path}")
+        return path.read_text().strip()
+
     def wait_online(self, timeout: float = 30.0) -> None:
         """Until the agent's retained status says online with a data server (or roles without one)."""
         from flops.client import Client

@@ -133,7 +133,7 @@ def test_kill9_of_the_agent_mid_training_takes_its_children_along(
         with Client(broker) as client:
             (status,) = [a for a in client.agents() if a.agent_id == agent.agent_id]
         part = split_iid(load_dataset("digits", split="train"), 3, seed=1)[0]
-        push_partitions([part], [status.data_server], "hyg")
+        push_partitions([part], [status.data_server], "hyg", tokens=[agent.data_token()])
         artifact = {"details": {"python": sys.executable, "repo_dir": str(EXAMPLE_REPO)}}
         port = free_port()
         project_id = f"p-train-{new_id('x')[2:10]}"

@@ -403,7 +403,7 @@ def test_agent_going_offline_fails_the_project_and_its_restart_reconciles(fleet:
         victim.start()
         (status,) = fleet.feed.wait_agents([victim.agent_id]).values()
         part = split_iid(load_dataset("digits", split="train"), 3, seed=1)[0]
-        push_partitions([part], [status.data_server], "victim")
+        push_partitions([part], [status.data_server], "victim", tokens=[victim.data_token()])
         fleet.feed.wait_agents([victim.agent_id], tag="victim")
 
         project_id = _start_long_training(

@@ -556,3 +556,14 @@ def test_invalid_request_is_answered_with_field_errors(h: EngineHarness) -> None
     assert reply.project_id is None and reply.errors is not None
     assert {e.field for e in reply.errors} == {"sla.ml_model_flavor", "sla.training_configuration.training_rounds"}
     assert h.store.projects() == []
+
+
+def test_each_learner_command_carries_its_own_data_token(h: EngineHarness) -> None:
+    """The manager issues a fresh read token per learner; agents grant it on their data server for the
+    project's tags and revoke it on stop_project."""
+    h.fleet(2)
+    pid = h.submit()
+    h.drive(pid, L)
+    tokens = [c.spec.get("data_token") for c in h.commands(pid, "run_learner")]
+    assert len(tokens) == 2 and all(isinstance(t, str) and len(t) >= 24 for t in tokens)
+    assert len(set(tokens)) == 2

@@ -1,7 +1,8 @@
 """Learner process of one project: checks the repo and data, then serves the ClientApp via a SuperNode.
 
 ``python -m flops.runtime.learner --repo DIR --aggregator HOST:PORT --data-server grpc://HOST:PORT
---data-tags a,b [--connect-timeout S] [--tls-ca-file F] [--work-dir DIR] [--report-fd FD]``
+--data-tags a,b [--connect-timeout S] [--tls-ca-file F] [--work-dir DIR] [--report-fd FD]``; the project's
+data token comes in the environment (``FLOPS_DATA_TOKEN``, set by the agent), never on the command line.
 
 First it imports the repository's ``ModelManager`` and loads the node's data in-process
 (``set_model_data``), so a broken repo or missing data is reported as ``learner.failed`` with the
@@ -121,10 +122,11 @@ def preflight(repo: Path) -> None:
 
 def local_rows(args: argparse.Namespace) -> int | None:
     """Rows this node holds for the project's tags (parquet metadata only): what this learner trains on."""
-    from flops.data.client import DataClient, DataError
+    from flops.data.client import DATA_TOKEN_ENV, TLS_CA_ENV, DataClient, DataError
 
+    token, ca_file = os.environ.get(DATA_TOKEN_ENV), os.environ.get(TLS_CA_ENV) or None
     try:
-        with DataClient(args.data_server, timeout=10.0) as client:
+        with DataClient(args.data_server, token=token, ca_file=ca_file, timeout=10.0) as client:
             return sum(info.rows for info in client.list(parse_tags(args.data_tags)))
     except DataError:
         return None
