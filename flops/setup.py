@@ -403,12 +403,13 @@ def env_file(directory: Path, layout: Layout, name: str, password: str) -> str:
         f"FLOPS_BROKER_CA_FILE={d / 'ca.crt'}",
         f"FLOPS_BROKER_CLIENT_CERT={d / 'certs' / f'{name}.crt'}",
         f"FLOPS_BROKER_CLIENT_KEY={d / 'certs' / f'{name}.key'}",
+        "# The CA the nodes' own servers (data server, Flower SuperLink) are checked against.",
+        f"FLOPS_TLS_CA_FILE={d / 'ca.crt'}",
     ]
     if kind == "agent":
         spec = layout.agents[name]
         lines += [
             "# This node's certificate for its own servers (data server, Flower SuperLink, model server).",
-            f"FLOPS_TLS_CA_FILE={d / 'ca.crt'}",
             f"FLOPS_TLS_CERT_FILE={d / 'certs' / f'{name}-node.crt'}",
             f"FLOPS_TLS_KEY_FILE={d / 'certs' / f'{name}-node.key'}",
             f"# flops agent --id {name} --host {spec.host} --roles {','.join(spec.roles)}"
