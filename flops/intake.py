@@ -74,7 +74,7 @@ class FairIntake:
         if not isinstance(item, Inbound):
             self._queues[INTERNAL].append(item)
             return
-        cls = _KIND_CLASS.get(topics.parse(item.topic)[0], CLIENT)
+        cls = _KIND_CLASS.get(topics.parse(item.topic).kind, CLIENT)
         if cls != STATUS:
             self._queues[cls].append(item)
             return
