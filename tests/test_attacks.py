@@ -308,3 +308,29 @@ def test_credentials_in_the_repo_url_reach_nobody_but_the_builder(prod: Prod) ->
     assert state.reason and "***@127.0.0.1" in state.reason and SECRET not in state.reason
     assert not [e for e in prod.feed.events(victim) if SECRET in e.model_dump_json()]
     assert SECRET not in prod.manager.log_tail(10_000_000)
+
+
+# --- the data plane ------------------------------------------------------------------------------------------
+
+
+def test_a_nodes_data_server_refuses_whoever_has_no_token(prod: Prod) -> None:
+    """Before: anyone reaching a data server could list, read, poison and drop any node's data, in plaintext."""
+    import pyarrow as pa
+
+    from flops.data.client import DataAccessDenied, DataClient, DataError
+
+    location = prod.feed.agents["node-1"].data_server
+    assert location and location.startswith("grpc+tls://127.0.0.1:"), location
+    ca = settings_of(prod.directory, "ops").tls_ca_file
+    table = pa.table({"x": [1, 2, 3]})
+    for token in (None, "guessed", "Bearer"):
+        client = DataClient(location, token=token, ca_file=ca)
+        with pytest.raises(DataAccessDenied):
+            client.list()
+        with pytest.raises(DataAccessDenied):
+            client.put("poison", table)
+        with pytest.raises(DataAccessDenied):
+            client.drop(["digits"])
+    # Without the fleet's CA the connection itself fails (and nothing travels in plaintext).
+    with pytest.raises(DataError):
+        DataClient(location.replace("grpc+tls://", "grpc://"), token="guessed").list()

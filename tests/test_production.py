@@ -121,8 +121,28 @@ def test_the_base_case_completes_in_production_mode(walkthrough: Path) -> None:
     assert watched.returncode == 0, watched.stdout[-3000:] + watched.stderr[-3000:]
     status = json.loads(flops(alice, "project", "status", project_id, "--json").stdout)
     assert status["outcome"] == "completed" and status["customer"] == "alice"
+    # The served model answers its customer's token only, and malformed input is a 400, not a 500.
+    url, token = status["model_url"], status["model_token"]
+    assert url and token
+    assert _post(url, b'{"inputs": [[0.0]]}', None) == 401
+    assert _post(url, b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}", token) == 400
+    assert _post(url, json.dumps({"inputs": [[0.0] * 64]}).encode(), token) == 200
     # Production mode really was on: Flower ran over TLS with SuperNode authentication.
     superlinks = [p for name in AGENTS for p in (root / name).rglob("run_aggregator.log")]
     assert superlinks
     text = "\n".join(p.read_text(errors="replace") for p in superlinks)
     assert "--insecure" not in text and "--enable-supernode-auth" in text, text[-2000:]
+
+
+def _post(url: str, body: bytes, token: str | None) -> int:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{url.rstrip('/')}/invocations", body, headers), timeout=30
+        ):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
