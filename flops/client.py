@@ -102,7 +102,9 @@ class Client:
     def _retained(self, wildcard: str, timeout: float) -> list[bytes]:
         """Retained payloads under ``wildcard``. A marker published after subscribing arrives after all of
         them (the broker handles one connection in order), so no quiet period is needed."""
-        self.bus.subscribe([wildcard])
+        # Again: a filter this client read before (cancel reads the state first) delivers its retained messages
+        # only on a new SUBSCRIBE.
+        self.bus.subscribe([wildcard], again=True)
         marker = self._marker()
         found: dict[str, bytes] = {}
         for message in self._messages(timeout):

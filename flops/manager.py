@@ -186,6 +186,9 @@ class Manager:
 
     def _handle(self, item: object) -> Result:
         if isinstance(item, Reconnected):
+            if not item.session_present:
+                # In arrival order: the statuses the broker delivers after our SUBACK confirm the agents.
+                self.engine.fresh_session()
             return Result("accept", "reconnected")
         if isinstance(item, Internal):
             return self._guarded(lambda: self.engine.internal(item), item.kind)
@@ -246,7 +249,6 @@ class Manager:
         session every project's retained state (a broker without persistence forgets them)."""
         first, self._booted = not self._booted, True
         if not event.session_present:
-            self.engine.fresh_session()
             states = self.engine.retained_states()
             log.info("fresh broker session; re-publishing retained states", projects=len(states))
             for item in states:

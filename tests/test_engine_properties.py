@@ -132,6 +132,8 @@ class Run:
             text = json.dumps(value).replace(self.pid, "P").replace(self.done, "D")
             # Command ids end in a random token (unguessable): name it too.
             text = re.sub(r"(\.[a-z_]+)\.[0-9a-f]{12}", r"\1.T", text)
+            # So do the tokens the manager hands out (data read tokens, the model server's).
+            text = re.sub(r'"(data_token|token|model_token)": "[^"]*"', r'"\1": "T"', text)
             return json.loads(text.replace(f":{port}", ":PORT").replace(f": {port}", ": 0"))
 
         commands = sorted(
