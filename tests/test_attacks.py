@@ -319,7 +319,12 @@ def test_a_nodes_data_server_refuses_whoever_has_no_token(prod: Prod) -> None:
 
     from flops.data.client import DataAccessDenied, DataClient, DataError
 
-    location = prod.feed.agents["node-1"].data_server
+    # node-1's own retained status (the feed's view may hold what a spoofing test published under node-2).
+    watcher = bus(prod.directory, "ops", [topics.agent_status("node-1")])
+    try:
+        location = AgentStatus.model_validate_json(watcher.inbox.get(timeout=10).payload).data_server
+    finally:
+        watcher.close()
     assert location and location.startswith("grpc+tls://127.0.0.1:"), location
     ca = settings_of(prod.directory, "ops").tls_ca_file
     table = pa.table({"x": [1, 2, 3]})
