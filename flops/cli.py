@@ -81,6 +81,29 @@ def broker(
 
 
 @app.command()
+def registry(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (loopback) [default: FLOPS_REGISTRY's]")] = None,
+) -> None:
+    """Start the FLOps image registry (Debian's docker-registry) with its storage under DATA_DIR/registry.
+
+    Plain HTTP for development; HTTPS when FLOPS_TLS_CERT_FILE and FLOPS_TLS_KEY_FILE are set.
+    """
+    from flops.registry import registry_port, start_registry
+
+    settings = _settings(ctx)
+    with _errors():
+        running = start_registry(
+            settings.data_dir / "registry",
+            port=port or registry_port(settings.registry),
+            cert_file=settings.tls_cert_file,
+            key_file=settings.tls_key_file,
+        )
+    Console(stderr=True).print(f"registry listening on {running.url} (Ctrl-C stops it)")
+    _wait_for_signal(running.wait, running.stop)
+
+
+@app.command()
 def manager(
     ctx: typer.Context,
     store: Annotated[
