@@ -26,6 +26,7 @@ VENV = "/opt/flops/venv"
 SRC_DIR = "/opt/flops/src"
 REPO_DIR = "/opt/flops/repo"
 BUILD_MOUNT = "/flops-build"
+WHEELS_MOUNT = "/flops-wheels"  # a wheelhouse mounted into RUN steps (emulated platforms install offline)
 PIP_CACHE = "/root/.cache/pip"
 RUNTIME_REQUIREMENTS = "runtime-requirements.txt"
 REPO_REQUIREMENTS = "requirements.txt"
@@ -103,6 +104,6 @@ def pip_conf(options: Mapping[str, str]) -> str:
     return f"[global]\n{body}"
 
 
-def wheelhouse_pip_options(wheels_dir: str = f"{BUILD_MOUNT}/wheels") -> dict[str, str]:
+def wheelhouse_pip_options(wheels_dir: str = WHEELS_MOUNT) -> dict[str, str]:
     """pip options for an offline install from a wheelhouse prepared on the host (foreign platforms)."""
     return {"no-index": "true", "find-links": wheels_dir}

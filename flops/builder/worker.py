@@ -30,9 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def artifact_report(payload: dict[str, Any]) -> dict[str, Any]:
     """A ``build.succeeded`` payload of the builder as the agent reports it: ``ref`` and ``details``."""
     artifact = payload["artifact"]
+    ref = artifact["ref"] if artifact.get("kind") == "image" else f"env://{artifact['key']}"
     return {
-        "artifact": {"ref": f"env://{artifact['key']}", "key": artifact["key"], "commit": artifact["commit"]}
-        | {"details": artifact},
+        "artifact": {"ref": ref, "key": artifact["key"], "commit": artifact["commit"]} | {"details": artifact},
         "cached": payload["cached"],
         "warnings": payload["warnings"],
         "duration_s": payload["duration_s"],

@@ -74,4 +74,4 @@ def test_requirements_and_pip_conf() -> None:
     assert dict(parser["global"]) == {"cert": f"{BUILD_MOUNT}/ca.crt", "timeout": "180"}
     parser.read_string(pip_conf(wheelhouse_pip_options()))
     assert parser["global"]["no-index"] == "true"
-    assert parser["global"]["find-links"] == f"{BUILD_MOUNT}/wheels"
+    assert parser["global"]["find-links"] == "/flops-wheels"
