@@ -421,7 +421,15 @@ class ImageBuilder:
     ) -> None:
         containerfile = ctx / f"{role}.Containerfile"
         containerfile.write_text(text, encoding="utf-8")
-        args: list[str | Path] = ["bud", "--isolation", self.settings.isolation, "--platform", platform, *self._tls()]
+        args: list[str | Path] = [
+            "bud",
+            "--force-rm",
+            "--isolation",
+            self.settings.isolation,
+            "--platform",
+            platform,
+            *self._tls(),
+        ]
         args += ["--file", containerfile, "--tag", tag]
         for key, value in build_args.items():
             args += ["--build-arg", f"{key}={value}"]
