@@ -10,6 +10,7 @@ chroot runners, the emulated RUN steps); ``PR_SET_PDEATHSIG`` covers the worker 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import sh
 from flops.builder.process import TAIL_CHARS, TAIL_LINES, StepFailed
 from flops.supervisor import die_with_parent
 
+_WRAPPER = re.compile(r"^(error: building at step|subprocess exited with status|exit status \d)", re.IGNORECASE)
 LineSink = Callable[[str, str], None]  # (step, line)
 
 
@@ -76,8 +78,10 @@ def stream(
 
 def error_line(lines: Sequence[str] | deque[str], limit: int = 400) -> str:
     """The tool's own words for a failure: its last ``Error:``/``error:`` line, else its last non-empty one."""
-    text = [ln.strip() for ln in lines if ln.strip()]
-    keys = ("error", "fatal", "failed", "no such", "not found", "denied")
+    # buildah's closing "Error: building at STEP …: exit status 1" says only that a RUN step failed: the
+    # line that says why (pip's error, a traceback's last line) comes before it.
+    text = [ln.strip() for ln in lines if ln.strip() and not _WRAPPER.match(ln.strip())]
+    keys = ("error", "fatal", "failed", "no such", "not found", "denied", "unknown")
     said = next((ln for ln in reversed(text) if any(k in ln.lower() for k in keys)), text[-1] if text else "")
     return said if len(said) <= limit else said[: limit - 3] + "..."
 

@@ -31,6 +31,9 @@ PIP_CACHE = "/root/.cache/pip"
 RUNTIME_REQUIREMENTS = "runtime-requirements.txt"
 REPO_REQUIREMENTS = "requirements.txt"
 PIP_CONF = "pip.conf"
+IMPORT_CHECK = "import_check.py"  # flops.builder.import_check.CHECK_SCRIPT, written into build/
+# What the import check runs with: no downloads, no bytecode in the repo (as flops.builder.import_check).
+CHECK_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
 ENTRYPOINTS = {"learner": "flops.runtime.learner", "aggregator": "flops.runtime.aggregator"}
 SMOKE_IMPORTS = "flops, flops_utils, flwr, sklearn, datasets, pyarrow, numpy, pandas"
 
@@ -77,11 +80,19 @@ RUN {_MOUNT} set -eu; \\
 {_labels(labels or {})}"""
 
 
-def actor_containerfile(role: str, labels: Mapping[str, str] | None = None) -> str:
-    """A learner or aggregator: the base (``ARG FLOPS_IMAGE_BASE``) + the repo + its entrypoint."""
+def actor_containerfile(role: str, labels: Mapping[str, str] | None = None, *, import_check: bool = False) -> str:
+    """A learner or aggregator: the base (``ARG FLOPS_IMAGE_BASE``) + the repo + its entrypoint.
+
+    With ``import_check`` the build runs ``build/import_check.py`` on the repo (``ModelManager`` imports,
+    instantiates and hands out its parameters, offline), so a broken repo fails the build, not the learner.
+    """
     if role not in ENTRYPOINTS:
         raise ValueError(f"no entrypoint for role {role!r}; one of {', '.join(ENTRYPOINTS)}")
     entrypoint = json.dumps(["python", "-m", ENTRYPOINTS[role]])
+    check = ""
+    if import_check:
+        offline = " ".join(f"{k}={v}" for k, v in sorted(CHECK_ENV.items()))
+        check = f"RUN {_MOUNT} env {offline} python {BUILD_MOUNT}/{IMPORT_CHECK} {REPO_DIR}\n"
     return f"""\
 # FLOps {role} of one ML repo at one commit (generated).
 ARG FLOPS_IMAGE_BASE
@@ -89,7 +100,7 @@ FROM ${{FLOPS_IMAGE_BASE}}
 COPY repo/ {REPO_DIR}/
 WORKDIR {REPO_DIR}
 ENV FLOPS_REPO_DIR={REPO_DIR}
-{_labels(labels or {})}ENTRYPOINT {entrypoint}
+{check}{_labels(labels or {})}ENTRYPOINT {entrypoint}
 """
 
 

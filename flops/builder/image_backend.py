@@ -46,6 +46,7 @@ from flops.builder import containerfile as cf
 from flops.builder.buildah import LineSink, output, stream, succeeds
 from flops.builder.contract import ContractOk, ContractViolation, check_contract
 from flops.builder.images import ImageNames, image_names, parse_platform, platform_suffix
+from flops.builder.import_check import CHECK_SCRIPT
 from flops.builder.locking import file_lock
 from flops.builder.process import StepFailed
 from flops.builder.repo import checkout, local_path, resolve_commit
@@ -209,10 +210,12 @@ class ImageBuilder:
             {"FLOPS_RUNTIME": runtime},
             volumes,
         )
+        (ctx / "build" / cf.IMPORT_CHECK).write_text(CHECK_SCRIPT, encoding="utf-8")
         for role in ("learner", "aggregator"):
             self._bud(
                 role,
-                cf.actor_containerfile(role, labels | {"org.flops.role": role}),
+                # The learner's build proves ModelManager loads; the aggregator shares its base and repo.
+                cf.actor_containerfile(role, labels | {"org.flops.role": role}, import_check=role == "learner"),
                 ctx,
                 platform,
                 local[role],

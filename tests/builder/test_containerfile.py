@@ -61,6 +61,15 @@ def test_actors_add_the_repo_and_their_entrypoint(role: str) -> None:
     assert json.loads(entry.removeprefix("ENTRYPOINT ")) == ["python", "-m", f"flops.runtime.{role}"]
 
 
+def test_the_learner_build_can_prove_model_manager_loads_offline() -> None:
+    steps = instructions(actor_containerfile("learner", import_check=True))
+    run = next(s for s in steps if s.startswith("RUN"))
+    assert f"python {BUILD_MOUNT}/import_check.py {REPO_DIR}" in run
+    assert "HF_HUB_OFFLINE=1" in run and f"--mount=type=bind,source=build,target={BUILD_MOUNT}" in run
+    assert steps.index(run) > steps.index(f"COPY repo/ {REPO_DIR}/")
+    assert not any(s.startswith("RUN") for s in instructions(actor_containerfile("aggregator")))
+
+
 def test_no_entrypoint_for_the_base_role() -> None:
     with pytest.raises(ValueError, match="base"):
         actor_containerfile("base")

@@ -180,18 +180,19 @@ def test_a_repo_without_model_manager_fails_the_contract(built: Built, make_repo
     assert "model_manager.py is missing" in failure.reason
 
 
-def test_an_uninstallable_requirement_fails_with_buildahs_output(built: Built, make_repo: GitRepo) -> None:
-    files = {
-        "model_manager.py": MODEL_MANAGER,
-        "data_manager.py": DATA_MANAGER,
-        "requirements.txt": "flops-no-such-package-anywhere==0.0.1\n",
-    }
+def test_a_buildah_failure_names_the_step_and_quotes_buildah(built: Built, make_repo: GitRepo) -> None:
+    """A base image the registry lacks: buildah fails at FROM (cheap to provoke; a pip failure inside a RUN
+    step is reported the same way, with pip's lines in the tail)."""
+    files = {"model_manager.py": MODEL_MANAGER, "data_manager.py": DATA_MANAGER, "requirements.txt": "numpy\n"}
     repo, commit = make_repo(files)
-    failure = built.builder.build({"repo_url": str(repo), "platforms": ["linux/amd64"]}, built.workdir)
+    missing = f"{built.registry.address}/nobody/debian:none"
+    settings = ImageBuilderSettings(registry=built.registry.address, base_image=missing)
+    failure = ImageBuilder(settings).build({"repo_url": str(repo), "platforms": ["linux/amd64"]}, built.workdir)
     assert isinstance(failure, BuildFailure), failure
-    assert failure.step == "base"
-    assert failure.reason.startswith("building the base image for linux/amd64 failed (exit")
-    assert "flops-no-such-package-anywhere" in failure.log_tail  # pip's own words, through buildah
+    assert failure.step == "runtime"
+    assert failure.reason.startswith("building the runtime image for linux/amd64 failed (exit")
+    assert "nobody/debian" in failure.reason  # buildah's own error line
+    assert "nobody/debian" in failure.log_tail
     assert not built.registry.client().tags(image_names(built.registry.address, str(repo), commit).repository("base"))
 
 
