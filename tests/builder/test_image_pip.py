@@ -50,3 +50,27 @@ def test_platforms_default_to_the_builders_own() -> None:
     )
     (own,) = builder.platforms(BuildSpec(repo_url="x"))
     assert own.startswith("linux/")
+
+
+def test_the_worker_reports_an_image_artifact_by_its_image_ref() -> None:
+    from flops.builder.result import BuildResult, ImageArtifactRef
+    from flops.builder.worker import artifact_report
+
+    images = {r: f"127.0.0.1:5000/acme/digits/{r}:c0ffee" for r in ("base", "learner", "aggregator")}
+    artifact = ImageArtifactRef(
+        key="k1",
+        ref="image://127.0.0.1:5000/acme/digits:c0ffee",
+        images=images,
+        digest="sha256:00",
+        repo_url="https://github.com/acme/digits",
+        commit="c0ffee",
+        flavor="sklearn",
+        platforms=("linux/amd64",),
+        dependency_file="requirements.txt",
+        requirements=("numpy",),
+    )
+    payload = BuildResult(artifact=artifact, cached=True, duration_s=0.1).to_payload()
+    report = artifact_report(payload)
+    assert report["artifact"]["ref"] == "image://127.0.0.1:5000/acme/digits:c0ffee"
+    assert report["artifact"]["details"]["images"] == images
+    assert BuildResult.model_validate(payload | {"kind": "build.succeeded"}).artifact == artifact
