@@ -46,6 +46,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegist
         yield running
     finally:
         running.stop()
+        for ref in ("acme/single/learner:c1", "acme/multi/learner:c1", "acme/multi/learner:c1-amd64"):
+            subprocess.run([*BUILDAH, "rmi", f"{running.address}/{ref}"], check=False, capture_output=True)
+        subprocess.run([*BUILDAH, "rmi", f"{running.address}/acme/multi/learner:c1-arm64"], capture_output=True)
 
 
 def tiny_image(ref: str, arch: str) -> str:

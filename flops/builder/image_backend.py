@@ -163,13 +163,18 @@ class ImageBuilder:
                 raise StepFailed("contract", contract.reason)
             self._check_platforms(platforms)
             built: dict[str, dict[str, str]] = {"base": {}, "learner": {}, "aggregator": {}}
-            for platform in platforms:
-                step_started = time.monotonic()
-                images = self._build_platform(names, platform, repo_dir, contract, spec, workdir)
-                for role, image in images.items():
-                    built[role][platform] = image
-                self._progress("images", f"{platform} built in {time.monotonic() - step_started:.1f} s")
-            digests = {role: self._push_manifest(names.ref(role), per_platform) for role, per_platform in built.items()}
+            try:
+                for platform in platforms:
+                    step_started = time.monotonic()
+                    images = self._build_platform(names, platform, repo_dir, contract, spec, workdir)
+                    for role, image in images.items():
+                        built[role][platform] = image
+                    self._progress("images", f"{platform} built in {time.monotonic() - step_started:.1f} s")
+                digests = {role: self._push_manifest(names.ref(role), images) for role, images in built.items()}
+            finally:
+                # Pushed or failed: local copies of the repo's images only cost disk (vfs keeps full copies);
+                # the Debian base and the runtime image stay, they are the cache.
+                self._forget_local(names, platforms)
             record = {"dependency_file": contract.dependency_file, "requirements": list(contract.requirements)}
             record["warnings"] = list(contract.warnings)
             _write_json(self._record_path(workdir, names), record)
@@ -454,6 +459,12 @@ class ImageBuilder:
         self._buildah("push", what, ["manifest", "push", "--all", *self._tls(), ref, f"docker://{ref}"])
         _, repository, tag = _split(ref)
         return self.client().digest(repository, tag) or ""
+
+    def _forget_local(self, names: ImageNames, platforms: tuple[str, ...]) -> None:
+        for role in ("aggregator", "learner", "base"):
+            succeeds("buildah", [*self._global(), "manifest", "rm", names.ref(role)])
+            for platform in platforms:
+                succeeds("buildah", [*self._global(), "rmi", f"{names.ref(role)}-{platform_suffix(platform)}"])
 
     def _local_image(self, name: str) -> bool:
         return succeeds("buildah", [*self._global(), "inspect", "--type", "image", name])

@@ -61,6 +61,7 @@ def forget_local(refs: list[str], platforms: tuple[str, ...]) -> None:
     the runtime image stay cached for the next run."""
     for ref in refs:
         buildah("manifest", "rm", ref)
+        buildah("rmi", ref)  # what podman pulled
         for platform in platforms:
             buildah("rmi", f"{ref}-{platform_suffix(platform)}")
 
