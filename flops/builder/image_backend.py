@@ -431,7 +431,6 @@ class ImageBuilder:
         containerfile.write_text(text, encoding="utf-8")
         args: list[str | Path] = [
             "bud",
-            "--force-rm",
             "--isolation",
             self.settings.isolation,
             "--platform",

@@ -213,7 +213,7 @@ def test_stopping_the_build_worker_stops_buildah(built: Built, make_repo: GitRep
     files = {"model_manager.py": MODEL_MANAGER, "data_manager.py": DATA_MANAGER, "requirements.txt": "numpy\n"}
     repo, _ = make_repo(files)
     spec = json.dumps({"repo_url": str(repo), "platforms": ["linux/amd64"]})
-    before = {c["id"] for c in json.loads(buildah("containers", "--json").stdout or "[]")}
+    before = {c["id"] for c in (json.loads(buildah("containers", "--json").stdout or "[]") or [])}
     argv = [sys.executable, "-m", "flops.builder.worker", "--spec", spec, "--workdir", str(built.workdir)]
     argv += ["--backend", "image", "--registry", built.registry.address]
     worker = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -234,7 +234,7 @@ def test_stopping_the_build_worker_stops_buildah(built: Built, make_repo: GitRep
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
         # the killed bud's working container: remove only what appeared during this test
-        for ctr in json.loads(buildah("containers", "--json").stdout or "[]"):
+        for ctr in json.loads(buildah("containers", "--json").stdout or "[]") or []:
             if ctr["id"] not in before and "flops/runtime" in ctr.get("imagename", ""):
                 buildah("rm", ctr["id"])
 
