@@ -364,7 +364,7 @@ def fast_workers(
     )
     t0 = time.time()
     for i in range(first, first + n_projects):
-        client.publish(topics.requests(), request_payload(i, rounds=rounds))
+        client.publish(topics.requests("bench"), request_payload(i, rounds=rounds))
     ok = done.wait(600)
     from collections import Counter
 

@@ -45,7 +45,7 @@ class Watcher:
         self.client = c.Raw(
             address,
             "bench-resume-watch",
-            [topics.manager_status(), topics.ALL_PROJECT_STATES, f"{topics.PREFIX}/projects/requests/+/reply"],
+            [topics.manager_status(), topics.ALL_PROJECT_STATES, f"{topics.PREFIX}/customers/+/requests/+/reply"],
             self.on_message,
             max_inflight=2000,
         )
@@ -133,7 +133,7 @@ def populate(address: Any, projects: int) -> dict[str, str]:
     for i in range(projects):
         req_id = f"res-{i}-{os.getpid()}"
         s = c.sla(i, rounds=3, tags=["nowhere"] if req_hold[req_id] == "preparation" else None)
-        worker.publish(topics.requests(), json.dumps({"request_id": req_id, "sla": s}).encode())
+        worker.publish(topics.requests("bench"), json.dumps({"request_id": req_id, "sla": s}).encode())
     w.wait(lambda: len(w.replies) >= projects, 120, "replies")
     with w.lock:
         for req_id, r in w.replies.items():
@@ -180,7 +180,9 @@ def main() -> None:
         t_online = time.perf_counter()
         cancels = {f"probe-{pid}": pid for pid in hold_of}
         for req_id, pid in cancels.items():
-            w.client.publish(topics.project_cancel(pid), json.dumps({"request_id": req_id, "reason": "probe"}).encode())
+            w.client.publish(
+                topics.project_cancel("bench", pid), json.dumps({"request_id": req_id, "reason": "probe"}).encode()
+            )
         w.wait(lambda: all(r in w.replies for r in cancels), 120, "probe replies")
         t_all = time.perf_counter()
         answered = sum(1 for r, pid in cancels.items() if w.replies[r].get("project_id") == pid)

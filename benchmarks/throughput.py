@@ -52,7 +52,7 @@ class CountingManager(Manager):
 
     def _handle(self, item):  # type: ignore[no-untyped-def]
         result = super()._handle(item)
-        kind = topics.parse(item.topic)[0] if hasattr(item, "topic") else "internal"
+        kind = topics.parse(item.topic).kind if hasattr(item, "topic") else "internal"
         self.counts[kind] += 1
         self.verdicts[result.verdict] += 1
         self.times.append(time.perf_counter())

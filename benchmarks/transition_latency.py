@@ -210,7 +210,7 @@ def _drive(address: BrokerAddress, projects: int) -> dict[str, Any]:
     pub = c.Raw(address, "bench-pub")
     # Create the projects (untimed) and wait for their build commands.
     for i in range(projects):
-        pub.publish(topics.requests(), c.request_payload(i, rounds=1))
+        pub.publish(topics.requests("bench"), c.request_payload(i, rounds=1))
     obs.wait_for(lambda: sum(1 for p in obs.commands.values() if p.get("build")) >= projects, 120, "build commands")
     pids = sorted(p for p, k in obs.commands.items() if k.get("build"))[:projects]
     obs.settle()

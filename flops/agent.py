@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import queue
+import secrets
 import shutil
 import signal
 import sys
@@ -28,7 +29,7 @@ import structlog
 from flops import topics
 from flops.agent_link import ReportOutbox
 from flops.bus import Bus, BusOptions, Will
-from flops.errors import PublishFailed
+from flops.errors import ConfigError, PublishFailed
 from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
@@ -73,13 +74,29 @@ class AgentConfig:
     data_port: int = 0
     builder_workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The data server needs no other node: learners read it on this node. Open it only with TLS.
+    data_bind_host: str = "127.0.0.1"
+    data_max_upload_mb: int = 512
+    # The fleet CA and this node's certificate (FLOPS_TLS_*): when set, the data server speaks TLS, Flower runs
+    # TLS + SuperNode auth, and learners check their peers with the CA.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 class Agent:
     # Command ids remembered for idempotency (a redelivery comes long before 10,000 newer commands).
     KEEP_HANDLED = 10_000
 
-    def __init__(self, config: AgentConfig, address: BrokerAddress, *, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        address: BrokerAddress,
+        *,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> None:
         self.config = config
         self.id = config.agent_id
         self.dirs = {name: config.data_dir / name for name in ("data", "work", "builds", "state")}
@@ -92,11 +109,7 @@ class Agent:
         self.outbox = ReportOutbox(self.dirs["state"] / "reports.sqlite3")
         self.data_server = None
         if "learner" in config.roles:
-            from flops.data.server import DataServer
-
-            self.data_server = DataServer(
-                self.dirs["data"], config.bind_host, config.data_port, advertise_host=config.host
-            )
+            self.data_server = self._new_data_server()
         self.supervisor = Supervisor(self._child_report, self._child_exit)
         self._builds = ThreadPoolExecutor(max_workers=config.builder_workers, thread_name_prefix="build")
         # Starting a child may first need a local build (the environment was built on another host): off the
@@ -120,7 +133,32 @@ class Agent:
                 # After every reconnect: re-send what the manager has not acknowledged yet.
                 on_ready=lambda _present: self.bus.inbox.put(_RESEND_ALL),  # type: ignore[arg-type]
                 ca_file=ca_file,
+                client_cert=client_cert,
+                client_key=client_key,
             ),
+        )
+
+    def _new_data_server(self) -> Any:
+        """The node's data server; its admin token is kept in ``state/data-admin.token`` for the node's CLI."""
+        from flops.data.server import DataServer, TlsFiles, load_or_create_admin_token
+
+        config = self.config
+        if bool(config.tls_cert_file) != bool(config.tls_key_file):
+            raise ConfigError("FLOPS_TLS_CERT_FILE and FLOPS_TLS_KEY_FILE must be set together")
+        tls = (
+            TlsFiles(config.tls_cert_file, config.tls_key_file)
+            if config.tls_cert_file and config.tls_key_file
+            else None
+        )
+        wildcard = config.data_bind_host in ("0.0.0.0", "::", "")
+        return DataServer(
+            self.dirs["data"],
+            config.data_bind_host,
+            config.data_port,
+            advertise_host=config.host if wildcard else None,
+            admin_token=load_or_create_admin_token(self.dirs["state"]),
+            max_upload_bytes=config.data_max_upload_mb * 1024 * 1024,
+            tls=tls,
         )
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -129,6 +167,9 @@ class Agent:
         if self.data_server is not None:
             self.data_server.on_change = lambda inventory: self._announce()
             self.data_server.start()
+            # Which agent and server the admin token in this directory is for (read by `flops data`).
+            info = {"agent_id": self.id, "location": self.data_server.location}
+            (self.dirs["state"] / "data-server.json").write_text(json.dumps(info))
         self.bus.connect()
         self._reconcile()
         threading.Thread(target=self._run, daemon=True, name="agent").start()
@@ -197,8 +238,7 @@ class Agent:
             if message is _RESEND_ALL:
                 self._resend(everything=True)
                 continue
-            kind, _ = topics.parse(message.topic)
-            if kind == "agent_acks":
+            if topics.parse(message.topic).kind == "agent_acks":
                 self._on_ack(message.payload)
                 self.bus.ack(message)
                 continue
@@ -240,6 +280,8 @@ class Agent:
             with self._spawn_lock:
                 self._stopped[cmd.project_id] = keep
             stopped = self.supervisor.stop_project(cmd.project_id, keep)
+            if self.data_server is not None and "run_learner" not in keep:
+                self.data_server.revoke(cmd.project_id)  # its learners' data token stops working
             self._forget_running({c.command_id for c in stopped})
             self._log.info("project stopped", project_id=cmd.project_id, children=len(stopped))
 
@@ -303,12 +345,14 @@ class Agent:
         *,
         kind: str | None = None,
         restart: int = 0,
+        env: dict[str, str] | None = None,
         **callbacks: Any,
     ) -> Child | None:
         """Start a child for ``cmd`` unless its project was stopped. A child of another ``kind`` (a local
-        build before the command's own child) and children with their own callbacks are not recorded."""
+        build before the command's own child) and children with their own callbacks are not recorded.
+        ``env`` is added to the child's environment (secrets go there, never on its command line)."""
         work = self._workdir(cmd)
-        env = {**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.config.extra_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         kind = kind or cmd.kind
         with self._spawn_lock:
             keep = self._stopped.get(cmd.project_id)
@@ -331,11 +375,20 @@ class Agent:
         return child
 
     def _run_learner(self, cmd: Command) -> Child | None:
+        from flops.data.client import DATA_TOKEN_ENV, TLS_CA_ENV
+
         if self.data_server is None:
             raise RuntimeError("this agent has no learner role")
         artifact = self._artifact(cmd)
         tags = ",".join(cmd.spec.get("data_tags", []))
-        return self._spawn(
+        # The manager issues one token per project and learner; a command recorded before tokens existed
+        # carries none, and a token only this agent and its learner know serves as well.
+        token = str(cmd.spec.get("data_token") or secrets.token_urlsafe(24))
+        self.data_server.grant(cmd.project_id, token, cmd.spec.get("data_tags", []))
+        env = {DATA_TOKEN_ENV: token}
+        if self.config.tls_ca_file:
+            env[TLS_CA_ENV] = str(self.config.tls_ca_file)
+        child = self._spawn(
             cmd,
             [
                 "flops.runtime.learner",
@@ -347,16 +400,32 @@ class Agent:
                 self.data_server.location,
                 "--data-tags",
                 tags,
+                *self._tls_args("--tls-ca-file"),
                 "--work-dir",
                 str(self._workdir(cmd)),
             ],
             artifact,
+            env=env,
         )
+        if child is None:  # the project was stopped meanwhile
+            self.data_server.revoke(cmd.project_id)
+        return child
+
+    def _tls_args(self, *flags: str) -> list[str]:
+        """``--tls-ca-file F --tls-cert-file F --tls-key-file F`` for the configured files among ``flags``."""
+        files = {
+            "--tls-ca-file": self.config.tls_ca_file,
+            "--tls-cert-file": self.config.tls_cert_file,
+            "--tls-key-file": self.config.tls_key_file,
+        }
+        return [arg for flag in flags if (path := files[flag]) is not None for arg in (flag, str(path))]
 
     def _run_aggregator(self, cmd: Command) -> Child | None:
         artifact = self._artifact(cmd)
         spec = cmd.spec
         work = self._workdir(cmd)
+        keys = work / "supernode_keys.txt"
+        keys.write_text("".join(f"{key}\n" for key in spec.get("supernode_keys", [])), encoding="utf-8")
         return self._spawn(
             cmd,
             [
@@ -377,6 +446,9 @@ class Agent:
                 f"{self.config.bind_host}:{spec['port']}",
                 "--model-out",
                 str(work / "model"),
+                *self._tls_args("--tls-ca-file", "--tls-cert-file", "--tls-key-file"),
+                "--supernode-keys",
+                str(keys),
                 "--work-dir",
                 str(work / "flower"),
             ],
@@ -407,22 +479,29 @@ class Agent:
         package = cmd.spec["image_ref"].removeprefix("dir://")
         manifest = json.loads((Path(package) / "manifest.json").read_text())
         python = manifest.get("python") or sys.executable
-        return self._spawn(
-            cmd,
-            [
-                manifest.get("entry_module", "flops.runtime.serve"),
-                "--package",
-                package,
-                "--host",
-                self.config.bind_host,
-                "--port",
-                str(port),
-                "--advertise-host",
-                self.config.host,
-            ],
-            {"python": python},
-            restart=restart,
-        )
+        argv = [
+            manifest.get("entry_module", "flops.runtime.serve"),
+            "--package",
+            package,
+            "--host",
+            self.config.bind_host,
+            "--port",
+            str(port),
+            "--advertise-host",
+            self.config.host,
+        ]
+        if cmd.spec.get("token"):
+            argv += ["--token-file", str(self._token_file(cmd, str(cmd.spec["token"])))]
+        return self._spawn(cmd, argv, {"python": python}, restart=restart)
+
+    def _token_file(self, cmd: Command, token: str) -> Path:
+        """The model server's bearer token in a file only this user can read (never on a command line)."""
+        path = self._workdir(cmd) / "model-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)  # an older file may have had wider permissions
+            out.write(token + "\n")
+        return path
 
     # --- child reports -> MQTT -------------------------------------------------------------------
 

@@ -248,12 +248,15 @@ class Bus:
         if refused:
             raise PublishFailed(topic, f"refused by the broker: {refused[0]}")
 
-    def subscribe(self, topics: Iterable[str]) -> None:
-        """Add subscriptions now and on every reconnect."""
-        new = [t for t in topics if t not in self.options.subscriptions]
+    def subscribe(self, topics: Iterable[str], *, again: bool = False) -> None:
+        """Add subscriptions now and on every reconnect. With ``again``, subscribe even to filters we hold, so
+        the broker delivers their retained messages once more."""
+        wanted = list(topics)
+        new = [t for t in wanted if t not in self.options.subscriptions]
         self.options.subscriptions.extend(new)
-        if new and self.connected:
-            self._client.subscribe([(t, 1) for t in new])
+        send = wanted if again else new
+        if send and self.connected:
+            self._client.subscribe([(t, 1) for t in send])
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a message received with ``manual_ack`` once its effects are committed."""

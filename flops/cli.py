@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -20,11 +20,16 @@ from flops.messages import ProjectEvent, ProjectRequest, ProjectState, describe,
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 
+if TYPE_CHECKING:
+    from flops.client import Client
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated-learning operations over MQTT.")
 project_app = typer.Typer(no_args_is_help=True, help="Submit and follow projects.")
 app.add_typer(project_app, name="project")
 data_app = typer.Typer(no_args_is_help=True, help="Node-local data: push mock partitions, see who holds what.")
 app.add_typer(data_app, name="data")
+setup_app = typer.Typer(no_args_is_help=True, help="Provision a deployment: certificates, credentials, broker.")
+app.add_typer(setup_app, name="setup")
 
 EXIT_BY_OUTCOME = {Outcome.COMPLETED: 0, Outcome.FAILED: 1, Outcome.CANCELLED: 2}
 
@@ -143,8 +148,16 @@ def agent(
     ] = "learner,builder,aggregator,serve",
     cluster: Annotated[str | None, typer.Option(help="Cluster label (hierarchical mode)")] = None,
     host: Annotated[str, typer.Option(help="Address other nodes reach this node at")] = "127.0.0.1",
-    bind_host: Annotated[str, typer.Option(help="Address this node's services listen on")] = "127.0.0.1",
+    bind_host: Annotated[
+        str, typer.Option(help="Address this node's aggregator and model servers listen on")
+    ] = "127.0.0.1",
     data_port: Annotated[int, typer.Option(help="Arrow Flight data server port (0: any free port)")] = 0,
+    data_bind_host: Annotated[
+        str, typer.Option(help="Address the data server listens on; open it only with TLS (see deploy/README.md)")
+    ] = "127.0.0.1",
+    data_max_upload_mb: Annotated[
+        int | None, typer.Option(min=1, help="Largest upload the data server accepts [env FLOPS_DATA_MAX_UPLOAD_MB]")
+    ] = None,
 ) -> None:
     """Run a node agent: announces the node, serves its data, runs learners/aggregators/builds for projects."""
     from flops.agent import ROLES, Agent, AgentConfig
@@ -161,9 +174,22 @@ def agent(
         Console(stderr=True).print(f"[red]the agent needs {', '.join(missing)}:[/] pip install 'flops-mqtt\\[agent]'")
         raise typer.Exit(78)
     settings = _settings(ctx)
-    config = AgentConfig(agent_id, data_dir, chosen, cluster, host, bind_host, data_port)
+    config = AgentConfig(
+        agent_id,
+        data_dir,
+        chosen,
+        cluster,
+        host,
+        bind_host,
+        data_port,
+        data_bind_host=data_bind_host,
+        data_max_upload_mb=data_max_upload_mb or settings.data_max_upload_mb,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+        tls_ca_file=settings.tls_ca_file,
+    )
     with _errors():
-        running = Agent(config, settings.broker()).start()
+        running = Agent(config, settings.broker(), **settings.broker_tls_files()).start()
     Console(stderr=True).print(f"agent {agent_id} running (roles {','.join(chosen)})")
     _wait_for_signal(running.wait, running.stop)
 
@@ -201,8 +227,6 @@ def project_submit(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the manager's reply")] = 15.0,
 ) -> None:
     """Submit a project request; prints the new project id (or the field errors, exit 1)."""
-    from flops.client import Client
-
     settings = _settings(ctx)
     out = Console()
     try:
@@ -228,7 +252,7 @@ def project_submit(
         # The manager would refuse it too; say so without a round trip.
         _print_errors([("payload", f"request of {size} bytes exceeds {settings.max_payload_bytes}")], as_json)
         raise typer.Exit(1)
-    with _errors(), Client(settings.broker()) as client:
+    with _errors(), _client(settings) as client:
         reply = client.send(request, timeout=timeout)
     if reply.errors:
         _print_errors([(e.field, e.message) for e in reply.errors], as_json)
@@ -247,9 +271,7 @@ def project_status(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the retained state")] = 5.0,
 ) -> None:
     """Show a project's current stage, outcome and progress."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         state = client.state(project_id, timeout=timeout)
     if as_json:
         Console().print_json(state.model_dump_json())
@@ -260,9 +282,7 @@ def project_status(
 @project_app.command("list")
 def project_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List every project the broker holds a state for."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         states = client.states()
     if as_json:
         Console().print_json(json.dumps([json.loads(s.model_dump_json()) for s in states]))
@@ -282,11 +302,9 @@ def project_watch(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 3600.0,
 ) -> None:
     """Follow a project live until it is finished; exit 0 completed, 1 failed, 2 cancelled."""
-    from flops.client import Client
-
     out = Console()
     last: ProjectState | None = None
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         for item in client.follow(project_id, timeout=timeout):
             if as_json:
                 kind = "event" if isinstance(item, ProjectEvent) else "state"
@@ -312,9 +330,7 @@ def project_cancel(
 ) -> None:
     """Cancel a project in any stage; whatever it runs is stopped. On a completed project, stop its inference
     server."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         reply = client.cancel(project_id, reason)
     if reply.errors:
         _print_errors([(e.field, e.message) for e in reply.errors], False)
@@ -335,7 +351,6 @@ def project_prune(
     and clear their retained states on the broker. Running projects, and served models, are kept."""
     import time
 
-    from flops.client import Client
     from flops.retention import DAY_S, prune
     from flops.store_sqlite import SQLiteStore
 
@@ -350,7 +365,7 @@ def project_prune(
     artifacts: list[str] = []
     limit = 1000
     # Connected first: when the broker is out of reach nothing is pruned.
-    with _errors(), Client(settings.broker()) as client:
+    with _errors(), _client(settings) as client:
         store = SQLiteStore(path, settings.sqlite_synchronous)
         try:
             while True:
@@ -389,9 +404,7 @@ def diagram() -> None:
 @app.command("agents")
 def agents_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the agents the broker knows (retained status): roles, data tags, online or not."""
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         found = client.agents()
     if as_json:
         Console().print_json(json.dumps([json.loads(a.model_dump_json()) for a in found]))
@@ -406,9 +419,7 @@ def agents_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--jso
 
 
 def _data_servers(ctx: typer.Context, to: list[str] | None) -> dict[str, str]:
-    from flops.client import Client
-
-    with _errors(), Client(_settings(ctx).broker()) as client:
+    with _errors(), _client(_settings(ctx)) as client:
         found = {a.agent_id: a for a in client.agents() if a.online and a.data_server}
     if to:
         missing = sorted(set(to) - set(found))
@@ -420,6 +431,40 @@ def _data_servers(ctx: typer.Context, to: list[str] | None) -> dict[str, str]:
         Console(stderr=True).print("[red]no online agent serves data[/] (start one with `flops agent`)")
         raise typer.Exit(1)
     return {k: v.data_server for k, v in sorted(found.items()) if v.data_server}
+
+
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help="The target nodes' data admin token (default: read from --agent-dir)")
+]
+AgentDirOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--agent-dir",
+        help="An agent's directory (its --data-dir), to read its data admin token from (repeat); "
+        "default: FLOPS_DATA_DIR and its subdirectories",
+    ),
+]
+
+
+def _data_tokens(ctx: typer.Context, agents: list[str], token: str | None, dirs: list[Path] | None) -> dict[str, str]:
+    """Admin tokens of `agents`' data servers: `--token` for all, else each agent's `state/data-admin.token`."""
+    from flops.data.server import ADMIN_TOKEN_FILE
+
+    if token:
+        return dict.fromkeys(agents, token)
+    home = _settings(ctx).data_dir
+    candidates = dirs or [home, *sorted(p for p in home.glob("*") if p.is_dir())]
+    found: dict[str, str] = {}
+    for directory in candidates:
+        state = directory / "state"
+        try:
+            agent_id = str(json.loads((state / "data-server.json").read_text())["agent_id"])
+            found[agent_id] = (state / ADMIN_TOKEN_FILE).read_text().strip()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if dirs:  # named explicitly: say why it does not help
+                Console(stderr=True).print(f"[red]no agent data token in {directory}:[/] {exc}", markup=False)
+                raise typer.Exit(1) from None
+    return {a: found[a] for a in agents if a in found}
 
 
 @data_app.command("mock")
@@ -437,9 +482,13 @@ def data_mock(
     sla: Annotated[
         Path | None, typer.Option(help="An original FLOps mock-data SLA (mock_data_configuration) instead of flags")
     ] = None,
+    token: TokenOption = None,
+    agent_dir: AgentDirOption = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Split a dataset into IID partitions and push one to each target agent's data server."""
+    """Split a dataset into IID partitions and push one to each target agent's data server (with each node's
+    data admin token)."""
+    from flops.data.client import DataError
     from flops.data.ops import mock
 
     if sla is not None:
@@ -452,9 +501,24 @@ def data_mock(
     if count != len(servers):
         Console(stderr=True).print(f"[red]--partitions {count} but {len(servers)} target agents[/]")
         raise typer.Exit(2)
+    tokens = _data_tokens(ctx, list(servers), token, agent_dir)
+    missing = sorted(set(servers) - set(tokens))
+    if missing:
+        Console(stderr=True).print(
+            f"[red]no data admin token for {', '.join(missing)}:[/] pass --token, or --agent-dir with their directories"
+        )
+        raise typer.Exit(1)
     try:
-        pushed = mock(dataset, count, tag, list(servers.values()), seed)
-    except (ValueError, OSError) as exc:
+        pushed = mock(
+            dataset,
+            count,
+            tag,
+            list(servers.values()),
+            seed,
+            tokens=[tokens[a] for a in servers],
+            ca_file=_settings(ctx).tls_ca_file,
+        )
+    except (ValueError, OSError, DataError) as exc:
         Console(stderr=True).print(f"[red]cannot push {dataset}:[/] {exc}")
         raise typer.Exit(1) from None
     by_location = {v: k for k, v in servers.items()}
@@ -480,11 +544,18 @@ def _mock_sla(path: Path) -> tuple[str, int | None, str]:
 
 
 @data_app.command("ls")
-def data_ls(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def data_ls(
+    ctx: typer.Context,
+    token: TokenOption = None,
+    agent_dir: AgentDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Which agent holds which data tags, with row counts (asked from each agent's data server)."""
     from flops.data.ops import inventory
 
-    rows = inventory(_data_servers(ctx, None))
+    servers = _data_servers(ctx, None)
+    tokens = _data_tokens(ctx, list(servers), token, agent_dir)
+    rows = inventory(servers, tokens=tokens, ca_file=_settings(ctx).tls_ca_file)
     if as_json:
         print(json.dumps(rows))
         return
@@ -492,6 +563,78 @@ def data_ls(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")]
     for r in rows:
         table.add_row(r["agent_id"], r["tag"] or "", str(r["rows"] or ""), str(r["files"] or ""), r["error"] or "")
     Console().print(table)
+
+
+# --- setup -----------------------------------------------------------------------------------------
+
+
+@setup_app.command("production")
+def setup_production(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the files go (created)")],
+    agents: Annotated[str, typer.Option(help="Comma-separated agent ids (MQTT usernames), e.g. node-1,node-2")] = "",
+    customers: Annotated[str, typer.Option(help="Comma-separated customers, e.g. alice,bob")] = "",
+    operators: Annotated[str, typer.Option(help="Comma-separated operators (read everything, cancel)")] = "",
+    host: Annotated[
+        str | None, typer.Option(help="Broker host name or IP: its certificate's SAN and the URL [127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Broker TLS port [8883]")] = None,
+    agent_host: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=ADDR", help="Address an agent's servers are reached at (its node certificate)"),
+    ] = None,
+    agent_roles: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=ROLES", help="An agent's roles, e.g. node-1=learner,serve")
+    ] = None,
+    add_agent: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add an agent to DIR's setup")] = None,
+    add_customer: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add a customer")] = None,
+    add_operator: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Add an operator")] = None,
+) -> None:
+    """Write a CA, the broker's certificate, a TLS-only Mosquitto config with passwords and ACL, agents.json
+    and one env file per identity (env/<name>.env); with --add-*, extend an existing DIR (the CA and existing
+    passwords stay)."""
+    from flops import setup
+
+    adding = bool(add_agent or add_customer or add_operator)
+    fixed = {"agents": agents, "customers": customers, "operators": operators, "host": host, "port": port}
+    errors = [(flag, "fixed by the existing setup; use --add-*") for flag, value in fixed.items() if adding and value]
+    specs, bad = setup.agent_specs(
+        list(add_agent or []) if adding else _names(agents), agent_host or [], agent_roles or []
+    )
+    errors += bad
+    try:
+        if errors:
+            raise setup.SetupRefused(errors)
+        if adding:
+            files = setup.extend(directory, agents=specs, customers=add_customer or [], operators=add_operator or [])
+        else:
+            layout = setup.Layout(
+                host or setup.DEFAULT_HOST,
+                port or setup.DEFAULT_PORT,
+                specs,
+                tuple(_names(customers)),
+                tuple(_names(operators)),
+            )
+            files = setup.production(directory, layout)
+    except setup.SetupRefused as exc:
+        err = Console(stderr=True)
+        err.print("[red]setup refused[/] (nothing written):")
+        for field, message in exc.errors:
+            err.print(f"  {field}: {message}", markup=False)
+        raise typer.Exit(2) from None
+    with _errors():
+        setup.write(directory, files)
+    out = Console()
+    out.print(f"wrote {len(files)} files to {directory}", markup=False, soft_wrap=True)
+    for rel in sorted(f for f in files if f.startswith("env/")):
+        out.print(f"  {directory / rel}", markup=False, soft_wrap=True)
+    hint = (
+        "reload the broker (kill -HUP)" if adding else f"start the broker: mosquitto -c {directory / 'mosquitto.conf'}"
+    )
+    out.print(f"next: {hint}; see deploy/README.md", markup=False, soft_wrap=True)
+
+
+def _names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -511,6 +654,8 @@ def _print_state(out: Console, s: ProjectState) -> None:
         )
     if s.model_url:
         out.print(f"  model served at {s.model_url}", markup=False)
+        if s.model_token:
+            out.print(f"  model token (Authorization: Bearer …) {s.model_token}", markup=False)
 
 
 def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:
@@ -521,6 +666,13 @@ def _print_errors(errors: list[tuple[str, str]], as_json: bool) -> None:
     err.print("[red]request rejected:[/]")
     for field, message in errors:
         err.print(f"  {field}: {message}", markup=False)
+
+
+def _client(settings: Settings) -> Client:
+    """A client for the configured broker, with its CA and client certificate."""
+    from flops.client import Client
+
+    return Client(settings.broker(), **settings.broker_tls_files())
 
 
 class _errors:

@@ -17,12 +17,28 @@ from flops.messages import AgentStatus, CancelRequest, ProjectEvent, ProjectRequ
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
 
+# The original FLOps SLA's default customer, whom an anonymous (development) client acts as.
+DEFAULT_CUSTOMER = ProjectSLA.model_fields["customerID"].default
+
 
 class Client:
     """A short-lived MQTT client for one user action."""
 
-    def __init__(self, address: BrokerAddress, *, ca_file: str | None = None) -> None:
-        self.bus = Bus(address, BusOptions(client_id=new_id("flops-cli"), ca_file=ca_file))
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> None:
+        self.bus = Bus(
+            address,
+            BusOptions(client_id=new_id("flops-cli"), ca_file=ca_file, client_cert=client_cert, client_key=client_key),
+        )
+        # Who we are on the broker: a customer submits under its user name (the ACL allows nothing else). Without
+        # one (the development broker) the SLA's customerID names the customer.
+        self.username = address.username
 
     def __enter__(self) -> Client:
         self.bus.connect()
@@ -31,8 +47,8 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.bus.close()
 
-    def _request(self, topic: str, request_id: str, payload: bytes, timeout: float) -> Reply:
-        reply_topic = topics.request_reply(request_id)
+    def _request(self, topic: str, customer: str, request_id: str, payload: bytes, timeout: float) -> Reply:
+        reply_topic = topics.request_reply(customer, request_id)
         # No wait for SUBACK needed: the broker handles one connection's packets in order, so the reply
         # subscription exists before the request is seen.
         self.bus.subscribe([reply_topic])
@@ -46,18 +62,29 @@ class Client:
         return self.send(ProjectRequest(request_id=request_id or new_id("r"), sla=sla), timeout=timeout)
 
     def send(self, request: ProjectRequest, *, timeout: float = 15.0) -> Reply:
-        return self._request(topics.requests(), request.request_id, request.to_bytes(), timeout)
+        if self.username and "customerID" not in request.sla.model_fields_set:
+            # The SLA names no customer: it is ours (the manager would fill it in the same way).
+            request = request.model_copy(update={"sla": request.sla.model_copy(update={"customerID": self.username})})
+        customer = self.username or request.sla.customerID
+        return self._request(topics.requests(customer), customer, request.request_id, request.to_bytes(), timeout)
 
-    def submit_raw(self, payload: bytes, request_id: str, *, timeout: float = 15.0) -> Reply:
-        return self._request(topics.requests(), request_id, payload, timeout)
+    def submit_raw(
+        self, payload: bytes, request_id: str, *, customer: str | None = None, timeout: float = 15.0
+    ) -> Reply:
+        """Publish bytes as a request (tests of bad input); as ``customer``, else as ourselves."""
+        who = customer or self.username or DEFAULT_CUSTOMER
+        return self._request(topics.requests(who), who, request_id, payload, timeout)
 
     def cancel(self, project_id: str, reason: str, *, timeout: float = 15.0) -> Reply:
+        """Cancel on the project's own topic (its state names its customer: an operator cancels any project)."""
+        customer = self.state(project_id, timeout=timeout).customer or self.username or DEFAULT_CUSTOMER
         request = CancelRequest(request_id=new_id("c"), reason=reason)
-        return self._request(topics.project_cancel(project_id), request.request_id, request.to_bytes(), timeout)
+        topic = topics.project_cancel(customer, project_id)
+        return self._request(topic, self.username or customer, request.request_id, request.to_bytes(), timeout)
 
     def state(self, project_id: str, *, timeout: float = 5.0) -> ProjectState:
-        """The project's retained state; NotFound when the broker holds none."""
-        found = _valid(ProjectState, self._retained(topics.project_state(project_id), timeout))
+        """The project's retained state; NotFound when the broker holds none (or none we may read)."""
+        found = _valid(ProjectState, self._retained(topics.project_state_any(project_id), timeout))
         if not found:
             raise NotFound("project", project_id)
         return found[0]
@@ -75,7 +102,9 @@ class Client:
     def _retained(self, wildcard: str, timeout: float) -> list[bytes]:
         """Retained payloads under ``wildcard``. A marker published after subscribing arrives after all of
         them (the broker handles one connection in order), so no quiet period is needed."""
-        self.bus.subscribe([wildcard])
+        # Again: a filter this client read before (cancel reads the state first) delivers its retained messages
+        # only on a new SUBSCRIBE.
+        self.bus.subscribe([wildcard], again=True)
         marker = self._marker()
         found: dict[str, bytes] = {}
         for message in self._messages(timeout):
@@ -91,8 +120,7 @@ class Client:
 
         NotFound when the broker holds no state for it (allowing two seconds for one submitted just now).
         """
-        state_topic, events_topic = topics.project_state(project_id), topics.project_events(project_id)
-        self.bus.subscribe([state_topic, events_topic])
+        self.bus.subscribe([topics.project_state_any(project_id), topics.project_events_any(project_id)])
         marker = self._marker()
         deadline = time.monotonic() + timeout
         seen_state = False
@@ -108,14 +136,14 @@ class Client:
             if message.topic == marker:
                 # Retained messages precede the marker: no state by now means no such project.
                 unknown_after = time.monotonic() + 2.0
-            elif not message.payload:
+            elif not message.payload or (parsed := topics.parse(message.topic)).ident != project_id:
                 continue
-            elif message.topic == events_topic:
+            elif parsed.kind == "events":
                 event = ProjectEvent.model_validate_json(message.payload)
                 if event.seq not in seen_seqs:
                     seen_seqs.add(event.seq)
                     yield event
-            elif message.topic == state_topic:
+            elif parsed.kind == "state":
                 state = ProjectState.model_validate_json(message.payload)
                 seen_state = True
                 yield state
@@ -125,8 +153,10 @@ class Client:
 
     def _marker(self) -> str:
         """Subscribe to and publish a private marker; it arrives after every retained message of the
-        subscriptions made before it (the broker handles one connection's packets in order)."""
-        marker = f"{topics.PREFIX}/clients/{self.bus.options.client_id}/marker/{new_id('m')}"
+        subscriptions made before it (the broker handles one connection's packets in order). Under the
+        client's username when it has one: the production ACL grants ``flops/v1/clients/<username>/#``."""
+        owner = self.username or self.bus.options.client_id
+        marker = f"{topics.client_scratch(owner)}/marker/{new_id('m')}"
         self.bus.subscribe([marker])
         self.bus.publish(marker, b"end", qos=1)
         return marker

@@ -47,8 +47,8 @@ class CommandDelivery:
         now = self._clock()
         pending = self._pending.get(item.key)
         if pending is None:
-            _kind, agent_id = topics.parse(item.topic)
-            self._pending[item.key] = _Pending(item, agent_id or "", now, now)
+            agent_id = topics.parse(item.topic).ident or ""
+            self._pending[item.key] = _Pending(item, agent_id, now, now)
         else:
             pending.item, pending.last_sent = item, now
 

@@ -126,6 +126,12 @@ class Fleet:
                         seen[status.agent_id] = status
         return seen
 
+    def data_token(self, agent_id: str) -> str:
+        """The agent's data admin token (written before it announces its data server, so after wait_online)."""
+        from flops.data.server import ADMIN_TOKEN_FILE
+
+        return (self.work / "agents" / agent_id / "state" / ADMIN_TOKEN_FILE).read_text().strip()
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -177,7 +183,13 @@ def run_demo(
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
         statuses = fleet.wait_online()
         partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)
-        push_partitions(partitions, [statuses[a].data_server for a in fleet.ids], "digits")
+        push_partitions(
+            partitions,
+            [statuses[a].data_server for a in fleet.ids],
+            "digits",
+            tokens=[fleet.data_token(a) for a in fleet.ids],
+            ca_file=settings.tls_ca_file,
+        )
         shares = ", ".join(f"{a}: {p.num_rows} rows" for a, p in zip(fleet.ids, partitions, strict=True))
         console.print(f"data: digits train split → {shares}")
         body = json.loads(EXAMPLE_SLA.read_text())
@@ -196,7 +208,7 @@ def run_demo(
         predictions: list[int] = []
         labels: list[int] = []
         if state.model_url:
-            predictions, labels = ask_model(state.model_url, console)
+            predictions, labels = ask_model(state.model_url, console, token=state.model_token)
     total = time.monotonic() - started
     ts = state.stage_timestamps
     order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
@@ -231,7 +243,7 @@ def follow(client: object, project_id: str, rounds: int, console: Console, timeo
     return last
 
 
-def ask_model(url: str, console: Console, n: int = 12) -> tuple[list[int], list[int]]:
+def ask_model(url: str, console: Console, n: int = 12, *, token: str | None = None) -> tuple[list[int], list[int]]:
     """Held-out digits (never pushed to any agent) sent to the inference server."""
     import urllib.request
 
@@ -247,7 +259,7 @@ def ask_model(url: str, console: Console, n: int = 12) -> tuple[list[int], list[
     request = urllib.request.Request(
         url.rstrip("/") + "/invocations",
         data=json.dumps({"inputs": rows}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         predictions = [int(p) for p in json.loads(response.read())["predictions"]]

@@ -8,6 +8,7 @@ The service (:mod:`flops.manager`) feeds it from the bus and publishes what it r
 from __future__ import annotations
 
 import heapq
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from flops.messages import (
     peek_request_id,
     too_deep,
 )
+from flops.provisioning import AgentPolicy
+from flops.redact import redact, redact_values
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 from flops.store import OutboxItem, ProjectRecord, Store, Transition, Unit
@@ -84,10 +87,15 @@ class _Effects:
     def command(self, project: Project, agent_id: str, kind: CommandKind, spec: dict[str, Any]) -> str:
         counter = project.ctx.get("commands", 0) + 1
         project.ctx["commands"] = counter
-        command_id = f"{project.project_id}.{counter}.{kind}"
+        # Unguessable: a report must name a command that was really sent (and come from its agent).
+        command_id = f"{project.project_id}.{counter}.{kind}.{secrets.token_hex(6)}"
         agents = project.ctx.setdefault("agents", [])
         if agent_id not in agents:
             agents.append(agent_id)
+        project.ctx.setdefault("sent_to", {})[command_id] = agent_id
+        if kind != "build":
+            # Only the builder clones: a token in the repo URL never reaches other agents.
+            spec = redact_values(spec)
         cmd = Command(command_id=command_id, project_id=project.project_id, kind=kind, agent_id=agent_id, spec=spec)
         self.items.append(OutboxItem(f"cmd:{command_id}", topics.agent_commands(agent_id), cmd.to_bytes()))
         self.event(project, "report.accepted", f"{kind} sent to {agent_id}", command_id=command_id)
@@ -100,12 +108,16 @@ class _Effects:
             seq=project.record.seq,
             kind=kind,  # type: ignore[arg-type]
             stage=project.stage,
-            message=message,
-            data={k: v for k, v in data.items() if v is not None},
+            message=redact(message),
+            data={k: redact_values(v) for k, v in data.items() if v is not None},
             ts=self.engine.clock(),
         )
         self.items.append(
-            OutboxItem(f"ev:{project.project_id}:{ev.seq}", topics.project_events(project.project_id), ev.to_bytes())
+            OutboxItem(
+                f"ev:{project.project_id}:{ev.seq}",
+                topics.project_events(project.sla.customerID, project.project_id),
+                ev.to_bytes(),
+            )
         )
         self.touched[project.project_id] = project
 
@@ -135,11 +147,14 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         resolver: Callable[[str, str, str | None], None] | None = None,
+        policy: AgentPolicy | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
         self.resolver = resolver
+        # Provisioned agents and their roles (production); None accepts any agent (development).
+        self.policy = policy
         self.lifecycle = Lifecycle()
         self.agents = AgentRegistry(max_agents=settings.max_agents)
         self.hooks: dict[Stage, StageHooks] = hooks_by_stage()
@@ -206,17 +221,27 @@ class Engine:
 
     # --- inputs ----------------------------------------------------------------------------------
 
-    def request(self, payload: bytes, reply_to: str | None) -> Result:
-        """A project request: validate, create, reply (or reply with field errors)."""
+    def request(self, customer: str, payload: bytes, reply_to: str | None) -> Result:
+        """A project request on ``customers/{customer}/requests``: validate, create, reply (or field errors).
+
+        The customer is the topic's (the ACL binds it to the MQTT username), never the payload's: the SLA's
+        ``customerID`` is filled from it, and one naming someone else is refused. Request ids are per customer.
+        """
+        reply_to = self._own_reply_topic(customer, reply_to)
         deep = too_deep(payload)
         if deep is not None:
-            return self.refuse(payload, reply_to, [deep], f"invalid request: {deep.field}: {deep.message}")
+            return self.refuse(customer, payload, reply_to, [deep], f"invalid request: {deep.field}: {deep.message}")
         try:
             request = ProjectRequest.model_validate_json(payload)
         except ValidationError as exc:
-            return self.refuse(payload, reply_to, field_errors(exc), f"invalid request: {describe(exc)}")
-        topic = reply_to or topics.request_reply(request.request_id)
-        dedup = f"req:{request.request_id}"
+            return self.refuse(customer, payload, reply_to, field_errors(exc), f"invalid request: {describe(exc)}")
+        if "customerID" not in request.sla.model_fields_set:
+            request = request.model_copy(update={"sla": request.sla.model_copy(update={"customerID": customer})})
+        elif request.sla.customerID != customer:
+            error = FieldError(field="sla.customerID", message=f"must be your user name {customer!r}")
+            return self.refuse(customer, payload, reply_to, [error], "customerID names another customer")
+        topic = reply_to or topics.request_reply(customer, request.request_id)
+        dedup = f"req:{customer}:{request.request_id}"
         with self.store.unit() as unit:
             existing = unit.seen(dedup)
             stored = unit.get(existing) if existing is not None else None
@@ -256,28 +281,38 @@ class Engine:
         result.project_id = project_id
         return result
 
-    def refuse(self, payload: bytes, reply_to: str | None, errors: list[FieldError], reason: str) -> Result:
+    def refuse(
+        self, customer: str, payload: bytes, reply_to: str | None, errors: list[FieldError], reason: str
+    ) -> Result:
         """A request refused before it could be read: field errors on its reply topic (the MQTT 5 response
         topic, else the one its request id names), or on the error topic when neither is known."""
+        reply_to = self._own_reply_topic(customer, reply_to)
         request_id = peek_request_id(payload)
-        topic = reply_to or (topics.request_reply(request_id) if request_id else None)
+        topic = reply_to or (topics.request_reply(customer, request_id) if request_id else None)
         if topic is None:
-            return self.error(topics.requests(), reason)
+            return self.error(topics.requests(customer), reason)
         reply = Reply(request_id=request_id or "?", errors=errors)
         with self.store.unit() as unit:
             items = unit.enqueue([OutboxItem(f"reply:{new_id('r')}", topic, reply.to_bytes())])
         log.warning("request refused", request_id=request_id, reason=reason)
         return Result("reject", reason, outbox=items)
 
-    def cancel(self, project_id: str, payload: bytes, reply_to: str | None) -> Result:
+    def cancel(self, customer: str, project_id: str, payload: bytes, reply_to: str | None) -> Result:
+        """A cancel on ``customers/{customer}/projects/{project_id}/cancel``: only for that customer's projects
+        (another customer's project is as unknown as one that never existed)."""
+        reply_to = self._own_reply_topic(customer, reply_to)
         try:
             request = CancelRequest.model_validate_json(payload)
         except ValidationError as exc:
-            return self.reject_for(project_id, f"invalid cancel request: {describe(exc)}", reply_to)
+            return self.error(topics.project_cancel(customer, project_id), f"invalid cancel request: {describe(exc)}")
         project = self.lifecycle.projects.get(project_id)
-        topic = reply_to or topics.request_reply(request.request_id)
+        if project is not None and project.sla.customerID != customer:
+            project = None
+        topic = reply_to or topics.request_reply(customer, request.request_id)
         if project is None:
             known = self.store.get(project_id)
+            if known is not None and known.sla.get("customerID") != customer:
+                known = None
             if known is not None and known.ctx.get("model_url"):
                 return self._undeploy(known, request, topic)
             reason = f"project {project_id} is already finished" if known else f"unknown project {project_id}"
@@ -296,11 +331,11 @@ class Engine:
             )
             return Decision.accept("cancel", reason=request.reason)
 
-        return self._in_unit(project, f"cancel:{request.request_id}", do)
+        return self._in_unit(project, f"cancel:{customer}:{request.request_id}", do)
 
     def _undeploy(self, record: ProjectRecord, request: CancelRequest, topic: str) -> Result:
         """Cancel on a completed project whose model is served: stop the inference server."""
-        dedup = f"cancel:{request.request_id}"
+        dedup = f"cancel:{record.sla.get('customerID')}:{request.request_id}"
         project = Project(record=record, sla=ProjectSLA.model_validate(record.sla))
         project.stage = record.stage
         with self.store.unit() as unit:
@@ -339,12 +374,19 @@ class Engine:
     def _report(self, agent_id: str, report: ReportBase) -> Result:
         project_id = report.project_id
         project = self.lifecycle.projects.get(project_id)
+        record = project.record if project is not None else self.store.get(project_id)
+        if record is None:
+            return self.error(topics.agent_reports(agent_id), f"unknown project {project_id}")
+        if record.ctx.get("sent_to", {}).get(report.command_id or "") != agent_id:
+            # Not from the agent the named command went to: forged, replayed or misrouted. Refused on the error
+            # topic; the project (its stage, its event stream, its dedup ids) stays as it was.
+            reason = f"{report.kind} for project {project_id} from agent {agent_id}, which was sent no such command"
+            return self.error(topics.agent_reports(agent_id), reason)
         if project is None:
-            known = self.store.get(project_id)
-            if known is None:
-                return self.error(topics.agent_reports(agent_id), f"unknown project {project_id}")
-            if isinstance(report, ModelServed | ModelFailed) and report.command_id == known.ctx.get("serve_command_id"):
-                return self._served_model(known, report)
+            if isinstance(report, ModelServed | ModelFailed) and report.command_id == record.ctx.get(
+                "serve_command_id"
+            ):
+                return self._served_model(record, report)
             return self.reject_for(
                 project_id,
                 f"{report.kind} {report.event_id} for finished project {project_id}",
@@ -365,6 +407,9 @@ class Engine:
             return self.error(topic, f"invalid agent status: {describe(exc)}")
         if status.agent_id != agent_id:
             return self.error(topic, f"status names agent {status.agent_id} on agent {agent_id}'s topic")
+        refusal = self.policy.refusal(status) if self.policy is not None else None
+        if refusal is not None:
+            return self.error(topic, refusal)
         previous = self.agents.get(agent_id)
         if status.online and self.suspects.pop(agent_id, None) is not None:
             log.info("agent confirmed alive", agent_id=agent_id)
@@ -576,7 +621,7 @@ class Engine:
         self._push_deadline(record)
         if dest is Stage.FINISHED:
             record.outcome = _OUTCOMES[trigger]
-            record.reason = str(data.get("reason") or record.outcome.value)
+            record.reason = redact(str(data.get("reason") or record.outcome.value))
             if record.outcome is Outcome.FAILED:
                 record.failed_stage = source
                 if source.value not in record.reason.split("\n", 1)[0]:
@@ -609,11 +654,13 @@ class Engine:
             deadline_at=r.deadline_at,
             progress=Progress(**{k: v for k, v in progress.items() if k in Progress.model_fields}),
             model_url=r.ctx.get("model_url"),
+            model_token=r.ctx.get("model_token") if r.ctx.get("model_url") else None,
             customer=r.sla.get("customerID"),
             seq=r.seq,
             updated_at=self.clock(),
         )
-        return OutboxItem(f"state:{r.project_id}", topics.project_state(r.project_id), state.to_bytes(), retain=True)
+        topic = topics.project_state(str(r.sla.get("customerID")), r.project_id)
+        return OutboxItem(f"state:{r.project_id}", topic, state.to_bytes(), retain=True)
 
     def _reload(self, project_id: str) -> None:
         self.lifecycle.remove(project_id)
@@ -625,6 +672,7 @@ class Engine:
         self, project_id: str, reason: str, reply_to: str | None = None, seen_check: ReportBase | None = None
     ) -> Result:
         """A rejected message about a project: an event on its stream (it exists) or the error topic."""
+        reason = redact(reason)
         live = self.lifecycle.projects.get(project_id)
         if live is not None:
             # Through the live record, so its event sequence (and outbox keys) stay unique.
@@ -632,7 +680,7 @@ class Engine:
             return self._in_unit(live, message_id, lambda p, fx: Decision.reject(reason))
         record = self.store.get(project_id)
         if record is None:
-            return self.error(topics.project_events(project_id), reason)
+            return self.error(f"{topics.PREFIX}/projects/{project_id}", reason)
         with self.store.unit() as unit:
             if seen_check is not None and unit.seen(seen_check.event_id) is not None:
                 return Result("ignore", "duplicate", project_id)
@@ -643,12 +691,25 @@ class Engine:
             unit.update(record, record.stage)
             if seen_check is not None:
                 unit.mark_seen(seen_check.event_id, project_id, "reject")
-            items = [OutboxItem(f"ev:{project_id}:{record.seq}", topics.project_events(project_id), ev.to_bytes())]
+            topic = topics.project_events(str(record.sla.get("customerID")), project_id)
+            items = [OutboxItem(f"ev:{project_id}:{record.seq}", topic, ev.to_bytes())]
             items = unit.enqueue(items)
         log.warning("message rejected", project_id=project_id, reason=reason)
         return Result("reject", reason, project_id, items)
 
+    def _own_reply_topic(self, customer: str, reply_to: str | None) -> str | None:
+        """The MQTT 5 response topic, if it points into the requester's own reply namespace; else None (the
+        default reply topic is used), so a requester cannot make the manager publish anywhere else."""
+        if reply_to is None:
+            return None
+        kind, _, owner = topics.parse(reply_to)
+        if kind == "reply" and owner == customer:
+            return reply_to
+        log.warning("response topic outside the requester's namespace ignored", customer=customer, topic=reply_to)
+        return None
+
     def error(self, topic: str, reason: str) -> Result:
+        reason = redact(reason)
         log.warning("message rejected", topic=topic, reason=reason)
         ev = ErrorEvent(topic=topic, reason=reason, ts=self.clock())
         with self.store.unit() as unit:

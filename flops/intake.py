@@ -3,8 +3,9 @@
 The bus hands every message to one FIFO queue. Taken straight from it, 20,000 agent statuses published
 ahead of a project request delay its reply until all of them are handled. The intake drains that queue
 into classes (the manager's own events, client requests and cancels, worker reports and receipts, agent
-statuses) and builds each batch round-robin from them, so a request waits at most one batch whatever
-else is queued. Agent statuses are retained messages where only the latest per topic matters: a newer
+statuses) and picks each batch round-robin from them, so a request waits at most one batch whatever
+else is queued. Inside a batch the messages keep their arrival order (a report must not overtake the agent
+status that came before it). Agent statuses are retained messages where only the latest per topic matters: a newer
 one on the same topic replaces the queued one, which is acknowledged at once (its successor stands for it).
 """
 
@@ -38,9 +39,13 @@ class FairIntake:
     def __init__(self, source: queue.Queue[Any], ack: Callable[[Inbound], None]) -> None:
         self._source = source
         self._ack = ack
-        self._queues: dict[str, collections.deque[Any]] = {c: collections.deque() for c in (INTERNAL, CLIENT, WORKER)}
-        # Latest status per topic, in arrival order of the topic's first queued status.
-        self._statuses: collections.OrderedDict[str, Inbound] = collections.OrderedDict()
+        # Every queued item with its arrival number, so a batch can be put back in arrival order.
+        self._queues: dict[str, collections.deque[tuple[int, Any]]] = {
+            c: collections.deque() for c in (INTERNAL, CLIENT, WORKER)
+        }
+        # Latest status per topic, numbered (and ordered) by the arrival of the topic's first queued status.
+        self._statuses: collections.OrderedDict[str, tuple[int, Inbound]] = collections.OrderedDict()
+        self._arrivals = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values()) + len(self._statuses)
@@ -57,7 +62,7 @@ class FairIntake:
                 self._put(self._source.get_nowait())
             except queue.Empty:
                 break
-        batch: list[Any] = []
+        batch: list[tuple[int, Any]] = []
         while len(batch) < max_items and len(self):
             # One round: a fair share for every class that has something queued.
             waiting = [c for c in ORDER if self._count(c)]
@@ -68,25 +73,27 @@ class FairIntake:
                     if item is None:
                         break
                     batch.append(item)
-        return batch
+        batch.sort(key=lambda numbered: numbered[0])
+        return [item for _, item in batch]
 
     def _put(self, item: Any) -> None:
+        self._arrivals += 1
         if not isinstance(item, Inbound):
-            self._queues[INTERNAL].append(item)
+            self._queues[INTERNAL].append((self._arrivals, item))
             return
-        cls = _KIND_CLASS.get(topics.parse(item.topic)[0], CLIENT)
+        cls = _KIND_CLASS.get(topics.parse(item.topic).kind, CLIENT)
         if cls != STATUS:
-            self._queues[cls].append(item)
+            self._queues[cls].append((self._arrivals, item))
             return
-        replaced = self._statuses.get(item.topic)
-        if replaced is not None:
-            self._ack(replaced)
-        self._statuses[item.topic] = item
+        queued = self._statuses.get(item.topic)
+        if queued is not None:
+            self._ack(queued[1])
+        self._statuses[item.topic] = (queued[0] if queued is not None else self._arrivals, item)
 
     def _count(self, cls: str) -> int:
         return len(self._statuses) if cls == STATUS else len(self._queues[cls])
 
-    def _pop(self, cls: str) -> Any:
+    def _pop(self, cls: str) -> tuple[int, Any] | None:
         if cls == STATUS:
             return self._statuses.popitem(last=False)[1] if self._statuses else None
         q = self._queues[cls]

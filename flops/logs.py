@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from flops.redact import redact_log_event
+
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
     renderer: structlog.types.Processor
@@ -18,6 +20,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info if not use_console else structlog.dev.set_exc_info,
+            redact_log_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -29,6 +29,7 @@ from flops.errors import PublishFailed, StoreError
 from flops.hooks import Internal
 from flops.intake import FairIntake
 from flops.messages import CommandReceipt, ErrorEvent, FieldError, ReportAck, describe
+from flops.provisioning import AgentPolicy
 from flops.settings import BrokerAddress, Settings
 from flops.store import OutboxItem, Store
 
@@ -40,7 +41,7 @@ BATCH_MAX = 512
 # Finished projects past the retention are forgotten in rounds (at most 1,000 per round) this often.
 PRUNE_EVERY_S = 300.0
 SUBSCRIPTIONS = [
-    topics.requests(),
+    topics.ALL_REQUESTS,
     topics.ALL_CANCELS,
     topics.ALL_AGENT_REPORTS,
     topics.ALL_AGENT_RECEIPTS,
@@ -61,7 +62,8 @@ class Manager:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.engine = Engine(store, settings, resolver=self._resolve)
+        policy = AgentPolicy.load(settings.agents_file) if settings.agents_file else None
+        self.engine = Engine(store, settings, resolver=self._resolve, policy=policy)
         self.bus = Bus(
             address,
             BusOptions(
@@ -165,7 +167,7 @@ class Manager:
                         result = self._handle(item)
                         out.extend(result.outbox)
                         if result.ack and isinstance(item, Inbound):
-                            acks[topics.parse(item.topic)[1] or ""].append(result.ack)
+                            acks[topics.parse(item.topic).ident or ""].append(result.ack)
                     if tick:
                         out.extend(self.engine.check_deadlines())
                         out.extend(self.engine.check_suspects())
@@ -184,28 +186,31 @@ class Manager:
 
     def _handle(self, item: object) -> Result:
         if isinstance(item, Reconnected):
+            if not item.session_present:
+                # In arrival order: the statuses the broker delivers after our SUBACK confirm the agents.
+                self.engine.fresh_session()
             return Result("accept", "reconnected")
         if isinstance(item, Internal):
             return self._guarded(lambda: self.engine.internal(item), item.kind)
         assert isinstance(item, Inbound)
-        kind, ident = topics.parse(item.topic)
+        kind, ident, customer = topics.parse(item.topic)
         if len(item.payload) > self.settings.max_payload_bytes:
             reason = f"payload of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
-            if kind == "requests":
+            if kind == "requests" and customer:
                 size = f"request of {len(item.payload)} bytes exceeds {self.settings.max_payload_bytes}"
                 errors = [FieldError(field="payload", message=size)]
-                return self.engine.refuse(item.payload, item.response_topic, errors, size)
-            if kind == "cancel" and ident:
-                return self.engine.reject_for(ident, reason, None)
+                return self.engine.refuse(customer, item.payload, item.response_topic, errors, size)
             return self.engine.error(item.topic, reason)
-        if kind == "requests":
-            return self._guarded(lambda: self.engine.request(item.payload, item.response_topic), item.topic)
+        if kind == "requests" and customer:
+            return self._guarded(lambda: self.engine.request(customer, item.payload, item.response_topic), item.topic)
         if kind == "agent_reports" and ident:
             return self._guarded(lambda: self.engine.report(ident, item.payload), item.topic)
         if kind == "agent_receipts" and ident:
             return self._guarded(lambda: self._receipts(ident, item.payload), item.topic)
-        if kind == "cancel" and ident:
-            return self._guarded(lambda: self.engine.cancel(ident, item.payload, item.response_topic), item.topic)
+        if kind == "cancel" and ident and customer:
+            return self._guarded(
+                lambda: self.engine.cancel(customer, ident, item.payload, item.response_topic), item.topic
+            )
         if kind == "agent_status" and ident:
             if not item.payload:
                 return Result("ignore", "cleared status")
@@ -244,7 +249,6 @@ class Manager:
         session every project's retained state (a broker without persistence forgets them)."""
         first, self._booted = not self._booted, True
         if not event.session_present:
-            self.engine.fresh_session()
             states = self.engine.retained_states()
             log.info("fresh broker session; re-publishing retained states", projects=len(states))
             for item in states:

@@ -103,6 +103,9 @@ class LearnerReady(ReportBase):
     kind: Literal["learner.ready"] = "learner.ready"
     agent_id: Id
     examples: int | None = None
+    # The learner's SuperNode key for this project (OpenSSH line) when it dials over TLS; the aggregator
+    # registers it with its SuperLink (flops.runtime.flower_tls).
+    public_key: Annotated[str, Field(max_length=1024)] | None = None
 
 
 class LearnerFailed(ReportBase):
@@ -251,6 +254,8 @@ class ProjectState(Message):
     deadline_at: float | None = None
     progress: Progress = Progress()
     model_url: str | None = None
+    # Bearer token of the inference server at model_url (the state is readable by its customer only).
+    model_token: str | None = None
     customer: str | None = None
     seq: int = 0
     updated_at: float = Field(default_factory=now)

@@ -24,11 +24,11 @@ class Pruned:
     outbox: list[OutboxItem] = field(default_factory=list)
 
 
-def cleared_state(project_id: str) -> OutboxItem:
+def cleared_state(customer: str, project_id: str) -> OutboxItem:
     """An empty retained message on the project's state topic: the broker drops the retained state.
 
     Same key as the state itself, so it replaces a state still waiting in the outbox."""
-    return OutboxItem(f"state:{project_id}", topics.project_state(project_id), b"", retain=True)
+    return OutboxItem(f"state:{project_id}", topics.project_state(customer, project_id), b"", retain=True)
 
 
 def prune(store: Store, before: float, *, limit: int = 1000) -> Pruned:
@@ -37,8 +37,8 @@ def prune(store: Store, before: float, *, limit: int = 1000) -> Pruned:
     One batch: the deletions and the outbox items that clear the retained states commit together.
     """
     with store.batch():
-        projects = store.prune(before, limit=limit)
+        pruned = store.prune(before, limit=limit)
         artifacts = store.prune_artifacts(before, limit=limit)
         with store.unit() as unit:
-            items = unit.enqueue([cleared_state(pid) for pid in projects])
-    return Pruned(projects, artifacts, items)
+            items = unit.enqueue([cleared_state(p.customer, p.project_id) for p in pruned if p.customer])
+    return Pruned([p.project_id for p in pruned], artifacts, items)

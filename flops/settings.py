@@ -84,7 +84,19 @@ class Settings(BaseSettings):
     broker_ca_file: Path | None = None
     broker_client_cert: Path | None = None
     broker_client_key: Path | None = None
+    # The node's own certificate for its servers (Flight data server, Flower SuperLink, model server) and the
+    # CA its peers are checked against: TLS when configured, plaintext (development, loopback) when not.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Provisioned agents and their roles ({"agents": {"node-1": {"roles": [...]}}}); unset = any agent accepted.
+    agents_file: Path | None = None
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".flops")
+    # The node's certificate and key for its own servers (the Flight data server): configured = TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = Field(None, description="CA that signed the nodes' server certificates")
+    data_max_upload_mb: int = Field(512, gt=0, description="Largest upload a node's data server accepts")
     deadlines: StageDeadlines = StageDeadlines()
     max_payload_bytes: int = Field(256 * 1024, gt=0)
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
@@ -100,6 +112,8 @@ class Settings(BaseSettings):
     # A batch whose commit fails (database locked, disk full) is retried with backoff up to this long between
     # tries; its messages stay unacknowledged until it commits.
     commit_retry_max_s: float = Field(5.0, gt=0)
+    # Provisioned agents and their roles (written by `flops setup production`); unset = any agent (development).
+    agents_file: Path | None = None
     retention_days: float = Field(30.0, gt=0, description="Finished projects and unused artifacts are forgotten")
     max_agents: int = Field(10_000, gt=0, description="Agents the manager keeps track of at most")
     aggregator_ports: tuple[int, int] = (19100, 19999)
@@ -119,6 +133,18 @@ class Settings(BaseSettings):
         password = self.broker_password.get_secret_value() if self.broker_password else addr.password
         return addr.model_copy(update={"username": username, "password": password})
 
+    def broker_tls_files(self) -> dict[str, str | None]:
+        """The broker CA and client certificate as :class:`flops.bus.BusOptions` keywords."""
+        return {
+            "ca_file": _str(self.broker_ca_file),
+            "client_cert": _str(self.broker_client_cert),
+            "client_key": _str(self.broker_client_key),
+        }
+
     @property
     def store_path(self) -> Path:
         return self.data_dir / "manager.sqlite3"
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None

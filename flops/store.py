@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from flops.lifecycle_stages import Outcome, Stage
 
@@ -61,6 +61,13 @@ class OutboxItem:
     payload: bytes
     retain: bool = False
     seq: int = 0
+
+
+class PrunedProject(NamedTuple):
+    """A project retention deleted: its customer names the topics its retained state must be cleared on."""
+
+    project_id: str
+    customer: str
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,9 @@ class Store(Protocol):
     def sent(self, items: list[OutboxItem]) -> None:
         """Forget outbox items the broker acknowledged (only if not replaced by a newer item meanwhile)."""
 
-    def prune(self, finished_before: float, *, limit: int = 1000) -> list[str]:
+    def prune(self, finished_before: float, *, limit: int = 1000) -> list[PrunedProject]:
         """Delete up to ``limit`` projects finished before ``finished_before`` (oldest first), with their
-        transitions and seen ids; returns their ids. Unfinished projects, and finished ones whose model is
+        transitions and seen ids; returns their ids and customers. Unfinished projects, and finished ones whose model is
         still served (``ctx["model_url"]``, so it can still be stopped), are kept."""
 
     def prune_artifacts(self, unused_before: float, *, limit: int = 1000) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from flops.errors import StaleWrite
 from flops.lifecycle_stages import Stage
-from flops.store import ARTIFACT_TOUCH_S, OutboxItem, ProjectRecord, Transition
+from flops.store import ARTIFACT_TOUCH_S, OutboxItem, ProjectRecord, PrunedProject, Transition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +194,7 @@ class MemoryStore:
                 if self._state.outbox.get(item.key) == item:
                     del self._state.outbox[item.key]
 
-    def prune(self, finished_before: float, *, limit: int = 1000) -> list[str]:
+    def prune(self, finished_before: float, *, limit: int = 1000) -> list[PrunedProject]:
         # Scans: this adapter is for tests and benchmarks; the SQLite one reads an index.
         with self._lock, self.batch():
             state = self._state
@@ -216,9 +216,10 @@ class MemoryStore:
                 if seen.project_id in gone:
                     journal.seen.setdefault(message_id, seen)
                     del state.seen[message_id]
+            pruned = [PrunedProject(pid, str(state.projects[pid].sla.get("customerID", ""))) for pid in ids]
             for pid in ids:
                 del state.projects[pid]
-        return ids
+        return pruned
 
     def prune_artifacts(self, unused_before: float, *, limit: int = 1000) -> list[str]:
         with self._lock, self.batch():

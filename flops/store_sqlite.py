@@ -14,7 +14,7 @@ from typing import Any
 
 from flops.errors import StaleWrite, StoreError
 from flops.lifecycle_stages import Outcome, Stage
-from flops.store import ARTIFACT_TOUCH_S, OutboxItem, ProjectRecord, Transition
+from flops.store import ARTIFACT_TOUCH_S, OutboxItem, ProjectRecord, PrunedProject, Transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (
@@ -83,7 +83,8 @@ CREATE INDEX IF NOT EXISTS artifacts_used ON artifacts(used_at);
 
 # Prunable projects, oldest first, through projects_finished (never a scan of every project).
 PRUNABLE = (
-    "SELECT project_id FROM projects WHERE finished_at IS NOT NULL AND finished_at < ? "
+    "SELECT project_id, json_extract(sla, '$.customerID') FROM projects "
+    "WHERE finished_at IS NOT NULL AND finished_at < ? "
     "AND json_extract(ctx, '$.model_url') IS NULL ORDER BY finished_at LIMIT ?"
 )
 UNUSED_ARTIFACTS = "SELECT key FROM artifacts WHERE used_at < ? ORDER BY used_at LIMIT ?"
@@ -340,14 +341,15 @@ class SQLiteStore:
     def _delete_sent(self, items: list[OutboxItem]) -> None:
         self._db.executemany("DELETE FROM outbox WHERE key = ? AND n = ?", [(item.key, item.seq) for item in items])
 
-    def prune(self, finished_before: float, *, limit: int = 1000) -> list[str]:
+    def prune(self, finished_before: float, *, limit: int = 1000) -> list[PrunedProject]:
         with self._lock, self.batch():
-            ids = [r[0] for r in self._db.execute(PRUNABLE, (finished_before, limit))]
-            rows = [(pid,) for pid in ids]
-            self._db.executemany("DELETE FROM transitions WHERE project_id = ?", rows)
-            self._db.executemany("DELETE FROM seen WHERE project_id = ?", rows)
-            self._db.executemany("DELETE FROM projects WHERE project_id = ?", rows)
-        return ids
+            rows = self._db.execute(PRUNABLE, (finished_before, limit)).fetchall()
+            pruned = [PrunedProject(r[0], str(r[1] or "")) for r in rows]
+            ids = [(p.project_id,) for p in pruned]
+            self._db.executemany("DELETE FROM transitions WHERE project_id = ?", ids)
+            self._db.executemany("DELETE FROM seen WHERE project_id = ?", ids)
+            self._db.executemany("DELETE FROM projects WHERE project_id = ?", ids)
+        return pruned
 
     def prune_artifacts(self, unused_before: float, *, limit: int = 1000) -> list[str]:
         with self._lock, self.batch():

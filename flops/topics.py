@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 PREFIX = "flops/v1"
 
 
-def requests() -> str:
-    """Clients publish project requests here."""
-    return f"{PREFIX}/projects/requests"
+def requests(customer: str) -> str:
+    """A customer publishes project requests here (the customer is the MQTT username; the ACL binds them)."""
+    return f"{PREFIX}/customers/{_segment(customer)}/requests"
 
 
-def request_reply(request_id: str) -> str:
-    """The manager's answer to one request (project id or field errors)."""
-    return f"{PREFIX}/projects/requests/{_segment(request_id)}/reply"
+def request_reply(customer: str, request_id: str) -> str:
+    """The manager's answer to one request (project id or field errors), readable by that customer only."""
+    return f"{PREFIX}/customers/{_segment(customer)}/requests/{_segment(request_id)}/reply"
 
 
-def project_state(project_id: str) -> str:
+def project_state(customer: str, project_id: str) -> str:
     """Retained: the project's current stage, outcome and progress."""
-    return f"{PREFIX}/projects/{_segment(project_id)}/state"
+    return f"{PREFIX}/customers/{_segment(customer)}/projects/{_segment(project_id)}/state"
 
 
-def project_events(project_id: str) -> str:
+def project_events(customer: str, project_id: str) -> str:
     """Every stage change, round result, warning and rejected message of one project."""
-    return f"{PREFIX}/projects/{_segment(project_id)}/events"
+    return f"{PREFIX}/customers/{_segment(customer)}/projects/{_segment(project_id)}/events"
 
 
-def project_cancel(project_id: str) -> str:
-    """Clients ask the manager to cancel a project here."""
-    return f"{PREFIX}/projects/{_segment(project_id)}/cancel"
+def project_cancel(customer: str, project_id: str) -> str:
+    """The project's customer (or an operator) asks the manager to cancel it here."""
+    return f"{PREFIX}/customers/{_segment(customer)}/projects/{_segment(project_id)}/cancel"
+
+
+def reply_namespace(customer: str) -> str:
+    """Where a customer's MQTT 5 response topics may point: its own replies, nowhere else."""
+    return f"{PREFIX}/customers/{_segment(customer)}/requests/"
+
+
+def client_scratch(name: str) -> str:
+    """A client's private topics (the CLI's end-of-retained marker), under its username or client id."""
+    return f"{PREFIX}/clients/{_segment(name)}"
 
 
 def agent_status(agent_id: str) -> str:
@@ -65,29 +77,50 @@ def errors() -> str:
     return f"{PREFIX}/errors"
 
 
-# Subscription wildcards.
-ALL_CANCELS = f"{PREFIX}/projects/+/cancel"
+# Subscription wildcards. A customer may subscribe to them too: the broker delivers only what its ACL lets
+# that customer read (Mosquitto checks read access per message), so reads need not know the customer.
+ALL_REQUESTS = f"{PREFIX}/customers/+/requests"
+ALL_CANCELS = f"{PREFIX}/customers/+/projects/+/cancel"
 ALL_AGENT_REPORTS = f"{PREFIX}/agents/+/reports"
 ALL_AGENT_RECEIPTS = f"{PREFIX}/agents/+/receipts"
 ALL_AGENT_STATUS = f"{PREFIX}/agents/+/status"
-ALL_PROJECT_STATES = f"{PREFIX}/projects/+/state"
+ALL_PROJECT_STATES = f"{PREFIX}/customers/+/projects/+/state"
+ALL_PROJECT_EVENTS = f"{PREFIX}/customers/+/projects/+/events"
 
 
-def parse(topic: str) -> tuple[str, str | None]:
-    """Split a topic into (kind, id): ``("reports", "p-1")``, ``("requests", None)``, ``("unknown", None)``."""
+def project_state_any(project_id: str) -> str:
+    """One project's state, whoever its customer is."""
+    return f"{PREFIX}/customers/+/projects/{_segment(project_id)}/state"
+
+
+def project_events_any(project_id: str) -> str:
+    return f"{PREFIX}/customers/+/projects/{_segment(project_id)}/events"
+
+
+class Parsed(NamedTuple):
+    """What a topic says: its kind, the id it names (project, agent or request) and, for customer topics, the
+    customer."""
+
+    kind: str
+    ident: str | None = None
+    customer: str | None = None
+
+
+def parse(topic: str) -> Parsed:
+    """``Parsed("cancel", "p-1", "alice")``, ``Parsed("agent_reports", "node-1")``, ``Parsed("unknown")``."""
     parts = topic.split("/")
     if parts[:2] != PREFIX.split("/"):
-        return ("unknown", None)
+        return Parsed("unknown")
     rest = parts[2:]
-    if rest == ["projects", "requests"]:
-        return ("requests", None)
-    if len(rest) == 3 and rest[0] == "projects" and rest[2] in {"state", "events", "cancel"}:
-        return (rest[2], rest[1])
+    if len(rest) == 3 and rest[0] == "customers" and rest[2] == "requests":
+        return Parsed("requests", None, rest[1])
+    if len(rest) == 5 and rest[0] == "customers" and rest[2] == "requests" and rest[4] == "reply":
+        return Parsed("reply", rest[3], rest[1])
+    if len(rest) == 5 and rest[0] == "customers" and rest[2] == "projects" and rest[4] in {"state", "events", "cancel"}:
+        return Parsed(rest[4], rest[3], rest[1])
     if len(rest) == 3 and rest[0] == "agents" and rest[2] in {"status", "commands", "reports", "receipts", "acks"}:
-        return (f"agent_{rest[2]}", rest[1])
-    if len(rest) == 4 and rest[:2] == ["projects", "requests"] and rest[3] == "reply":
-        return ("reply", rest[2])
-    return ("unknown", None)
+        return Parsed(f"agent_{rest[2]}", rest[1])
+    return Parsed("unknown")
 
 
 def _segment(value: str) -> str:

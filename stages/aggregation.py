@@ -21,6 +21,7 @@ class Aggregation(StageHooks):
     def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
         tc = project.sla.training_configuration
         aggregator = project.ctx["aggregator"]
+        keys: dict[str, str] = project.ctx.get("learner_keys", {})
         project.ctx["aggregator_command_id"] = ctx.command(
             project,
             aggregator["agent_id"],
@@ -35,6 +36,8 @@ class Aggregation(StageHooks):
                 "min_evaluate_clients": tc.min_evaluate_clients,
                 "strategy": tc.strategy.value,
                 "learners": len(project.ctx.get("learners", {})),
+                # Only these learners' SuperNodes may join (registered when the SuperLink runs TLS).
+                "supernode_keys": [keys[agent] for agent in sorted(keys)],
             },
         )
         project.ctx["progress"] = {"round": 0, "rounds": tc.training_rounds}

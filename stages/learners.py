@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
@@ -53,10 +54,14 @@ class Learners(StageHooks):
                     "data_tags": tc.data_tags,
                     "aggregator_address": address,
                     "index": index,
+                    # The learner's read token for its node's data server, for this project's tags only;
+                    # the agent revokes it when the project stops.
+                    "data_token": secrets.token_urlsafe(24),
                 },
             )
         project.ctx["learners"] = learners
         project.ctx["learners_ready"] = []
+        project.ctx["learner_keys"] = {}
         project.ctx["critical_agents"] = sorted(learners)
         return None
 
@@ -69,6 +74,8 @@ class Learners(StageHooks):
             if report.agent_id not in ready:
                 ready.append(report.agent_id)
                 ready.sort()
+                if report.public_key:
+                    project.ctx.setdefault("learner_keys", {})[report.agent_id] = report.public_key
                 ctx.event(
                     project,
                     "report.accepted",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
 from flops.messages import CommandFailed, ModelBuilt, ModelFailed, ModelServed, ReportBase
@@ -32,7 +34,7 @@ class PostTraining(StageHooks):
                 return Decision.accept("post_trained", reason="model packaged")
             agent_id = self._serving_agent(project, ctx)
             project.ctx["serve_command_id"] = ctx.command(
-                project, agent_id, "serve_model", {"image_ref": report.image_ref}
+                project, agent_id, "serve_model", {"image_ref": report.image_ref, "token": _model_token(project)}
             )
             project.ctx["serve_agent"] = agent_id
             project.ctx["critical_agents"] = [agent_id]
@@ -58,3 +60,11 @@ class PostTraining(StageHooks):
 
 
 HOOKS = PostTraining()
+
+
+def _model_token(project: Project) -> str:
+    """The inference server's bearer token: the project's customer reads it from the project's state (which
+    only they and operators may read); nobody else can query the model."""
+    token = project.ctx.get("model_token") or secrets.token_urlsafe(24)
+    project.ctx["model_token"] = token
+    return str(token)

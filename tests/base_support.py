@@ -20,7 +20,7 @@ from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
 from tests.support import received, wait_until
 
-ALL_EVENTS = f"{topics.PREFIX}/projects/+/events"
+ALL_EVENTS = topics.ALL_PROJECT_EVENTS
 ALL_COMMANDS = f"{topics.PREFIX}/agents/+/commands"
 
 
@@ -46,8 +46,9 @@ class ProjectRecord:
 class ProjectFeed:
     """Every project's states, events and the commands sent for it, plus every agent's status."""
 
-    def __init__(self, address: BrokerAddress) -> None:
+    def __init__(self, address: BrokerAddress, **tls: str | None) -> None:
         self.address = address
+        self.tls = tls
         self.projects: dict[str, ProjectRecord] = defaultdict(ProjectRecord)
         self.agents: dict[str, AgentStatus] = {}
         self._cond = threading.Condition()
@@ -57,6 +58,7 @@ class ProjectFeed:
             BusOptions(
                 client_id=new_id("test-feed"),
                 subscriptions=[topics.ALL_PROJECT_STATES, ALL_EVENTS, ALL_COMMANDS, topics.ALL_AGENT_STATUS],
+                **tls,  # type: ignore[arg-type]
             ),
         ).connect()
         self._thread = threading.Thread(target=self._pump, daemon=True, name="project-feed")
@@ -66,7 +68,7 @@ class ProjectFeed:
         for message in received(self.bus, self._stop):
             if not message.payload:
                 continue
-            kind, _ = topics.parse(message.topic)
+            kind = topics.parse(message.topic).kind
             with self._cond:
                 if kind == "state":
                     state = ProjectState.model_validate_json(message.payload)
@@ -115,7 +117,7 @@ class ProjectFeed:
     # --- projects ---
 
     def submit(self, body: dict[str, Any]) -> str:
-        with Client(self.address) as client:
+        with Client(self.address, **self.tls) as client:
             submitted = time.time()
             reply = client.submit(ProjectSLA.model_validate(body))
         assert reply.project_id and not reply.errors, reply.errors

@@ -83,6 +83,16 @@ class EngineHarness:
     def _resolver(self, project_id: str, url: str, ref: str | None) -> None:
         self.resolves.append((project_id, url, ref))
 
+    def sent_earlier(self, cmd: Command) -> None:
+        """Make ``cmd`` (a copy of a real command with another id) one the engine sent to its agent before, as an
+        earlier command of the same project would be: its late report passes the sender check and meets the
+        stage's own guards."""
+        self.engine.lifecycle.projects[cmd.project_id].ctx["sent_to"][cmd.command_id] = cmd.agent_id
+
+    def _customer(self, project_id: str) -> str:
+        record = self.store.get(project_id)
+        return str(record.sla["customerID"]) if record is not None else "tests"
+
     def _keep(self, result: Result) -> Result:
         self.published.extend(result.outbox)
         return result
@@ -134,7 +144,7 @@ class EngineHarness:
             sla=ProjectSLA.model_validate(body or sla_body()),
             ts=self.clock(),
         )
-        result = self._keep(self.engine.request(request.to_bytes(), None))
+        result = self._keep(self.engine.request(request.sla.customerID, request.to_bytes(), None))
         assert result.project_id is not None, result
         return result.project_id
 
@@ -143,7 +153,7 @@ class EngineHarness:
 
     def cancel(self, project_id: str, reason: str = "changed my mind") -> Result:
         request = CancelRequest(request_id=f"c-{uuid.uuid4().hex[:12]}", reason=reason, ts=self.clock())
-        return self._keep(self.engine.cancel(project_id, request.to_bytes(), None))
+        return self._keep(self.engine.cancel(self._customer(project_id), project_id, request.to_bytes(), None))
 
     def report_raw(self, agent_id: str, body: dict[str, Any]) -> Result:
         return self._keep(self.engine.report(agent_id, json.dumps(body).encode()))
@@ -171,7 +181,7 @@ class EngineHarness:
     def commands(self, project_id: str | None = None, kind: str | None = None) -> list[Command]:
         out = []
         for item in self.published:
-            what, _ = topics.parse(item.topic)
+            what = topics.parse(item.topic).kind
             if what != "agent_commands":
                 continue
             cmd = Command.model_validate_json(item.payload)
@@ -185,11 +195,11 @@ class EngineHarness:
         return found[0]
 
     def events(self, project_id: str) -> list[ProjectEvent]:
-        topic = topics.project_events(project_id)
+        topic = topics.project_events(self._customer(project_id), project_id)
         return [ProjectEvent.model_validate_json(i.payload) for i in self.published if i.topic == topic]
 
     def state(self, project_id: str) -> ProjectState:
-        topic = topics.project_state(project_id)
+        topic = topics.project_state(self._customer(project_id), project_id)
         states = [i for i in self.published if i.topic == topic]
         assert states, f"no retained state for {project_id}"
         assert all(i.retain for i in states)

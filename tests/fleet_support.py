@@ -76,7 +76,13 @@ def running_fleet(broker: BrokerAddress, tmp: Path, manager_env: dict[str, str] 
         for agent in agents.values():
             agent.start()
         statuses = feed.wait_agents(list(LEARNERS))
-        pushed = mock("digits", len(LEARNERS), "digits", [statuses[a].data_server for a in LEARNERS])
+        pushed = mock(
+            "digits",
+            len(LEARNERS),
+            "digits",
+            [statuses[a].data_server for a in LEARNERS],
+            tokens=[agents[a].data_token() for a in LEARNERS],
+        )
         fleet.rows = {a: row["rows"] for a, row in zip(LEARNERS, pushed, strict=True)}
         feed.wait_agents(list(LEARNERS), tag="digits")
         yield fleet

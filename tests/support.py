@@ -184,10 +184,20 @@ class FakeWorkers:
 class ManagerProcess:
     """``flops manager`` as a real child process (so tests can kill -9 it)."""
 
-    def __init__(self, broker: BrokerAddress, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        data_dir: Path,
+        extra_env: dict[str, str] | None = None,
+        watcher: Callable[[], Bus] | None = None,
+    ) -> None:
         self.broker = broker
         self.data_dir = data_dir
         self.extra_env = extra_env or {}
+        # How to watch for the manager's birth (a production broker needs credentials to read it).
+        self.watcher = watcher or (
+            lambda: Bus(broker, BusOptions(client_id=new_id("test-watch"), subscriptions=[topics.manager_status()]))
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -205,8 +215,9 @@ class ManagerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         log = (self.data_dir / f"manager-{self.starts}.log").open("wb")
-        watcher = Bus(self.broker, BusOptions(client_id=new_id("test-watch"), subscriptions=[topics.manager_status()]))
-        watcher.connect()
+        watcher = self.watcher()
+        if not watcher.connected:
+            watcher.connect()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flops.cli", "manager"],
@@ -419,6 +430,12 @@ class AgentProc:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+
+    def data_token(self, timeout: float = 30.0) -> str:
+        """The agent's data admin token (``state/data-admin.token``), waiting for the agent to write it."""
+        path = self.home / "state" / "data-admin.token"
+        wait_until(lambda: path.is_file() and len(path.read_text().strip()) >= 16, timeout, f"{path}")
+        return path.read_text().strip()
 
     def wait_online(self, timeout: float = 30.0) -> None:
         """Until the agent's retained status says online with a data server (or roles without one)."""

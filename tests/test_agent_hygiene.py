@@ -133,7 +133,7 @@ def test_kill9_of_the_agent_mid_training_takes_its_children_along(
         with Client(broker) as client:
             (status,) = [a for a in client.agents() if a.agent_id == agent.agent_id]
         part = split_iid(load_dataset("digits", split="train"), 3, seed=1)[0]
-        push_partitions([part], [status.data_server], "hyg")
+        push_partitions([part], [status.data_server], "hyg", tokens=[agent.data_token()])
         artifact = {"details": {"python": sys.executable, "repo_dir": str(EXAMPLE_REPO)}}
         port = free_port()
         project_id = f"p-train-{new_id('x')[2:10]}"
@@ -299,7 +299,13 @@ def test_a_restarted_agent_serves_the_finished_projects_model_at_the_same_url(
 
         agent.kill9()
         agent.start()
-        again = wait_report(listener, lambda r: r["command_id"] == cmd.command_id, 60, "the model served again")
+        # No manager acknowledges reports here, so the agent's outbox re-sends the first model.served too.
+        again = wait_report(
+            listener,
+            lambda r: r["command_id"] == cmd.command_id and r["event_id"] != served["event_id"],
+            60,
+            "the model served again",
+        )
         assert again["kind"] == "model.served", again
         assert again["url"] == served["url"] and again["event_id"] != served["event_id"]
         assert _ping(again["url"])

@@ -23,7 +23,7 @@ class Listener:
     """Subscribes to the error topic and project event streams before the bad input is sent."""
 
     def __init__(self, broker: BrokerAddress, extra: list[str] | None = None) -> None:
-        subs = [topics.errors(), f"{topics.PREFIX}/projects/+/events", f"{topics.PREFIX}/projects/requests/+/reply"]
+        subs = [topics.errors(), topics.ALL_PROJECT_EVENTS, f"{topics.PREFIX}/customers/+/requests/+/reply"]
         self.bus = Bus(broker, BusOptions(client_id=new_id("test-listen"), subscriptions=subs + (extra or [])))
         self.bus.connect()
 
@@ -76,7 +76,7 @@ def _still_answers(broker: BrokerAddress, tmp_path: Path) -> None:
 def test_bad_requests_get_an_error_and_the_manager_goes_on(
     broker, manager: ManagerProcess, listener: Listener, tmp_path: Path, payload: bytes, where: str, text: str
 ) -> None:
-    listener.bus.publish_wait(topics.requests(), payload)
+    listener.bus.publish_wait(topics.requests("tests"), payload)
     listener.expect(where, text)
     _still_answers(broker, tmp_path)
 
@@ -91,6 +91,7 @@ def test_bad_reports_are_rejected_on_the_project_stream_or_the_error_topic(
             reply = client.submit(ProjectSLA.model_validate(sla(make_git_repo(tmp_path / "repo"))))
         project_id = reply.project_id
         assert project_id
+        build = workers.next_command("build", timeout=60)
         reports = topics.agent_reports("node-x")
         # Malformed JSON, wrong schema, a kind nobody knows: no project can be read from them.
         workers.publish_raw(reports, b"{oops")
@@ -115,13 +116,24 @@ def test_bad_reports_are_rejected_on_the_project_stream_or_the_error_topic(
         with Client(broker) as client:
             client.cancel(project_id, "done testing")
         listener.expect(f"{project_id}/events", "cancelled")
+        workers.report(build, "build.started", event_id="e5")
+        listener.expect(f"{project_id}/events", "finished project")
+        # A report from an agent the named command was not sent to: refused, the project's stream untouched.
         workers.publish_raw(
             reports,
-            json.dumps({"kind": "build.started", "event_id": "e5", "project_id": project_id, "source": "x"}).encode(),
+            json.dumps(
+                {
+                    "kind": "build.started",
+                    "event_id": "e6",
+                    "project_id": project_id,
+                    "source": "x",
+                    "command_id": build.command_id,
+                }
+            ).encode(),
         )
-        listener.expect(f"{project_id}/events", "finished project")
+        listener.expect("errors", "sent no such command")
         # A cancel that is not JSON, for a project that does not exist.
-        workers.publish_raw(topics.project_cancel("p-ghost"), b"nope")
+        workers.publish_raw(topics.project_cancel("tests", "p-ghost"), b"nope")
         listener.expect("errors", "p-ghost")
     finally:
         workers.close()
@@ -143,7 +155,7 @@ def _reply_errors(reply: dict) -> dict[str, str]:
 
 def test_oversize_request_is_answered_on_its_reply_topic(broker, manager: ManagerProcess, listener: Listener) -> None:
     body = {"request_id": "r-oversize", "sla": sla("file:///x") | {"customerID": "x" * (300 * 1024)}}
-    listener.bus.publish_wait(topics.requests(), json.dumps(body).encode())
+    listener.bus.publish_wait(topics.requests("tests"), json.dumps(body).encode())
     errors = _reply_errors(listener.expect("r-oversize/reply", "exceeds"))
     assert "exceeds 262144" in errors["payload"], errors
 
@@ -152,10 +164,10 @@ def test_deeply_nested_request_is_answered_on_its_response_topic(
     broker, manager: ManagerProcess, listener: Listener, tmp_path: Path
 ) -> None:
     # The MQTT 5 response topic wins over the default reply topic when the sender names one.
-    response_topic = f"{topics.PREFIX}/tests/{new_id('t')}/reply"
+    response_topic = topics.request_reply("tests", new_id("t"))
     listener.bus.subscribe([response_topic])
     payload = b'{"request_id": "r-deep", "sla": ' + b"[" * 5000 + b"]" * 5000 + b"}"
-    listener.bus.publish(topics.requests(), payload, response_topic=response_topic)
+    listener.bus.publish(topics.requests("tests"), payload, response_topic=response_topic)
     errors = _reply_errors(listener.expect(response_topic, "nested deeper"))
     assert errors["sla"].startswith("nested deeper than"), errors
     _still_answers(broker, tmp_path)

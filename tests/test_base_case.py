@@ -34,7 +34,8 @@ FIRST_PROJECT_TIMEOUT = 300.0  # includes the cold runtime-base build
 
 @pytest.fixture(scope="module")
 def fleet(broker: BrokerAddress, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    with running_fleet(broker, tmp_path_factory.mktemp("base_case")) as fleet:
+    # The broker stays up here: an agent's last will is the truth, so a short grace keeps the tests quick.
+    with running_fleet(broker, tmp_path_factory.mktemp("base_case"), {"FLOPS_AGENT_GRACE_S": "3"}) as fleet:
         yield fleet
 
 
@@ -82,11 +83,11 @@ def _held_out_digits() -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(len(images), -1) / 16.0, np.asarray(test.column("label").to_pylist())
 
 
-def _invoke(url: str, rows: np.ndarray) -> np.ndarray:
+def _invoke(url: str, rows: np.ndarray, token: str | None) -> np.ndarray:
     request = urllib.request.Request(
         url.rstrip("/") + "/invocations",
         data=json.dumps({"inputs": rows.tolist()}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return np.asarray(json.loads(response.read())["predictions"])
@@ -131,7 +132,7 @@ def test_demo_project_completes_and_serves_an_accurate_model(fleet: Fleet, first
     # The inference server answers held-out digits, accurately.
     assert state.model_url, state
     x_test, y_test = _held_out_digits()
-    served = _invoke(state.model_url, x_test)
+    served = _invoke(state.model_url, x_test, state.model_token)
     accuracy = float((served == y_test).mean())
     assert accuracy >= 0.90, f"inference server accuracy {accuracy:.3f} on {len(y_test)} held-out digits"
 
@@ -402,7 +403,7 @@ def test_agent_going_offline_fails_the_project_and_its_restart_reconciles(fleet:
         victim.start()
         (status,) = fleet.feed.wait_agents([victim.agent_id]).values()
         part = split_iid(load_dataset("digits", split="train"), 3, seed=1)[0]
-        push_partitions([part], [status.data_server], "victim")
+        push_partitions([part], [status.data_server], "victim", tokens=[victim.data_token()])
         fleet.feed.wait_agents([victim.agent_id], tag="victim")
 
         project_id = _start_long_training(

@@ -28,16 +28,30 @@ def two_agents(broker, tmp_path: Path):
         assert gone.get("data-0") is False and gone.get("data-1") is False
 
 
-def test_mock_pushes_one_iid_partition_per_agent_and_ls_shows_them(broker, two_agents) -> None:
+def test_mock_pushes_one_iid_partition_per_agent_and_ls_shows_them(broker, two_agents, tmp_path: Path) -> None:
+    dirs = ["--agent-dir", str(tmp_path / "a0"), "--agent-dir", str(tmp_path / "a1")]
     pushed = cli(
-        broker, "data", "mock", "--dataset", "digits", "--tag", "digits", "--to", "data-0", "--to", "data-1", "--json"
+        broker,
+        "data",
+        "mock",
+        "--dataset",
+        "digits",
+        "--tag",
+        "digits",
+        "--to",
+        "data-0",
+        "--to",
+        "data-1",
+        *dirs,
+        "--json",
     )
     assert pushed.returncode == 0, pushed.stderr
     rows = {r["agent_id"]: r["rows"] for r in json.loads(pushed.stdout)}
     assert sum(rows.values()) == load_dataset("digits", split="train").num_rows
     assert abs(rows["data-0"] - rows["data-1"]) <= 1
 
-    listed = cli(broker, "data", "ls", "--json")
+    # By default the tokens are read from the agents' directories under FLOPS_DATA_DIR.
+    listed = cli(broker, "data", "ls", "--json", data_dir=tmp_path)
     assert listed.returncode == 0, listed.stderr
     held = {(r["agent_id"], r["tag"]): r["rows"] for r in json.loads(listed.stdout)}
     assert held == {("data-0", "digits"): rows["data-0"], ("data-1", "digits"): rows["data-1"]}
@@ -50,11 +64,27 @@ def test_mock_pushes_one_iid_partition_per_agent_and_ls_shows_them(broker, two_a
     wait_until(announced, timeout=20, what="agents announcing their data tags")
 
 
-def test_mock_refuses_unknown_targets_and_bad_tags(broker, two_agents) -> None:
+def test_mock_refuses_unknown_targets_and_bad_tags(broker, two_agents, tmp_path: Path) -> None:
     missing = cli(broker, "data", "mock", "--to", "nobody")
     assert missing.returncode == 1 and "nobody" in missing.stderr
-    bad = cli(broker, "data", "mock", "--tag", "a.b")
+    bad = cli(broker, "data", "mock", "--tag", "a.b", data_dir=tmp_path)
     assert bad.returncode == 1 and "a.b" in bad.stderr
+
+
+def test_data_commands_need_the_nodes_admin_token(broker, two_agents, tmp_path: Path) -> None:
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    pushed = cli(broker, "data", "mock", "--to", "data-0", data_dir=empty)
+    assert pushed.returncode == 1 and "no data admin token for data-0" in pushed.stderr
+    wrong = cli(broker, "data", "mock", "--to", "data-0", "--token", "x" * 24)
+    assert wrong.returncode == 1 and "data token is required" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    listed = cli(broker, "data", "ls", "--json", data_dir=empty)
+    assert listed.returncode == 0, listed.stderr
+    assert all("no data token" in row["error"] for row in json.loads(listed.stdout))
+    token = (tmp_path / "a0" / "state" / "data-admin.token").read_text().strip()
+    pushed = cli(broker, "data", "mock", "--to", "data-0", "--token", token, "--json")
+    assert pushed.returncode == 0, pushed.stderr
 
 
 def test_mock_accepts_an_original_mock_data_sla(broker, two_agents, tmp_path: Path) -> None:
@@ -71,10 +101,10 @@ def test_mock_accepts_an_original_mock_data_sla(broker, two_agents, tmp_path: Pa
             }
         )
     )
-    pushed = cli(broker, "data", "mock", "--sla", str(sla), "--json")
+    pushed = cli(broker, "data", "mock", "--sla", str(sla), "--json", data_dir=tmp_path)
     assert pushed.returncode == 0, pushed.stderr
     assert {r["tag"] for r in json.loads(pushed.stdout)} == {"sla_digits"}
     # The original's bundled mock SLAs name Hugging Face datasets, which are never downloaded here.
     original = Path(__file__).parent / "fixtures" / "original_slas" / "mocks" / "mnist_simple.SLA.json"
-    refused = cli(broker, "data", "mock", "--sla", str(original))
+    refused = cli(broker, "data", "mock", "--sla", str(original), data_dir=tmp_path)
     assert refused.returncode != 0 and "mnist" in refused.stderr

@@ -26,7 +26,7 @@ def _record(project_id: str, days_ago: float, stage: Stage = Stage.FINISHED) -> 
     return ProjectRecord(
         project_id=project_id,
         stage=stage,
-        sla={},
+        sla={"customerID": "tests"},
         created_at=at - 3600,
         stage_entered_at=at,
         outcome=Outcome.COMPLETED if finished else None,
@@ -51,7 +51,7 @@ def data_dir(broker: BrokerAddress, tmp_path: Path) -> Path:
             with store.unit() as unit:
                 unit.insert(r)
             state = ProjectState(project_id=r.project_id, stage=r.stage, outcome=r.outcome)
-            bus.publish_wait(topics.project_state(r.project_id), state.to_bytes(), retain=True)
+            bus.publish_wait(topics.project_state(r.sla["customerID"], r.project_id), state.to_bytes(), retain=True)
     store.close()
     return data_dir
 

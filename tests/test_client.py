@@ -14,7 +14,7 @@ def test_follow_skips_an_event_repeated_with_the_same_seq(broker: BrokerAddress)
     # After a kill -9 the manager re-publishes its outbox, so an event can arrive twice (same seq).
     project_id = new_id("p")
     publisher = Bus(broker, BusOptions(client_id=new_id("test-pub"))).connect()
-    state_topic, events_topic = topics.project_state(project_id), topics.project_events(project_id)
+    state_topic, events_topic = topics.project_state("tests", project_id), topics.project_events("tests", project_id)
     try:
         running = ProjectState(project_id=project_id, stage=Stage.AGGREGATION, seq=1)
         publisher.publish_wait(state_topic, running.to_bytes(), retain=True)

@@ -10,6 +10,7 @@ unknown project and for a finished one, a ready report from a learner agent that
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,10 @@ class Run:
 
         def norm(value: Any) -> Any:
             text = json.dumps(value).replace(self.pid, "P").replace(self.done, "D")
+            # Command ids end in a random token (unguessable): name it too.
+            text = re.sub(r"(\.[a-z_]+)\.[0-9a-f]{12}", r"\1.T", text)
+            # So do the tokens the manager hands out (data read tokens, the model server's).
+            text = re.sub(r'"(data_token|token|model_token)": "[^"]*"', r'"\1": "T"', text)
             return json.loads(text.replace(f":{port}", ":PORT").replace(f": {port}", ": 0"))
 
         commands = sorted(

@@ -6,6 +6,7 @@ site does and asserts what the user sees: the project still completes, commands 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -13,8 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from flops import topics
 from flops.broker import MosquittoBroker
+from flops.bus import Bus, BusOptions
 from flops.client import Client
+from flops.messages import new_id
 from flops.settings import BrokerAddress
 from tests.base_support import wait_no_processes
 from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, running_fleet
@@ -84,9 +88,9 @@ def _completed(fleet: Fleet, project_id: str, rounds: int = ROUNDS) -> None:
     assert state.outcome is not None and state.outcome.value == "completed", (
         f"{state.outcome}: {state.reason}\n" + "\n".join(fleet.feed.messages(project_id))
     )
-    assert state.progress.round == rounds
-    rounds_seen = {e.data.get("round") for e in fleet.feed.events(project_id, "round.completed")}
-    assert rounds_seen == set(range(1, rounds + 1)), rounds_seen
+    # Every round reached the manager (the last one counts them all); the test's own observer may have missed
+    # some events while the broker was away (events are not retained), which is no loss of the system's.
+    assert state.progress.round == rounds and state.progress.rounds == rounds, state.progress
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -111,20 +115,18 @@ def test_broker_restart_while_the_manager_is_paused_and_agents_reconnect_first(
     try:
         own_broker.restart(signal.SIGKILL)
         fleet.feed.wait_agents(list(fleet.agents), timeout=60)
-        # Training goes on meanwhile: at least one more round finishes while the manager cannot hear it.
-        log_dir = fleet.agents["node-0"].home / "work" / project_id
-        fleet.feed.wait(lambda: _rounds_logged(log_dir) >= 3, PROJECT_TIMEOUT, "round 3 on the aggregator")
+        # Training goes on meanwhile: a round is reported while the manager cannot hear it (it has no session).
+        with Bus(
+            own_broker.address, BusOptions(client_id=new_id("t"), subscriptions=[topics.ALL_AGENT_REPORTS])
+        ) as bus:
+            deadline = time.monotonic() + PROJECT_TIMEOUT
+            while True:
+                report = json.loads(bus.inbox.get(timeout=max(0.1, deadline - time.monotonic())).payload)
+                if report["project_id"] == project_id and report["kind"] == "round.completed":
+                    break
     finally:
         os.kill(manager.pid, signal.SIGCONT)
     _completed(fleet, project_id)
-
-
-def _rounds_logged(work: os.PathLike[str] | str) -> int:
-    """How many rounds the aggregator reported to its agent (its report lines, written as they happen)."""
-    from pathlib import Path
-
-    logs = list(Path(work).glob("*run_aggregator/run_aggregator.log"))
-    return max((log.read_text(errors="replace").count("round.completed") for log in logs), default=0)
 
 
 def test_stop_project_sent_while_agents_are_away_is_executed(fleet: Fleet, own_broker: RestartableBroker) -> None:

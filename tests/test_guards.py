@@ -123,6 +123,7 @@ def test_reject_stale_build_result_refuses_another_command_and_says_so(h: Engine
     h.resolve(pid)
     cmd = h.command(pid, "build")
     stale = cmd.model_copy(update={"command_id": f"{pid}.99.build"})
+    h.sent_earlier(stale)
     result = h.report(stale, "build.succeeded", artifact={"ref": "env://old"})
     assert result.verdict == "reject"
     expected = (
@@ -226,6 +227,7 @@ def test_reject_stale_training_result_refuses_another_aggregator(h: EngineHarnes
     h.drive(pid, Stage.AGGREGATION)
     cmd = h.command(pid, "run_aggregator")
     stale = cmd.model_copy(update={"command_id": f"{pid}.1.run_aggregator"})
+    h.sent_earlier(stale)
     result = h.report(stale, "training.succeeded", best_round=1, model_ref="/old")
     assert result.verdict == "reject"
     expected = (
@@ -294,8 +296,15 @@ def test_rejections_keep_the_event_stream_in_sequence(h: EngineHarness) -> None:
     result = h.report_raw("builder-1", {"garbage": 1})
     assert result.verdict == "reject" and "invalid report" in result.reason
     assert [i.topic for i in result.outbox] == ["flops/v1/errors"]
+    build = h.command(pid, "build")
+    # A report the project's guards refuse (an earlier build's result): on its stream, numbered like any event.
+    stale = build.model_copy(update={"command_id": f"{pid}.99.build"})
+    h.sent_earlier(stale)
+    assert h.report(stale, "build.succeeded", artifact={"ref": "env://old"}).verdict == "reject"
+    # A report naming no command sent to its agent: refused on the error topic, the stream untouched.
     stray = {"event_id": "e-x", "project_id": pid, "source": "x", "kind": "build.succeeded", "artifact": {"ref": "x"}}
-    assert h.report_raw("builder-1", stray).verdict == "reject"
+    stray_result = h.report_raw("builder-1", stray)
+    assert stray_result.verdict == "reject" and [i.topic for i in stray_result.outbox] == ["flops/v1/errors"]
     h.drive(pid, Stage.FINISHED)
     seqs = [e.seq for e in h.events(pid)]
     assert seqs == list(range(1, len(seqs) + 1))

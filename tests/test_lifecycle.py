@@ -535,23 +535,35 @@ def test_a_restarted_engine_resumes_at_the_stored_stage(tmp_path: Path, stage: S
 
 def test_duplicate_request_returns_the_same_project(h: EngineHarness) -> None:
     request = ProjectRequest(request_id="r-same", sla=ProjectSLA.model_validate(sla_body()))
-    first = h.engine.request(request.to_bytes(), None)
-    again = h.engine.request(request.to_bytes(), "my/reply")
+    first = h.engine.request("tests", request.to_bytes(), None)
+    mine = "flops/v1/customers/tests/requests/r-other/reply"
+    again = h.engine.request("tests", request.to_bytes(), mine)
     assert first.verdict == "accept" and again.verdict == "ignore"
     assert again.project_id == first.project_id
     reply = Reply.model_validate_json(again.outbox[0].payload)
-    assert again.outbox[0].topic == "my/reply" and reply.duplicate and reply.project_id == first.project_id
+    assert again.outbox[0].topic == mine and reply.duplicate and reply.project_id == first.project_id
     assert len(h.store.projects()) == 1
 
 
 def test_invalid_request_is_answered_with_field_errors(h: EngineHarness) -> None:
     body = {"request_id": "r-bad", "sla": sla_body() | {"ml_model_flavor": "caffe"}}
     body["sla"]["training_configuration"]["training_rounds"] = 0
-    result = h.engine.request(json.dumps(body).encode(), None)
+    result = h.engine.request("tests", json.dumps(body).encode(), None)
     assert result.verdict == "reject"
     (item,) = result.outbox
-    assert item.topic == "flops/v1/projects/requests/r-bad/reply"
+    assert item.topic == "flops/v1/customers/tests/requests/r-bad/reply"
     reply = Reply.model_validate_json(item.payload)
     assert reply.project_id is None and reply.errors is not None
     assert {e.field for e in reply.errors} == {"sla.ml_model_flavor", "sla.training_configuration.training_rounds"}
     assert h.store.projects() == []
+
+
+def test_each_learner_command_carries_its_own_data_token(h: EngineHarness) -> None:
+    """The manager issues a fresh read token per learner; agents grant it on their data server for the
+    project's tags and revoke it on stop_project."""
+    h.fleet(2)
+    pid = h.submit()
+    h.drive(pid, L)
+    tokens = [c.spec.get("data_token") for c in h.commands(pid, "run_learner")]
+    assert len(tokens) == 2 and all(isinstance(t, str) and len(t) >= 24 for t in tokens)
+    assert len(set(tokens)) == 2

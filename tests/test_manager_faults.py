@@ -61,7 +61,8 @@ def refusing_broker() -> Iterator[BrokerAddress]:
     home.chmod(0o755)
     acl = home / "acl"
     acl.write_text(
-        "topic readwrite #\n\nuser manager\ntopic readwrite flops/v1/#\ntopic deny flops/v1/projects/+/events\n"
+        "topic readwrite #\n\nuser manager\ntopic readwrite flops/v1/#\n"
+        "topic deny flops/v1/customers/+/projects/+/events\n"
     )
     conf = home / "mosquitto.conf"
     conf.write_text(

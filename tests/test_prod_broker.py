@@ -127,9 +127,15 @@ def test_tls_passwords_and_acl_of_the_shipped_production_config(prod_broker, tmp
     try:
         # A user submits and reads state over TLS with a password.
         with Client(_address(port, "alice"), ca_file=ca) as client:
-            reply = client.submit(ProjectSLA.model_validate(sla("file:///nowhere")))
+            # No customerID in the SLA: the manager fills in the authenticated user.
+            body = {k: v for k, v in sla("file:///nowhere").items() if k != "customerID"}
+            reply = client.submit(ProjectSLA.model_validate(body))
             assert reply.project_id and not reply.errors
-            assert client.state(reply.project_id).project_id == reply.project_id
+            state = client.state(reply.project_id)
+            assert state.project_id == reply.project_id and state.customer == "alice"
+            # One naming another customer is refused with a field error.
+            refused = client.submit(ProjectSLA.model_validate(sla("file:///nowhere") | {"customerID": "bob"}))
+            assert refused.errors and refused.errors[0].field == "sla.customerID"
         # The manager writes node-2's commands, then node-1's: node-1 gets its own, never node-2's.
         manager.bus.publish_wait(topics.agent_commands("node-2"), b"for node-2")
         manager.bus.publish_wait(topics.agent_commands("node-1"), b"for node-1")
@@ -142,7 +148,7 @@ def test_tls_passwords_and_acl_of_the_shipped_production_config(prod_broker, tmp
         # An agent reports and receipts on its own topics only; the broker refuses the rest (PUBACK >= 0x80).
         node1.publish_wait(topics.agent_reports("node-1"), b"{}")
         node1.publish_wait(topics.agent_receipts("node-1"), b"{}")
-        for forged in (topics.agent_reports("node-2"), topics.agent_status("node-2"), topics.requests()):
+        for forged in (topics.agent_reports("node-2"), topics.agent_status("node-2"), topics.requests("alice")):
             with pytest.raises(PublishFailed, match="refused"):
                 node1.publish_wait(forged, b"{}")
     finally:

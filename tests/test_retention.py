@@ -40,7 +40,7 @@ def test_prune_forgets_projects_finished_longer_ago_and_clears_their_retained_st
     items = h.engine.prune()
 
     assert [(i.key, i.topic, i.payload, i.retain) for i in items] == [
-        (f"state:{done}", topics.project_state(done), b"", True)
+        (f"state:{done}", topics.project_state("tests", done), b"", True)
     ]
     assert h.store.get(done) is None and h.store.transitions(done) == []
     assert h.store.get(recent) is not None and h.stage(running) is Stage.PREPARATION

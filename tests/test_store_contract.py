@@ -11,7 +11,7 @@ import pytest
 
 from flops.errors import StaleWrite
 from flops.lifecycle_stages import Outcome, Stage
-from flops.store import OutboxItem, ProjectRecord, Store, Transition, Unit, open_store
+from flops.store import OutboxItem, ProjectRecord, PrunedProject, Store, Transition, Unit, open_store
 from flops.store_memory import MemoryStore
 from flops.store_sqlite import SQLiteStore
 
@@ -357,7 +357,7 @@ def test_prune_forgets_projects_finished_before_the_cutoff_with_their_history(st
     with store.unit() as unit:
         unit.mark_seen("e-anonymous", None, "reject")
 
-    assert store.prune(200.0) == ["p-older", "p-old"]  # oldest first
+    assert _ids(store.prune(200.0)) == ["p-older", "p-old"]  # oldest first
 
     for pid in ("p-old", "p-older"):
         _nothing_of(store, pid)
@@ -366,47 +366,47 @@ def test_prune_forgets_projects_finished_before_the_cutoff_with_their_history(st
     assert _has_history(store, "p-recent") and _has_history(store, "p-running")
     with store.unit() as unit:
         assert unit.seen("e-anonymous") == "reject"
-    assert store.prune(200.0) == []
+    assert _ids(store.prune(200.0)) == []
 
 
 def test_prune_never_touches_unfinished_projects(store: Store) -> None:
     for stage in (Stage.PREPARATION, Stage.BUILDER, Stage.POST_TRAINING):
         _with_history(store, _record(f"p-{stage.value}", stage, created_at=0.0, stage_entered_at=0.0))
-    assert store.prune(1e12) == []
+    assert _ids(store.prune(1e12)) == []
     assert len(store.unfinished()) == 3
 
 
 def test_prune_counts_from_the_finish_stamp_or_else_the_stage_entry(store: Store) -> None:
     _insert(store, _finished("p-stamped", 100.0, stage_entered_at=500.0))
     _insert(store, _finished("p-unstamped", 0.0, timestamps={}, stage_entered_at=150.0))
-    assert store.prune(120.0) == ["p-stamped"]
-    assert store.prune(160.0) == ["p-unstamped"]
+    assert _ids(store.prune(120.0)) == ["p-stamped"]
+    assert _ids(store.prune(160.0)) == ["p-unstamped"]
 
 
 def test_prune_keeps_a_project_whose_model_is_still_served(store: Store) -> None:
     """Else nobody could stop its inference server any more (cancel of a completed project)."""
     served = _finished("p-served", 100.0, ctx={"model_url": "http://127.0.0.1:9/"})
     _insert(store, served)
-    assert store.prune(200.0) == []
+    assert _ids(store.prune(200.0)) == []
     with store.unit() as unit:
         unit.update(dataclasses.replace(served, ctx={}), Stage.FINISHED)
-    assert store.prune(200.0) == ["p-served"]
+    assert _ids(store.prune(200.0)) == ["p-served"]
 
 
 def test_prune_takes_at_most_limit_oldest_first(store: Store) -> None:
     for i in range(5):
         _insert(store, _finished(f"p-{i}", 100.0 + i))
-    assert store.prune(1000.0, limit=2) == ["p-0", "p-1"]
-    assert store.prune(1000.0, limit=2) == ["p-2", "p-3"]
-    assert store.prune(1000.0, limit=2) == ["p-4"]
+    assert _ids(store.prune(1000.0, limit=2)) == ["p-0", "p-1"]
+    assert _ids(store.prune(1000.0, limit=2)) == ["p-2", "p-3"]
+    assert _ids(store.prune(1000.0, limit=2)) == ["p-4"]
 
 
 def test_a_project_finished_by_an_update_is_prunable(store: Store) -> None:
     _insert(store, _record())
     with store.unit() as unit:
         unit.update(_finished("p-1", 100.0), Stage.PREPARATION)
-    assert store.prune(100.0) == []
-    assert store.prune(100.5) == ["p-1"]
+    assert _ids(store.prune(100.0)) == []
+    assert _ids(store.prune(100.5)) == ["p-1"]
 
 
 def test_prune_in_a_failed_batch_is_undone(store: Store) -> None:
@@ -415,7 +415,7 @@ def test_prune_in_a_failed_batch_is_undone(store: Store) -> None:
         with store.unit() as unit:
             unit.log_transition(Transition("p-new", None, Stage.PREPARATION, "create", None, 2.0))
             unit.mark_seen("e-p-old-late", "p-old", "ignore")
-        assert store.prune(200.0) == ["p-old"]
+        assert _ids(store.prune(200.0)) == ["p-old"]
         raise RuntimeError("crash before commit")
     assert _has_history(store, "p-old")
     assert len(store.transitions("p-old")) == 1 and store.transitions("p-new") == []
@@ -507,8 +507,8 @@ def test_sqlite_file_of_the_first_release_gains_the_retention_columns(tmp_path: 
         db.executescript(_FIRST_SCHEMA)
     store = SQLiteStore(path, clock=clock)
     try:
-        assert store.prune(50.0) == []
-        assert store.prune(150.0) == ["p-done"]
+        assert _ids(store.prune(50.0)) == []
+        assert _ids(store.prune(150.0)) == ["p-done"]
         assert [r.project_id for r in store.unfinished()] == ["p-run"]
         # Cached before the upgrade: counted as used at the upgrade, so kept a whole retention period.
         assert store.prune_artifacts(clock.now) == []
@@ -572,3 +572,7 @@ def test_an_exception_escaping_the_batch_discards_all_of_it(store: Store) -> Non
     with store.unit() as unit:
         _write_everything(unit, "p-1")
     assert store.get("p-1") == _record("p-1")
+
+
+def _ids(pruned: list[PrunedProject]) -> list[str]:
+    return [p.project_id for p in pruned]

@@ -9,19 +9,20 @@ import pytest
 
 from flops import topics
 
-BUILDERS: list[tuple[Callable[..., str], tuple[str, ...], str, tuple[str, str | None]]] = [
-    (topics.requests, (), "flops/v1/projects/requests", ("requests", None)),
-    (topics.request_reply, ("r-1",), "flops/v1/projects/requests/r-1/reply", ("reply", "r-1")),
-    (topics.project_state, ("p-1",), "flops/v1/projects/p-1/state", ("state", "p-1")),
-    (topics.project_events, ("p-1",), "flops/v1/projects/p-1/events", ("events", "p-1")),
-    (topics.project_cancel, ("p-1",), "flops/v1/projects/p-1/cancel", ("cancel", "p-1")),
-    (topics.agent_status, ("node-a",), "flops/v1/agents/node-a/status", ("agent_status", "node-a")),
-    (topics.agent_commands, ("node-a",), "flops/v1/agents/node-a/commands", ("agent_commands", "node-a")),
-    (topics.agent_reports, ("node-a",), "flops/v1/agents/node-a/reports", ("agent_reports", "node-a")),
-    (topics.agent_receipts, ("node-a",), "flops/v1/agents/node-a/receipts", ("agent_receipts", "node-a")),
-    (topics.agent_acks, ("node-a",), "flops/v1/agents/node-a/acks", ("agent_acks", "node-a")),
-    (topics.manager_status, (), "flops/v1/manager/status", ("unknown", None)),
-    (topics.errors, (), "flops/v1/errors", ("unknown", None)),
+C = "flops/v1/customers/alice"
+BUILDERS: list[tuple[Callable[..., str], tuple[str, ...], str, tuple[str, str | None, str | None]]] = [
+    (topics.requests, ("alice",), f"{C}/requests", ("requests", None, "alice")),
+    (topics.request_reply, ("alice", "r-1"), f"{C}/requests/r-1/reply", ("reply", "r-1", "alice")),
+    (topics.project_state, ("alice", "p-1"), f"{C}/projects/p-1/state", ("state", "p-1", "alice")),
+    (topics.project_events, ("alice", "p-1"), f"{C}/projects/p-1/events", ("events", "p-1", "alice")),
+    (topics.project_cancel, ("alice", "p-1"), f"{C}/projects/p-1/cancel", ("cancel", "p-1", "alice")),
+    (topics.agent_status, ("node-a",), "flops/v1/agents/node-a/status", ("agent_status", "node-a", None)),
+    (topics.agent_commands, ("node-a",), "flops/v1/agents/node-a/commands", ("agent_commands", "node-a", None)),
+    (topics.agent_reports, ("node-a",), "flops/v1/agents/node-a/reports", ("agent_reports", "node-a", None)),
+    (topics.agent_receipts, ("node-a",), "flops/v1/agents/node-a/receipts", ("agent_receipts", "node-a", None)),
+    (topics.agent_acks, ("node-a",), "flops/v1/agents/node-a/acks", ("agent_acks", "node-a", None)),
+    (topics.manager_status, (), "flops/v1/manager/status", ("unknown", None, None)),
+    (topics.errors, (), "flops/v1/errors", ("unknown", None, None)),
 ]
 
 WITH_ID = [(b, args) for b, args, _, _ in BUILDERS if args]
@@ -44,11 +45,13 @@ def test_parse_reads_back_what_the_builder_built(builder, args, _expected, parse
 @pytest.mark.parametrize(
     ("wildcard", "expected"),
     [
-        (topics.ALL_CANCELS, "flops/v1/projects/+/cancel"),
+        (topics.ALL_REQUESTS, "flops/v1/customers/+/requests"),
+        (topics.ALL_CANCELS, "flops/v1/customers/+/projects/+/cancel"),
         (topics.ALL_AGENT_REPORTS, "flops/v1/agents/+/reports"),
         (topics.ALL_AGENT_RECEIPTS, "flops/v1/agents/+/receipts"),
         (topics.ALL_AGENT_STATUS, "flops/v1/agents/+/status"),
-        (topics.ALL_PROJECT_STATES, "flops/v1/projects/+/state"),
+        (topics.ALL_PROJECT_STATES, "flops/v1/customers/+/projects/+/state"),
+        (topics.ALL_PROJECT_EVENTS, "flops/v1/customers/+/projects/+/events"),
     ],
 )
 def test_subscription_wildcards(wildcard: str, expected: str) -> None:
@@ -58,11 +61,15 @@ def test_subscription_wildcards(wildcard: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("builder", "concrete"),
     [
-        (topics.ALL_CANCELS, topics.project_cancel("p-9")),
+        (topics.ALL_REQUESTS, topics.requests("bob")),
+        (topics.ALL_CANCELS, topics.project_cancel("bob", "p-9")),
+        (topics.project_state_any("p-9"), topics.project_state("bob", "p-9")),
+        (topics.project_events_any("p-9"), topics.project_events("bob", "p-9")),
         (topics.ALL_AGENT_REPORTS, topics.agent_reports("a-9")),
         (topics.ALL_AGENT_RECEIPTS, topics.agent_receipts("a-9")),
         (topics.ALL_AGENT_STATUS, topics.agent_status("a-9")),
-        (topics.ALL_PROJECT_STATES, topics.project_state("p-9")),
+        (topics.ALL_PROJECT_STATES, topics.project_state("bob", "p-9")),
+        (topics.ALL_PROJECT_EVENTS, topics.project_events("bob", "p-9")),
     ],
 )
 def test_wildcards_match_their_concrete_topics(builder: str, concrete: str) -> None:
@@ -72,16 +79,17 @@ def test_wildcards_match_their_concrete_topics(builder: str, concrete: str) -> N
 
 
 @pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "a+b", "a#", "x\x00y", "/"])
-@pytest.mark.parametrize(("builder", "_args"), WITH_ID, ids=lambda v: getattr(v, "__name__", None))
-def test_ids_that_change_the_topic_shape_are_refused(builder, _args, bad: str) -> None:
-    with pytest.raises(ValueError, match="not a valid topic segment"):
-        builder(bad)
+@pytest.mark.parametrize(("builder", "args"), WITH_ID, ids=lambda v: getattr(v, "__name__", None))
+def test_ids_that_change_the_topic_shape_are_refused(builder, args, bad: str) -> None:
+    for position in range(len(args)):
+        with pytest.raises(ValueError, match="not a valid topic segment"):
+            builder(*args[:position], bad, *args[position + 1 :])
 
 
 @pytest.mark.parametrize("ok", ["p-1f3a", "agent.node_1", "r:42", "UPPER-case"])
 def test_ordinary_ids_pass_unchanged(ok: str) -> None:
-    assert topics.project_state(ok) == f"flops/v1/projects/{ok}/state"
-    assert topics.parse(topics.agent_commands(ok)) == ("agent_commands", ok)
+    assert topics.project_state(ok, ok) == f"flops/v1/customers/{ok}/projects/{ok}/state"
+    assert topics.parse(topics.agent_commands(ok)) == ("agent_commands", ok, None)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +100,9 @@ def test_ordinary_ids_pass_unchanged(ok: str) -> None:
         "flops/v1/projects/p-1/unknown",
         "flops/v1/projects/p-1/state/extra",
         "flops/v1/projects/p-1/reports",  # reports moved to the sending agent's own topic
+        "flops/v1/projects/p-1/state",  # project topics moved under their customer
+        "flops/v1/projects/requests",
+        "flops/v1/customers/alice/projects/p-1/unknown",
         "flops/v1/agents/a-1/reports/extra",
         "flops/v1/projects/requests/r-1/answer",
         "flops/v1/projects",
@@ -100,4 +111,4 @@ def test_ordinary_ids_pass_unchanged(ok: str) -> None:
     ],
 )
 def test_parse_refuses_foreign_topics(topic: str) -> None:
-    assert topics.parse(topic) == ("unknown", None)
+    assert topics.parse(topic) == ("unknown", None, None)

@@ -2,7 +2,8 @@
 
 Every call carries a deadline, and Flight/gRPC failures surface as the small `DataError` family below with
 the server's own message, so callers (learners, the mock provider, the agent) can tell "server down" from
-"request refused" from "no such data".
+"request refused" from "no such data" from "not allowed". Every call sends the client's bearer token; with a
+CA file the client speaks TLS (the server's location is then `grpc+tls://`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from flops.data.server import DROP_DATASET, is_valid_tag, parse_dataset_file_name
+from flops.data.server import DROP_DATASET, NOT_FOUND, is_valid_tag, parse_dataset_file_name
 
 DEFAULT_TIMEOUT_S = 30.0
+# How an agent hands a learner its project's read token and the CA of the node's certificate (also read by
+# flops_utils.ml_repo_building_blocks.load_dataset, inside ML repositories).
+DATA_TOKEN_ENV = "FLOPS_DATA_TOKEN"
+TLS_CA_ENV = "FLOPS_TLS_CA_FILE"
 
 
 class DataError(Exception):
@@ -39,6 +45,10 @@ class DataRequestRejected(DataError):
 
 class DatasetNotFound(DataError):
     """No dataset matched the requested tags or name."""
+
+
+class DataAccessDenied(DataError):
+    """No valid token, or a token that does not allow this call (a read token putting or dropping data)."""
 
 
 @dataclass(frozen=True)
@@ -72,17 +82,36 @@ def _checked_tags(tags: Iterable[str] | None, *, location: str) -> list[str] | N
     return tags
 
 
-class DataClient:
-    """Talks to one data server at `location` (`grpc+tcp://host:port`); usable as a context manager."""
+def _chunk_rows(table: pa.Table, target_bytes: int = 8 * 1024 * 1024) -> int:
+    """Rows per uploaded batch so a batch is about `target_bytes`."""
+    per_row = table.nbytes / table.num_rows if table.num_rows else 1
+    return max(1, int(target_bytes / max(per_row, 1)))
 
-    def __init__(self, location: str | flight.Location, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+
+class DataClient:
+    """Talks to one data server at `location` (`grpc+tcp://host:port`); usable as a context manager.
+
+    `token` is sent with every call (the node's admin token, or a project's read token); `ca_file` is the CA
+    that signed a TLS server's certificate.
+    """
+
+    def __init__(
+        self,
+        location: str | flight.Location,
+        *,
+        token: str | None = None,
+        ca_file: Path | str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.location = location.uri.decode() if isinstance(location, flight.Location) else str(location)
         self.timeout = timeout
-        self._client = flight.FlightClient(self.location)
+        self._headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        root_certs = Path(ca_file).read_bytes() if ca_file else None
+        self._client = flight.FlightClient(self.location, tls_root_certs=root_certs)
         self._log = structlog.get_logger().bind(data_server=self.location)
 
     def _options(self) -> flight.FlightCallOptions:
-        return flight.FlightCallOptions(timeout=self.timeout)
+        return flight.FlightCallOptions(timeout=self.timeout, headers=self._headers)
 
     @contextmanager
     def _call(self, operation: str) -> Iterator[None]:
@@ -94,6 +123,14 @@ class DataClient:
             raise DataServerUnavailable(f"{where} timed out after {self.timeout}s", location=self.location) from exc
         except flight.FlightUnavailableError as exc:
             raise DataServerUnavailable(f"{where} unavailable: {_server_message(exc)}", location=self.location) from exc
+        except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError) as exc:
+            raise DataAccessDenied(f"{where} refused: {_server_message(exc)}", location=self.location) from exc
+        except flight.FlightServerError as exc:
+            # The server says what kind of refusal it is in extra_info (see flops.data.server).
+            kind = (
+                DatasetNotFound if exc.extra_info == NOT_FOUND else DataRequestRejected if exc.extra_info else DataError
+            )
+            raise kind(f"{where}: {_server_message(exc)}", location=self.location) from exc
         except KeyError as exc:  # the server's KeyError arrives as pyarrow.ArrowKeyError
             raise DatasetNotFound(f"{where}: {_server_message(exc)}", location=self.location) from exc
         except (ValueError, pa.ArrowInvalid) as exc:  # the server's ValueError arrives as ArrowInvalid
@@ -160,7 +197,8 @@ class DataClient:
         with self._call(f"put {tag}"):
             writer, metadata_reader = self._client.do_put(descriptor, table.schema, self._options())
             with writer:
-                writer.write_table(table)
+                # Moderate batches: the server checks its upload limit batch by batch.
+                writer.write_table(table, max_chunksize=_chunk_rows(table))
                 writer.done_writing()
                 reply = metadata_reader.read()
         if reply is None:

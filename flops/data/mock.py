@@ -9,6 +9,7 @@ ever saw.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from os import PathLike
 from pathlib import Path
 from typing import Literal
 
@@ -157,15 +158,20 @@ def push_partitions(
     locations: Sequence[str | flight.Location],
     tag: str,
     *,
+    tokens: Sequence[str],
+    ca_file: str | PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> list[str]:
-    """Put partition i on the data server at locations[i] under `tag`; returns the stored file names."""
+    """Put partition i on the data server at locations[i] under `tag`, authorised by that node's admin token
+    tokens[i]; returns the stored file names."""
     if len(partitions) != len(locations):
         raise ValueError(f"{len(partitions)} partitions for {len(locations)} data servers")
+    if len(tokens) != len(locations):
+        raise ValueError(f"{len(tokens)} data tokens for {len(locations)} data servers")
     log = structlog.get_logger().bind(tag=tag)
     names = []
-    for partition, location in zip(partitions, locations, strict=True):
-        with DataClient(location, timeout=timeout) as client:
+    for partition, location, token in zip(partitions, locations, tokens, strict=True):
+        with DataClient(location, token=token, ca_file=ca_file, timeout=timeout) as client:
             names.append(client.put(tag, partition))
         log.info("mock.pushed", data_server=client.location, file=names[-1], rows=partition.num_rows)
     return names

@@ -8,6 +8,7 @@ plain rows (lists of dicts) for the CLI to print as a table or JSON.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from os import PathLike
 from typing import Any
 
 import pyarrow as pa
@@ -25,9 +26,12 @@ def mock(
     locations: list[str],
     seed: int = 0,
     *,
+    tokens: Sequence[str],
+    ca_file: str | PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
-    """Split `dataset`'s train split into `partitions` IID parts and put part i on `locations[i]` under `tag`.
+    """Split `dataset`'s train split into `partitions` IID parts and put part i on `locations[i]` under `tag`
+    (with `tokens[i]`, that node's admin token).
 
     Returns one row per target: `{"location", "tag", "rows", "file"}`. Pushing the same data again stores
     nothing new (the server names files by content), so a retried command cannot duplicate rows.
@@ -38,7 +42,7 @@ def mock(
         raise ValueError(f"{partitions} partitions need {partitions} data servers, got {len(locations)}")
     log = structlog.get_logger(__name__).bind(dataset=dataset, tag=tag, partitions=partitions, seed=seed)
     parts = split_iid(load_dataset(dataset, split="train"), partitions, seed=seed)
-    files = push_partitions(parts, locations, tag, timeout=timeout)
+    files = push_partitions(parts, locations, tag, tokens=tokens, ca_file=ca_file, timeout=timeout)
     rows = [
         {"location": location, "tag": tag, "rows": part.num_rows, "file": file}
         for location, part, file in zip(locations, parts, files, strict=True)
@@ -51,20 +55,27 @@ def inventory(
     locations: Mapping[str, str],
     tags: Sequence[str] | None = None,
     *,
+    tokens: Mapping[str, str],
+    ca_file: str | PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """What each agent's data server holds: one row per (agent, tag), sorted by agent then tag.
 
-    Rows are `{"agent_id", "tag", "rows", "files", "error"}`. An agent holding nothing gets one row with
-    `tag=None`; an unreachable or refusing server gets one row with the `error` message instead of failing
-    the whole listing.
+    `tokens` maps agent ids to tokens allowed to list their data. Rows are `{"agent_id", "tag", "rows",
+    "files", "error"}`. An agent holding nothing gets one row with `tag=None`; an unreachable or refusing
+    server, or one without a token, gets one row with the `error` message instead of failing the listing.
     """
     log = structlog.get_logger(__name__)
     table: list[dict[str, Any]] = []
     for agent_id in sorted(locations):
         location = locations[agent_id]
+        token = tokens.get(agent_id)
+        if not token:
+            error = "no data token for this agent (--token, or --agent-dir with its directory)"
+            table.append({"agent_id": agent_id, "tag": None, "rows": 0, "files": 0, "error": error})
+            continue
         try:
-            with DataClient(location, timeout=timeout) as client:
+            with DataClient(location, token=token, ca_file=ca_file, timeout=timeout) as client:
                 infos = client.list(tags)
         except (DataError, pa.ArrowException) as exc:  # ArrowInvalid: the location is not a URI
             log.warning("inventory.unavailable", agent_id=agent_id, location=location, error=str(exc))

@@ -3,7 +3,8 @@
 ``python -m flops.runtime.aggregator --repo DIR --rounds N --min-available-clients A
 --min-fit-clients F --min-evaluate-clients E --strategy fedavg|fedprox|fedadam
 --address HOST:PORT --model-out DIR [--client-wait-timeout S] [--round-timeout S]
-[--deadline S] [--work-dir DIR] [--report-fd FD]``
+[--deadline S] [--tls-ca-file F --tls-cert-file F --tls-key-file F] [--supernode-keys FILE]
+[--work-dir DIR] [--report-fd FD]``
 
 Starts ``flower-superlink`` (Fleet, Control and Runtime APIs on ``--address``), submits one run of
 the generated Flower App (``flops.runtime.serverapp`` / ``flops.runtime.clientapp``) with
@@ -11,6 +12,10 @@ the generated Flower App (``flops.runtime.serverapp`` / ``flops.runtime.clientap
 round.completed per round, then training.succeeded or training.failed. Exit status 0 only
 on training.succeeded. Every child (SuperLink, its SuperExec and ServerApp) is stopped on exit,
 on error and on SIGTERM.
+
+With the node's certificate (``--tls-*``) the SuperLink serves TLS and admits only the SuperNodes whose
+public keys are in ``--supernode-keys`` (registered before aggregator.started; see
+``flops.runtime.flower_tls``); without it, ``--insecure``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from typing import Any
 
 import structlog
 
-from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, split_address
+from flops.runtime.flower_env import FAST_POLL_INTERVAL, dial_address, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
+from flops.runtime.flower_tls import ServerTls, client_context, superlink_args
 from flops.runtime.reports import (
     AGGREGATOR_STARTED,
     TRAINING_FAILED,
@@ -72,21 +78,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="let the SuperLink `uv sync` the app's dependencies per run (Flower's default; off here)",
     )
+    p.add_argument("--tls-ca-file", type=Path, default=None, help="fleet CA (TLS + SuperNode auth when given)")
+    p.add_argument("--tls-cert-file", type=Path, default=None, help="this node's certificate, signed by the CA")
+    p.add_argument("--tls-key-file", type=Path, default=None, help="the certificate's private key")
+    p.add_argument(
+        "--supernode-keys",
+        type=Path,
+        default=None,
+        help="file of the learners' OpenSSH public keys, one per line, registered before aggregator.started",
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--report-fd", type=int, default=None, help="file descriptor for report lines (default stdout)")
     return p.parse_args(argv)
 
 
-def wait_healthy(address: str, *, timeout: float, superlink: subprocess.Popen[str]) -> None:
-    """Wait until the SuperLink answers ``GET /health``."""
+def wait_healthy(
+    address: str, *, timeout: float, superlink: subprocess.Popen[str], ca_file: Path | None = None
+) -> None:
+    """Wait until the SuperLink answers ``GET /health`` (over TLS verified with ``ca_file`` when given)."""
     host, port = split_address(address)
-    url = f"http://{host}:{port}/health"
+    url = f"{'https' if ca_file else 'http'}://{host}:{port}/health"
+    context = client_context(ca_file)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if superlink.poll() is not None:
             raise AggregatorError(f"SuperLink exited with status {superlink.returncode} during start-up")
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError:
@@ -119,6 +137,29 @@ def submit_run(app_dir: Path, env: dict[str, str]) -> int:
     except (KeyError, TypeError, ValueError) as exc:
         tail = (proc.stdout + proc.stderr)[-2000:]
         raise AggregatorError(f"flwr run failed (exit {proc.returncode}): {tail}") from exc
+
+
+def read_public_keys(path: Path | None) -> list[str]:
+    """The learners' public keys: non-empty lines of ``path`` (none without a file)."""
+    if path is None:
+        return []
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def register_supernodes(keys: list[str], key_dir: Path, env: dict[str, str]) -> list[int]:
+    """Register each public key with the SuperLink (``flwr supernode register``); return the node ids."""
+    key_dir.mkdir(parents=True, exist_ok=True)
+    node_ids = []
+    for index, key in enumerate(keys):
+        path = key_dir / f"learner-{index}.pub"
+        path.write_text(key + "\n", encoding="utf-8")
+        payload, proc = _flwr_json(["supernode", "register", str(path), CONNECTION], env, timeout=60)
+        try:
+            node_ids.append(int(payload["node-id"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            tail = (proc.stdout + proc.stderr)[-2000:]
+            raise AggregatorError(f"registering learner key {index} failed (exit {proc.returncode}): {tail}") from exc
+    return node_ids
 
 
 def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any] | None:
@@ -181,7 +222,14 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     env = flower_env(os.environ, poll_interval=args.poll_interval)
     env["FLWR_HOME"] = str(work_dir / "flwr-home")
     env[OWNER_PID_ENV] = str(os.getpid())  # the ServerApp exits when we do (supervisor.exit_with_owner)
-    write_cli_config(work_dir / "flwr-home", connection=CONNECTION, address=args.address)
+    try:
+        tls = ServerTls(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+        keys = read_public_keys(args.supernode_keys)
+    except (OSError, ValueError) as exc:
+        reports.emit(TRAINING_FAILED, reason=f"aggregator configuration: {exc}")
+        return 1
+    local = dial_address(args.address)
+    write_cli_config(work_dir / "flwr-home", connection=CONNECTION, address=local, root_certificates=tls.ca_file)
     app_dir = write_app(
         work_dir / "app",
         {
@@ -206,7 +254,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
                 "superlink",
                 [
                     flower_bin("flower-superlink"),
-                    "--insecure",
+                    *superlink_args(tls),
                     "--host",
                     host,
                     "--port",
@@ -217,7 +265,10 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
                 cwd=work_dir,
                 log_file=work_dir / "superlink.log",
             )
-            wait_healthy(args.address, timeout=60.0, superlink=superlink)
+            wait_healthy(local, timeout=60.0, superlink=superlink, ca_file=tls.ca_file)
+            if keys:
+                node_ids = register_supernodes(keys, work_dir / "supernode-keys", env)
+                log.info("supernodes.registered", node_ids=node_ids)
             reports.emit(AGGREGATOR_STARTED, address=args.address)
             run_id = submit_run(app_dir, env)
             log.info("run.submitted", run_id=run_id)

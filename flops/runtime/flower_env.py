@@ -8,7 +8,7 @@ Tuning chosen for loopback / LAN deployments (measured, see ``tests/runtime``):
   ``uv sync`` of the app's dependencies before the ServerApp starts; our environments are
   pre-built by the builder, so that is pure overhead;
 - telemetry and update checks off (no network calls at start-up);
-- ``--insecure`` only ever together with a loopback/LAN address chosen by the agent.
+- ``--insecure`` only when the node has no certificate (``flops.runtime.flower_tls``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from flops.ports import free_port
 from flops.supervisor import project_pythonpath
 
-__all__ = ["flower_bin", "flower_env", "free_port", "script_dirs", "split_address"]
+__all__ = ["dial_address", "flower_bin", "flower_env", "free_port", "script_dirs", "split_address"]
 
 FAST_POLL_INTERVAL = 0.05
 
@@ -66,3 +66,13 @@ def split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+def dial_address(address: str) -> str:
+    """The address a process on this host dials a server bound to ``address`` at (wildcards -> loopback)."""
+    host, port = split_address(address)
+    if host in ("", "0.0.0.0"):
+        return f"127.0.0.1:{port}"
+    if host == "::":
+        return f"[::1]:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

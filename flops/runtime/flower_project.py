@@ -57,17 +57,23 @@ clientapp = "{CLIENTAPP_REF}"
     return app_dir
 
 
-def write_cli_config(flwr_home: Path, *, connection: str, address: str) -> Path:
-    """Write ``$FLWR_HOME/config.toml`` with one insecure SuperLink connection named ``connection``."""
+def write_cli_config(flwr_home: Path, *, connection: str, address: str, root_certificates: Path | None = None) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``connection``: TLS verified with
+    ``root_certificates`` when given, else insecure."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
+    trust = (
+        f"root-certificates = {_toml_value(str(root_certificates))}"
+        if root_certificates is not None
+        else "insecure = true"
+    )
     path.write_text(
         f"""[superlink]
 default = "{connection}"
 
 [superlink.{connection}]
 address = "{address}"
-insecure = true
+{trust}
 """,
         encoding="utf-8",
     )

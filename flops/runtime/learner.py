@@ -1,7 +1,8 @@
 """Learner process of one project: checks the repo and data, then serves the ClientApp via a SuperNode.
 
 ``python -m flops.runtime.learner --repo DIR --aggregator HOST:PORT --data-server grpc://HOST:PORT
---data-tags a,b [--connect-timeout S] [--work-dir DIR] [--report-fd FD]``
+--data-tags a,b [--connect-timeout S] [--tls-ca-file F] [--work-dir DIR] [--report-fd FD]``; the project's
+data token comes in the environment (``FLOPS_DATA_TOKEN``, set by the agent), never on the command line.
 
 First it imports the repository's ``ModelManager`` and loads the node's data in-process
 (``set_model_data``), so a broken repo or missing data is reported as ``learner.failed`` with the
@@ -11,6 +12,11 @@ as the repo and data are loaded: the manager starts the aggregator only after ev
 ready, so readiness cannot wait for the SuperLink. It then runs until the SuperNode exits (the SuperLink went
 away for longer than the timeout) or it receives SIGTERM; the SuperNode and its ClientApp
 processes are always stopped with it.
+
+With the fleet CA (``--tls-ca-file``) the SuperNode dials over TLS and authenticates with a key pair made
+for this project; its public key goes out in ``learner.ready`` for the aggregator to register (see
+``flops.runtime.flower_tls``). A SuperNode refused activation because its key is not registered yet is
+started again until the connect timeout. Without a CA: ``--insecure``, no key.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -28,12 +36,16 @@ import structlog
 
 from flops.runtime.fast_supernode import DEFAULT_POLL, POLL_ENV
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, free_port
+from flops.runtime.flower_tls import new_supernode_key, supernode_args
 from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
 from flops.runtime.reports import LEARNER_FAILED, LEARNER_READY, ReportWriter
-from flops.supervisor import ChildGroup, install_sigterm_exit
+from flops.supervisor import ChildGroup, install_sigterm_exit, stop_groups
 from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV, parse_tags
 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+# What Flower 1.42's SuperNode prints when the SuperLink does not know its public key (yet).
+_NOT_REGISTERED = "Failed to activate SuperNode"
+RESTART_PAUSE_S = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="warm: one long-lived ClientApp worker (flops.runtime.clientapp_worker, SuperNode --isolation "
         "process); subprocess: Flower's default, one flwr-clientapp process per message",
     )
-    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (FLWR_HOME)")
+    p.add_argument("--tls-ca-file", type=Path, default=None, help="fleet CA: TLS + SuperNode auth when given")
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (FLWR_HOME, SuperNode key)")
     p.add_argument("--report-fd", type=int, default=None, help="file descriptor for report lines (default stdout)")
     return p.parse_args(argv)
 
@@ -88,11 +101,14 @@ class SupernodeWatch:
     def __init__(self) -> None:
         self.registered = threading.Event()
         self.node_id: int | None = None
+        self.refused = False
         self.tail: deque[str] = deque(maxlen=20)
 
     def on_line(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
         self.tail.append(line)
+        if _NOT_REGISTERED in line:
+            self.refused = True
         if not self.registered.is_set() and (match := _NODE_ID.search(line)):
             self.node_id = int(match.group(1))
             self.registered.set()
@@ -106,10 +122,11 @@ def preflight(repo: Path) -> None:
 
 def local_rows(args: argparse.Namespace) -> int | None:
     """Rows this node holds for the project's tags (parquet metadata only): what this learner trains on."""
-    from flops.data.client import DataClient, DataError
+    from flops.data.client import DATA_TOKEN_ENV, TLS_CA_ENV, DataClient, DataError
 
+    token, ca_file = os.environ.get(DATA_TOKEN_ENV), os.environ.get(TLS_CA_ENV) or None
     try:
-        with DataClient(args.data_server, timeout=10.0) as client:
+        with DataClient(args.data_server, token=token, ca_file=ca_file, timeout=10.0) as client:
             return sum(info.rows for info in client.list(parse_tags(args.data_tags)))
     except DataError:
         return None
@@ -127,7 +144,10 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     except Exception as exc:
         reports.emit(LEARNER_FAILED, reason=f"cannot load the learner's data: {traceback_tail(exc)}")
         return 1
-    reports.emit(LEARNER_READY, aggregator=args.aggregator, examples=local_rows(args))
+    private_key, public_key = None, None
+    if args.tls_ca_file is not None:
+        private_key, public_key = new_supernode_key(args.work_dir or Path(tempfile.mkdtemp(prefix="flops-learner-")))
+    reports.emit(LEARNER_READY, aggregator=args.aggregator, examples=local_rows(args), public_key=public_key)
     env = flower_env(os.environ, poll_interval=args.executor_poll or None)
     if args.supernode_poll > 0:
         supernode_cmd = [sys.executable, "-m", "flops.runtime.fast_supernode"]
@@ -140,44 +160,52 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     watch = SupernodeWatch()
     runtime_port = free_port()
     isolation = ["--isolation", "process"] if args.isolation == "warm" else []
+    supernode_argv = [
+        *supernode_cmd,
+        *supernode_args(args.tls_ca_file, private_key),
+        "--superlink",
+        args.aggregator,
+        "--node-config",
+        node_config(args),
+        *isolation,
+        "--port",
+        str(runtime_port),
+        "--max-wait-time",
+        str(args.connect_timeout),
+    ]
+    worker_argv = [
+        sys.executable,
+        "-m",
+        "flops.runtime.clientapp_worker",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--poll",
+        str(args.executor_poll or FAST_POLL_INTERVAL),
+    ]
     with ChildGroup() as children:
-        supernode = children.spawn(
-            "supernode",
-            [
-                *supernode_cmd,
-                "--insecure",
-                "--superlink",
-                args.aggregator,
-                "--node-config",
-                node_config(args),
-                *isolation,
-                "--port",
-                str(runtime_port),
-                "--max-wait-time",
-                str(args.connect_timeout),
-            ],
-            env=env,
-            cwd=args.work_dir,
-            on_line=watch.on_line,
-        )
-        if args.isolation == "warm":
-            children.spawn(
-                "clientapp-worker",
-                [
-                    sys.executable,
-                    "-m",
-                    "flops.runtime.clientapp_worker",
-                    "--runtime-api-address",
-                    f"127.0.0.1:{runtime_port}",
-                    "--poll",
-                    str(args.executor_poll or FAST_POLL_INTERVAL),
-                ],
-                env=env,
-                cwd=args.work_dir,
-            )
+
+        def start_node() -> tuple[subprocess.Popen[str], subprocess.Popen[str] | None]:
+            node = children.spawn("supernode", supernode_argv, env=env, cwd=args.work_dir, on_line=watch.on_line)
+            worker = None
+            if args.isolation == "warm":
+                worker = children.spawn("clientapp-worker", worker_argv, env=env, cwd=args.work_dir)
+            return node, worker
+
+        supernode, worker = start_node()
         deadline = time.monotonic() + args.connect_timeout
         while not watch.registered.wait(0.05):
-            if supernode.poll() is not None or time.monotonic() >= deadline:
+            exited = supernode.poll() is not None
+            if exited:
+                time.sleep(0.2)  # let its last lines (the reason it stopped) reach the watch
+            if exited and watch.refused and time.monotonic() + RESTART_PAUSE_S < deadline:
+                # Our key may not be registered yet (the aggregator registers the keys right after its
+                # SuperLink starts): try again, with a fresh worker (it backs off while its SuperNode is away).
+                watch.refused = False
+                stop_groups([worker] if worker is not None else [])
+                time.sleep(RESTART_PAUSE_S)
+                supernode, worker = start_node()
+                continue
+            if exited or time.monotonic() >= deadline:
                 reason = (
                     f"SuperNode exited with status {supernode.returncode}"
                     if supernode.returncode is not None

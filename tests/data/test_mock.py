@@ -161,15 +161,15 @@ def test_push_partitions_puts_one_partition_on_each_server(servers: list[DataSer
     train = load_dataset("digits")
     parts = split_iid(train, len(servers), seed=0)
 
-    names = push_partitions(parts, [s.location for s in servers], "digits")
+    names = push_partitions(parts, [s.location for s in servers], "digits", tokens=[s.admin_token for s in servers])
 
     assert len(set(names)) == len(servers)
     for data_server, part in zip(servers, parts, strict=True):
         assert inventory(data_server.data_dir) == {"digits": part.num_rows}
-    fetched = [DataClient(s.location).fetch(["digits"]) for s in servers]
+    fetched = [DataClient(s.location, token=s.admin_token).fetch(["digits"]) for s in servers]
     assert sum((_rows(t) for t in fetched), Counter()) == _rows(train)
 
 
 def test_push_partitions_needs_one_server_per_partition(servers: list[DataServer]) -> None:
     with pytest.raises(ValueError, match="2 partitions for 3"):
-        push_partitions(split_iid(_ids_table(4), 2), [s.location for s in servers], "t")
+        push_partitions(split_iid(_ids_table(4), 2), [s.location for s in servers], "t", tokens=["x" * 20] * 3)

@@ -35,8 +35,13 @@ def server(tmp_path: Path, changes: list[dict[str, int]]) -> Iterator[DataServer
 
 @pytest.fixture
 def client(server: DataServer) -> Iterator[DataClient]:
-    with DataClient(server.location, timeout=10) as data_client:
+    with DataClient(server.location, token=server.admin_token, timeout=10) as data_client:
         yield data_client
+
+
+def _admin(server: DataServer) -> flight.FlightCallOptions:
+    """Call options a raw Flight client (an original FLOps client) sends with the node's admin token."""
+    return flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {server.admin_token}".encode())])
 
 
 def _table(n: int, offset: int = 0) -> pa.Table:
@@ -145,16 +150,16 @@ def test_get_rejects_names_outside_the_data_directory(server: DataServer, ticket
     pq.write_table(_table(1), secret)
     raw = flight.FlightClient(server.location)
 
-    with pytest.raises(pa.ArrowInvalid, match="not a dataset file name"):
-        raw.do_get(flight.Ticket(ticket)).read_all()
+    with pytest.raises(flight.FlightServerError, match="not a dataset file name"):
+        raw.do_get(flight.Ticket(ticket), _admin(server)).read_all()
 
 
 def test_put_rejects_tags_that_could_escape_the_directory(server: DataServer) -> None:
     raw = flight.FlightClient(server.location)
     table = _table(1)
-    writer, _ = raw.do_put(flight.FlightDescriptor.for_path("../evil"), table.schema)
+    writer, _ = raw.do_put(flight.FlightDescriptor.for_path("../evil"), table.schema, _admin(server))
 
-    with pytest.raises(pa.ArrowInvalid, match="invalid data tag"):
+    with pytest.raises(flight.FlightServerError, match="invalid data tag"):
         writer.write_table(table)
         writer.close()
     assert list(server.data_dir.parent.glob("*evil*")) == []
@@ -168,8 +173,8 @@ def test_client_rejects_invalid_tags_before_calling(client: DataClient) -> None:
 def test_get_of_a_missing_dataset_is_not_found(server: DataServer) -> None:
     raw = flight.FlightClient(server.location)
 
-    with pytest.raises(KeyError, match="no dataset"):
-        raw.do_get(flight.Ticket(b"a.0123456789abcdef0123456789abcdef.parquet")).read_all()
+    with pytest.raises(flight.FlightServerError, match="no dataset"):
+        raw.do_get(flight.Ticket(b"a.0123456789abcdef0123456789abcdef.parquet"), _admin(server)).read_all()
 
 
 def test_stopped_server_is_reported_unavailable(tmp_path: Path) -> None:
@@ -178,35 +183,38 @@ def test_stopped_server_is_reported_unavailable(tmp_path: Path) -> None:
     location = data_server.location
     data_server.stop()
 
-    with DataClient(location, timeout=2) as data_client, pytest.raises(DataServerUnavailable):
+    data_client = DataClient(location, token=data_server.admin_token, timeout=2)
+    with data_client, pytest.raises(DataServerUnavailable):
         data_client.list()
 
 
-def test_original_flops_clients_work_unchanged(server: DataServer) -> None:
-    """The original mock provider puts `<tag>.<md5>.parquet` names; learners list with JSON criteria."""
+def test_original_flops_clients_work_with_a_token(server: DataServer) -> None:
+    """The original mock provider puts `<tag>.<md5>.parquet` names; learners list with JSON criteria. Both
+    work unchanged once they send a bearer token."""
     raw = flight.FlightClient(server.location)
+    options = _admin(server)
     table = _table(6)
     writer, _ = raw.do_put(
-        flight.FlightDescriptor.for_path("mnist.ffffffffffffffffffffffffffffffff.parquet"), table.schema
+        flight.FlightDescriptor.for_path("mnist.ffffffffffffffffffffffffffffffff.parquet"), table.schema, options
     )
     writer.write_table(table)
     writer.close()
 
-    flights = list(raw.list_flights(criteria=json.dumps({"data_tags": ["mnist"]}).encode("utf-8")))
+    flights = list(raw.list_flights(json.dumps({"data_tags": ["mnist"]}).encode("utf-8"), options))
     [info] = flights
     assert info.total_records == 6
-    assert raw.do_get(info.endpoints[0].ticket).read_all().equals(table)
+    assert raw.do_get(info.endpoints[0].ticket, options).read_all().equals(table)
 
     name = info.endpoints[0].ticket.ticket.decode()
-    list(raw.do_action(flight.Action("drop_dataset", name.encode())))
-    assert list(raw.list_flights(b"")) == []
+    list(raw.do_action(flight.Action("drop_dataset", name.encode()), options))
+    assert list(raw.list_flights(b"", options)) == []
 
 
 def test_drop_accepts_a_bare_tag_body(server: DataServer, client: DataClient) -> None:
     client.put("a", _table(2))
     raw = flight.FlightClient(server.location)
 
-    [result] = list(raw.do_action(flight.Action("drop_dataset", b"a")))
+    [result] = list(raw.do_action(flight.Action("drop_dataset", b"a"), _admin(server)))
 
     assert len(json.loads(result.body.to_pybytes())["dropped"]) == 1
     assert client.list() == []
@@ -214,10 +222,27 @@ def test_drop_accepts_a_bare_tag_body(server: DataServer, client: DataClient) ->
 
 def test_restart_cleans_temp_files_and_keeps_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    with DataServer(data_dir) as first, DataClient(first.location) as data_client:
+    with DataServer(data_dir) as first, DataClient(first.location, token=first.admin_token) as data_client:
         data_client.put("a", _table(3))
     (data_dir / ".put-crashed.tmp").write_bytes(b"half written")
 
-    with DataServer(data_dir) as second, DataClient(second.location) as data_client:
+    with DataServer(data_dir) as second, DataClient(second.location, token=second.admin_token) as data_client:
         assert [i.rows for i in data_client.list(["a"])] == [3]
     assert not (data_dir / ".put-crashed.tmp").exists()
+
+
+def test_the_name_does_not_depend_on_how_the_upload_was_chunked(server: DataServer) -> None:
+    """Rows hashed in fixed slices: the same data sent in other batches lands on the same file (no duplicates)."""
+    n = 3000  # more than one digest slice
+    table = pa.table({"x": list(range(n)), "s": [str(i) * (i % 4) if i % 7 else None for i in range(n)]})
+    raw = flight.FlightClient(server.location)
+    names = set()
+    for chunk in (1000, 333, 3000):
+        writer, reader = raw.do_put(flight.FlightDescriptor.for_path("a"), table.schema, _admin(server))
+        with writer:
+            writer.write_table(table, max_chunksize=chunk)
+            writer.done_writing()
+            names.add(json.loads(reader.read().to_pybytes())["name"])
+
+    assert names == {f"a.{table_digest(table)}.parquet"}
+    assert inventory(server.data_dir) == {"a": n}

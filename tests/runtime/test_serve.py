@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from flops.builder import ArtifactRef, package_model
@@ -85,12 +87,13 @@ def _read_report(fd: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     return json.loads(buffer.split(b"\n", 1)[0])
 
 
-def _start(package: Path, tmp_path: Path, *extra: str) -> Server:
+def _start(package: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
     read_fd, write_fd = os.pipe()
     log = tmp_path / f"serve-{time.monotonic_ns()}.log"
     argv = [*serve_command(package, host="127.0.0.1", port=0, report_fd=write_fd), *extra]
+    environ = {k: v for k, v in os.environ.items() if k != "FLOPS_MODEL_TOKEN"} | (env or {})
     with log.open("wb") as log_file:
-        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stdout=log_file, stderr=subprocess.STDOUT, env=environ)
     os.close(write_fd)
     return Server(proc=proc, report=_read_report(read_fd, proc, log), report_fd=read_fd, log=log)
 
@@ -306,3 +309,218 @@ def test_unloadable_package_reports_model_failed(trained: tuple[Path, Any], tmp_
         assert failed.proc.wait(timeout=10) == 1
     finally:
         _stop(failed)
+
+
+# -- trust: tokens, bounded workers, hostile input ---------------------------------------------------------
+TOKEN = "s3cret-token"
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def _exchange(url: str, data: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw bytes, read until the server closes; (status, body) of the answer, (0, b"") for none."""
+    with socket.create_connection(_address(url), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    if not answer:
+        return 0, b""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _post_with(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    request = urllib.request.Request(url + "invocations", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def _assert_short_json_error(reply: dict[str, Any]) -> None:
+    assert set(reply) == {"error_code", "message"}
+    assert "Traceback" not in reply["message"] and len(reply["message"]) <= 300
+
+
+@pytest.fixture(scope="module")
+def guarded(trained: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serve-guarded")
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    running = _start(trained[0], root, "--token-file", str(token_file))
+    yield running
+    _stop(running)
+
+
+def test_token_is_required_except_for_ping_and_health(guarded: Server, rows: np.ndarray) -> None:
+    body = json.dumps({"inputs": rows.tolist()}).encode()
+    json_type = {"Content-Type": "application/json"}
+
+    for headers in (json_type, json_type | {"Authorization": "Bearer wrong"}, json_type | {"Authorization": TOKEN}):
+        status, reply, answer_headers = _post_with(guarded.url, body, headers)
+        assert status == 401, reply
+        _assert_short_json_error(reply)
+        assert answer_headers["WWW-Authenticate"].startswith("Bearer")
+    assert _raw(guarded.url, "GET", "/nowhere", {})[0] == 401
+    for path in ("/ping", "/health"):
+        assert _raw(guarded.url, "GET", path, {}) == (200, {"status": "ok"})
+
+
+def test_the_right_token_is_accepted(guarded: Server, trained: tuple[Path, Any], rows: np.ndarray) -> None:
+    status, reply, _ = _post_with(
+        guarded.url,
+        json.dumps({"inputs": rows.tolist()}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+    )
+
+    assert (status, reply) == (200, {"predictions": _expected(trained, rows)})
+    assert predict(guarded.url, rows, timeout=10, token=TOKEN) == _expected(trained, rows)
+    with pytest.raises(PredictError) as excinfo:
+        predict(guarded.url, rows, timeout=10)
+    assert excinfo.value.status == 401
+
+
+def test_the_token_can_come_from_the_environment(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    running = _start(trained[0], tmp_path, env={"FLOPS_MODEL_TOKEN": TOKEN})
+    try:
+        with pytest.raises(PredictError) as excinfo:
+            predict(running.url, [[0.0] * 64], timeout=10)
+        assert excinfo.value.status == 401
+        assert predict(running.url, [[0.0] * 64], timeout=10, token=TOKEN)
+    finally:
+        _stop(running)
+
+
+def test_slow_clients_neither_starve_requests_nor_multiply_threads(server: Server, rows: np.ndarray) -> None:
+    """100 connections that send nothing (and 20 that stop mid-header) cost no worker and no thread."""
+    address = _address(server.url)
+    idle = [socket.create_connection(address, timeout=10) for _ in range(100)]
+    trickling = [socket.create_connection(address, timeout=10) for _ in range(20)]
+    try:
+        for sock in trickling:
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nContent-Type: appl")
+        time.sleep(0.5)
+
+        started = time.monotonic()
+        assert predict(server.url, rows[:1], timeout=10)
+        assert time.monotonic() - started < 5.0  # well below the socket timeout
+        assert psutil.Process(server.proc.pid).num_threads() <= 12
+    finally:
+        for sock in idle + trickling:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def cramped(trained: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One worker, one queue slot and a 2 s socket timeout."""
+    running = _start(
+        trained[0], tmp_path_factory.mktemp("serve-cramped"), "--workers", "1", "--queue", "1", "--timeout", "2"
+    )
+    yield running
+    _stop(running)
+
+
+def test_a_client_that_stalls_is_dropped_after_the_socket_timeout(cramped: Server) -> None:
+    address = _address(cramped.url)
+    head = b"POST /invocations HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    stalls = {"silent": b"", "mid-header": b"POST /invocations HTTP/1.1\r\nHost: x", "mid-body": head + b'{"inp'}
+    for what, data in stalls.items():
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(data)
+            started = time.monotonic()
+            answer = sock.recv(65536)
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert 1.5 < time.monotonic() - started < 5.0, what
+            assert answer in (b"",) or answer.startswith(b"HTTP/1.1 408"), (what, answer)
+
+
+def test_a_full_queue_is_answered_503_at_once(cramped: Server) -> None:
+    address = _address(cramped.url)
+    head = b"POST /invocations HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    busy = [socket.create_connection(address, timeout=10) for _ in range(2)]  # the worker, the queue slot
+    try:
+        for sock in busy:
+            sock.sendall(head)
+        time.sleep(0.5)
+
+        started = time.monotonic()
+        with pytest.raises(PredictError) as excinfo:
+            predict(cramped.url, [[0.0] * 64], timeout=10)
+        assert excinfo.value.status == 503
+        assert time.monotonic() - started < 1.0
+    finally:
+        for sock in busy:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the stalled requests time out and free their slots
+        try:
+            assert predict(cramped.url, [[0.0] * 64], timeout=10)
+            break
+        except PredictError as exc:
+            if exc.status != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _huge(value: int) -> bytes:
+    return json.dumps({"inputs": [[0] * 63 + [0]]}).replace("0]]", f"{value}]]").encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        pytest.param(b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json", "nested", id="deep"),
+        pytest.param(b'{"inputs": [[' + b"7" * 5000 + b"]]}", "application/json", "not valid JSON", id="digits"),
+        pytest.param(_huge(10**400), "application/json", "too large", id="int-overflow"),
+        pytest.param(_huge(-(10**400)), "application/json", "too large", id="negative-overflow"),
+        pytest.param(b'{"inputs": [["\xff\xfe"]]}', "application/json", "not valid JSON", id="json-not-utf8"),
+        pytest.param(b"1,2\n\xc3\x28\n", "text/csv", "not UTF-8", id="csv-not-utf8"),
+        pytest.param(b'{"inputs": [[[1, 2], [3]]]}', "application/json", "same shape", id="ragged"),
+        pytest.param(b'{"inputs": [[{"a": 1}]]}', "application/json", "plain values", id="objects"),
+        pytest.param(b'{"inputs": [[1, 2, 3]]}', "application/json", "64 features", id="narrow"),
+        pytest.param(b'{"inputs": ' + b"[" * 80 + b"1" + b"]" * 80 + b"}", "application/json", "shape", id="ndim"),
+        pytest.param(b'"a' + b"x" * 200_000 + b"\n", "text/csv", "CSV", id="csv-field"),
+    ],
+)
+def test_malformed_input_is_400_never_500(server: Server, body: bytes, content_type: str, message: str) -> None:
+    status, reply = _post(server.url, body[:MAX_BODY], content_type)
+
+    assert status == 400, reply
+    _assert_short_json_error(reply)
+    assert message in reply["message"]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", id="request-line"),
+        pytest.param(b"GET /ping HTTP/1.x\r\n\r\n", id="version"),
+        pytest.param(b"GET /ping HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", id="headers"),
+        pytest.param(
+            b"POST /invocations HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", id="content-length"
+        ),
+    ],
+)
+def test_malformed_requests_get_a_json_error(server: Server, request_bytes: bytes) -> None:
+    status, body = _exchange(server.url, request_bytes)
+
+    assert 400 <= status < 500
+    _assert_short_json_error(json.loads(body))
+
+
+def test_an_oversize_body_sent_in_full_is_answered_413(server: Server) -> None:
+    """The client sends the whole body before reading; it must see the 413, not a reset connection."""
+    body = json.dumps({"inputs": [[0.5] * 64] * 20_000}).encode()  # megabytes: more than socket buffers hold
+    assert len(body) > 20 * MAX_BODY
+    head = f"POST /invocations HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+
+    status, answer = _exchange(server.url, head.encode() + body)
+
+    assert status == 413
+    _assert_short_json_error(json.loads(answer))
