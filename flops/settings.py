@@ -92,10 +92,6 @@ class Settings(BaseSettings):
     # Provisioned agents and their roles ({"agents": {"node-1": {"roles": [...]}}}); unset = any agent accepted.
     agents_file: Path | None = None
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".flops")
-    # The node's certificate and key for its own servers (the Flight data server): configured = TLS.
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_ca_file: Path | None = Field(None, description="CA that signed the nodes' server certificates")
     data_max_upload_mb: int = Field(512, gt=0, description="Largest upload a node's data server accepts")
     deadlines: StageDeadlines = StageDeadlines()
     max_payload_bytes: int = Field(256 * 1024, gt=0)
@@ -112,8 +108,6 @@ class Settings(BaseSettings):
     # A batch whose commit fails (database locked, disk full) is retried with backoff up to this long between
     # tries; its messages stay unacknowledged until it commits.
     commit_retry_max_s: float = Field(5.0, gt=0)
-    # Provisioned agents and their roles (written by `flops setup production`); unset = any agent (development).
-    agents_file: Path | None = None
     retention_days: float = Field(30.0, gt=0, description="Finished projects and unused artifacts are forgotten")
     max_agents: int = Field(10_000, gt=0, description="Agents the manager keeps track of at most")
     aggregator_ports: tuple[int, int] = (19100, 19999)
