@@ -104,8 +104,7 @@ def registry(
             cert_file=settings.tls_cert_file,
             key_file=settings.tls_key_file,
         )
-    Console(stderr=True).print(f"registry listening on {running.url} (Ctrl-C stops it)")
-    _wait_for_signal(running.wait, running.stop)
+    _wait_for_signal(running.wait, running.stop, ready=f"registry listening on {running.url} (Ctrl-C stops it)")
 
 
 @app.command()
@@ -688,13 +687,18 @@ class _errors:
         return False
 
 
-def _wait_for_signal(wait: Any, stop: Any) -> None:
+def _wait_for_signal(wait: Any, stop: Any, ready: str | None = None) -> None:
+    """Stop cleanly on SIGTERM/SIGINT; ``ready`` is printed once the handlers are in place (whoever waits for
+    it may signal right away)."""
+
     def handler(signum: int, frame: object) -> None:
         stop()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if ready:
+        Console(stderr=True).print(ready)
     try:
         wait()
     finally:

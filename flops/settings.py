@@ -116,8 +116,6 @@ class Settings(BaseSettings):
     base_image: str | None = Field(
         None, description="Base image of the runtime images; unset = a Debian made with debootstrap"
     )
-    tls_cert_file: Path | None = None  # the registry serves HTTPS with this certificate and key
-    tls_key_file: Path | None = None
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

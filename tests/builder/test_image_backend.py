@@ -31,7 +31,10 @@ from flops.ports import free_port
 from flops.registry import RunningRegistry, start_registry
 from tests.builder.conftest import DATA_MANAGER, MODEL_MANAGER, GitRepo
 
+# Not in CI yet: a cold run builds a Debian base and the runtime image (~6 min on 2 cores) before the repo's
+# images; issue 8 (images end to end) is open. Run with FLOPS_TEST_IMAGES=1.
 pytestmark = [
+    pytest.mark.skipif(os.environ.get("FLOPS_TEST_IMAGES") != "1", reason="image builds run with FLOPS_TEST_IMAGES=1"),
     pytest.mark.skipif(sys.platform != "linux", reason="buildah and docker-registry are Linux tools"),
     pytest.mark.timeout(1800),
 ]
