@@ -86,6 +86,28 @@ def broker(
 
 
 @app.command()
+def registry(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (loopback) [default: FLOPS_REGISTRY's]")] = None,
+) -> None:
+    """Start the FLOps image registry (Debian's docker-registry) with its storage under DATA_DIR/registry.
+
+    Plain HTTP for development; HTTPS when FLOPS_TLS_CERT_FILE and FLOPS_TLS_KEY_FILE are set.
+    """
+    from flops.registry import registry_port, start_registry
+
+    settings = _settings(ctx)
+    with _errors():
+        running = start_registry(
+            settings.data_dir / "registry",
+            port=port or registry_port(settings.registry),
+            cert_file=settings.tls_cert_file,
+            key_file=settings.tls_key_file,
+        )
+    _wait_for_signal(running.wait, running.stop, ready=f"registry listening on {running.url} (Ctrl-C stops it)")
+
+
+@app.command()
 def manager(
     ctx: typer.Context,
     store: Annotated[
@@ -665,13 +687,18 @@ class _errors:
         return False
 
 
-def _wait_for_signal(wait: Any, stop: Any) -> None:
+def _wait_for_signal(wait: Any, stop: Any, ready: str | None = None) -> None:
+    """Stop cleanly on SIGTERM/SIGINT; ``ready`` is printed once the handlers are in place (whoever waits for
+    it may signal right away)."""
+
     def handler(signum: int, frame: object) -> None:
         stop()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if ready:
+        Console(stderr=True).print(ready)
     try:
         wait()
     finally:

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     retention_days: float = Field(30.0, gt=0, description="Finished projects and unused artifacts are forgotten")
     max_agents: int = Field(10_000, gt=0, description="Agents the manager keeps track of at most")
     aggregator_ports: tuple[int, int] = (19100, 19999)
+    # The FLOps image registry (`flops registry`): builders push images there, agents pull from it.
+    registry: str = Field("127.0.0.1:5000", description="host:port of the FLOps image registry")
+    base_image: str | None = Field(
+        None, description="Base image of the runtime images; unset = a Debian made with debootstrap"
+    )
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

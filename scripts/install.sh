@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install FLOps into ./.venv with what it needs on a fresh Debian/Ubuntu machine:
-# Mosquitto (the embedded broker), git (the builder clones ML repos), python3-venv.
+# Mosquitto (the embedded broker), git (the builder clones ML repos), python3-venv, the image tools.
 # Usage: bash scripts/install.sh [extras]   (default extras: agent,runtime)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,17 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v git >/dev/null 2>&1 || need+=(git)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
-if [ ${#need[@]} -gt 0 ]; then
+# The image builder and the FLOps image registry (buildah, skopeo, podman, docker-registry; debootstrap makes
+# the offline Debian base; qemu-user-static + binfmt-support build foreign platforms). FLOPS_IMAGE_TOOLS=0 skips.
+if [ "${FLOPS_IMAGE_TOOLS:-1}" != 0 ]; then
+    for tool in buildah skopeo podman runc docker-registry debootstrap; do
+        command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
+    done
+    [ -e /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static binfmt-support)
+fi
+if [ ${#need[@]} -gt 0 ] && ! command -v apt-get >/dev/null 2>&1; then
+    echo "no apt-get: install ${need[*]} yourself (the tests that need them say so)" >&2
+elif [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "installing ${need[*]} with apt-get" >&2

@@ -1,7 +1,8 @@
 """The builder: turns an ML repo at a pinned commit into a runnable artifact for learners/aggregators.
 
-`Builder` is the port; `EnvBuilder` (an isolated Python environment per build key) is the first
-adapter, and an OCI/buildah backend can slot in beside it with the same `build(spec, workdir)`.
+`Builder` is the port; `EnvBuilder` (an isolated Python environment per build key, the fast development
+path) and `ImageBuilder` (container images with buildah, pushed to the FLOps registry) are its adapters,
+with the same `build(spec, workdir)`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from flops.builder.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec
+from flops.builder.result import ArtifactRef, BuildFailure, BuildResult, BuildSpec, ImageArtifactRef
 
 # The heavy parts (sh, uv, git) load on first use, so that runtime modules such as the model server can
 # import flops.builder.model_package inside learner environments that do not carry the builder's dependencies.
 _LAZY = {
     "BuilderSettings": "flops.builder.env_backend",
     "EnvBuilder": "flops.builder.env_backend",
+    "ImageBuilder": "flops.builder.image_backend",
+    "ImageBuilderSettings": "flops.builder.image_backend",
     "ModelPackage": "flops.builder.model_package",
     "package_model": "flops.builder.model_package",
     "RepoError": "flops.builder.repo",
@@ -47,6 +50,9 @@ __all__ = [
     "Builder",
     "BuilderSettings",
     "EnvBuilder",
+    "ImageArtifactRef",
+    "ImageBuilder",
+    "ImageBuilderSettings",
     "ModelPackage",
     "RepoError",
     "checkout",

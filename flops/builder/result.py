@@ -1,5 +1,7 @@
 """The builder's typed inputs and outputs: the build spec, the artifact it produces, success and failure.
 
+Two artifact kinds: ``python-env`` (the environment backend) and ``image`` (the image backend).
+
 `BuildResult.to_payload()` / `BuildFailure.to_payload()` are exactly the payloads of the
 `build.succeeded` / `build.failed` worker reports; `kind` names the report.
 """
@@ -39,13 +41,32 @@ class ArtifactRef(BaseModel):
     requirements: tuple[str, ...]
 
 
+class ImageArtifactRef(BaseModel):
+    """Built container images in the FLOps registry: one manifest list per role, each with every platform."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["image"] = "image"
+    key: str
+    ref: str  # image://<registry>/<owner>/<repo>:<commit>, the set of images below
+    images: dict[str, str]  # role (base, learner, aggregator) -> registry reference
+    digest: str  # the learner manifest list's digest
+    digests: dict[str, str] = Field(default_factory=dict)  # role -> manifest list digest
+    repo_url: str
+    commit: str
+    flavor: str
+    platforms: tuple[str, ...]
+    dependency_file: str
+    requirements: tuple[str, ...]
+
+
 class BuildResult(BaseModel):
     """A successful build (fresh or from the cache)."""
 
     model_config = ConfigDict(frozen=True)
 
     kind: Literal["build.succeeded"] = "build.succeeded"
-    artifact: ArtifactRef
+    artifact: ArtifactRef | ImageArtifactRef = Field(discriminator="kind")
     cached: bool
     warnings: tuple[str, ...] = ()
     duration_s: float
