@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install FLOps into ./.venv with what it needs on a fresh Debian/Ubuntu machine:
-# Mosquitto (the embedded broker), git (the builder clones ML repos), python3-venv, the image tools.
+# Mosquitto (the embedded broker), git (the builder clones ML repos), python3-venv; with FLOPS_IMAGE_TOOLS=1
+# also the image tools (the tests set it).
 # Usage: bash scripts/install.sh [extras]   (default extras: agent,runtime)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +12,9 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v git >/dev/null 2>&1 || need+=(git)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # The image builder and the FLOps image registry (buildah, skopeo, podman, docker-registry; debootstrap makes
-# the offline Debian base; qemu-user-static + binfmt-support build foreign platforms). FLOPS_IMAGE_TOOLS=0 skips.
-if [ "${FLOPS_IMAGE_TOOLS:-1}" != 0 ]; then
+# the offline Debian base; qemu-user-static + binfmt-support build foreign platforms): only when asked, since
+# `flops demo` and the development setup need none of them.
+if [ "${FLOPS_IMAGE_TOOLS:-0}" = 1 ]; then
     for tool in buildah skopeo podman runc docker-registry debootstrap; do
         command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
     done
