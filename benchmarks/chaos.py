@@ -131,7 +131,13 @@ class Fleet:
         for agent in self.agents.values():
             agent.start()
         statuses = self.feed.wait_agents(list(LEARNERS), timeout=120)
-        mock("digits", len(LEARNERS), "digits", [statuses[a].data_server for a in LEARNERS])
+        mock(
+            "digits",
+            len(LEARNERS),
+            "digits",
+            [statuses[a].data_server for a in LEARNERS],
+            tokens=[self.agents[a].data_token() for a in LEARNERS],
+        )
         self.feed.wait_agents(list(LEARNERS), timeout=60, tag="digits")
 
     def sla(self, post_training: bool) -> dict[str, Any]:
@@ -462,7 +468,8 @@ def reply_latency(tmp: Path, stored: int, requests: int) -> dict[str, Any]:
         t_start = time.perf_counter()
         manager.start(timeout=120)
         online_s = time.perf_counter() - t_start
-        client = c.Raw(broker.address, "bench-chaos-rtt", [f"{topics.PREFIX}/projects/requests/+/reply"], on_reply)
+        replies_topic = f"{topics.PREFIX}/customers/+/requests/+/reply"
+        client = c.Raw(broker.address, "bench-chaos-rtt", [replies_topic], on_reply)
         valid = stored_sla()
         invalid = {**valid, "training_configuration": {**valid["training_configuration"], "training_rounds": 0}}
         times: dict[str, list[float]] = {"invalid": [], "valid": []}
@@ -472,7 +479,7 @@ def reply_latency(tmp: Path, stored: int, requests: int) -> dict[str, Any]:
             rid = f"rtt-{stored}-{i}-{os.getpid()}"
             body = json.dumps({"request_id": rid, "sla": invalid if kind == "invalid" else valid}).encode()
             sent = time.perf_counter()
-            client.publish(topics.requests(), body)
+            client.publish(topics.requests(valid["customerID"]), body)
             with cond:
                 if not cond.wait_for(lambda r=rid: r in replies, 60):
                     raise RuntimeError(f"no reply to {rid} within 60 s")
