@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flops import topics
@@ -172,6 +173,13 @@ class ProjectFeed:
         self.bus.close()
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_range(width: int = 50) -> tuple[int, int]:
     """A range of ports nobody listens on now, so aggregators of concurrent test sessions (each with its own
     manager handing out ports from the low end of its range) do not collide."""
@@ -180,7 +188,9 @@ def free_port_range(width: int = 50) -> tuple[int, int]:
 
     rng = random.Random()
     for _ in range(50):
-        low = rng.randrange(20000, 40000 - width)
+        # Below the kernel's ephemeral range: outgoing connections (MQTT reconnects, Flower's clients) take
+        # ports from there and would collide with an aggregator's.
+        low = rng.randrange(20000, _ephemeral_low() - width)
         try:
             for port in range(low, low + 5):
                 with socket.socket() as sock:
