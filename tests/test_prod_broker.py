@@ -4,17 +4,11 @@ manager may publish everything it must (its refused birth went unnoticed before 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from flops import topics
 from flops.broker import free_port, wait_for_port
@@ -26,51 +20,17 @@ from flops.messages import ReportAck, new_id
 from flops.settings import BrokerAddress, Settings
 from flops.sla import ProjectSLA
 from flops.store_memory import MemoryStore
+from tests.certs import fleet_certificates
 from tests.support import REPO_ROOT, sla
 
 USERS = {"manager": "m-secret", "node-1": "n1-secret", "node-2": "n2-secret", "alice": "a-secret"}
-
-
-def _certificates(directory: Path) -> None:
-    """A throwaway CA and a server certificate for 127.0.0.1."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flops test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "server.crt").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (directory / "server.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
 
 
 @pytest.fixture
 def prod_broker(tmp_path: Path):
     etc = tmp_path / "etc"
     etc.mkdir()
-    _certificates(etc)
+    fleet_certificates(etc, cert="server.crt", key="server.key")
     shutil.copy(REPO_ROOT / "mosquitto" / "acl", etc / "acl")
     passwd = etc / "passwd"
     for i, (user, password) in enumerate(USERS.items()):

@@ -2,61 +2,18 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import uuid
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from flops.ports import free_port
 from flops.runtime.flower_env import dial_address
 from flops.runtime.flower_tls import ServerTls, new_supernode_key, superlink_args, supernode_args
+from tests.certs import fleet_certificates
 from tests.runtime.test_training import DIGITS_REPO, TAG, Worker, _wait_no_processes, data_servers
 
 __all__ = ["data_servers"]  # the fixture, shared with test_training
-
-
-def _certificates(directory: Path) -> dict[str, Path]:
-    """A throwaway fleet CA and a node certificate for 127.0.0.1 signed by it."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flops fleet CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    node = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {"ca": directory / "ca.crt", "cert": directory / "node.crt", "key": directory / "node.key"}
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(node.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return files
 
 
 def _aggregator(tmp_path: Path, address: str, certs: dict[str, Path], keys: list[str], *, clients: int) -> list[str]:
@@ -91,8 +48,8 @@ def _rounds(aggregator: Worker) -> tuple[list[dict], str, dict]:
 # --- flags ---------------------------------------------------------------------------------------------------
 
 
-def test_flags_are_insecure_only_without_certificates(tmp_path: Path) -> None:
-    certs = _certificates(tmp_path)
+def test_flags_are_insecure_only_withoutfleet_certificates(tmp_path: Path) -> None:
+    certs = fleet_certificates(tmp_path)
     assert superlink_args(ServerTls(None, None, None)) == ["--insecure"]
     tls = superlink_args(ServerTls(certs["ca"], certs["cert"], certs["key"]))
     assert "--insecure" not in tls and "--enable-supernode-auth" in tls
@@ -119,7 +76,7 @@ def test_dial_address_maps_wildcards_to_loopback() -> None:
 @pytest.mark.timeout(300)
 def test_training_over_tls_with_authenticated_supernodes(data_servers: list[str], tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
-    certs = _certificates(tmp_path / "certs")
+    certs = fleet_certificates(tmp_path / "certs")
     address = f"127.0.0.1:{free_port()}"
     # As in a project: the learners come up first and report their public keys in learner.ready ...
     learners = [
@@ -167,7 +124,7 @@ def test_unregistered_and_plaintext_supernodes_cannot_join(data_servers: list[st
     """Only the registered learner trains: one whose key the aggregator was not given is refused activation,
     one dialling in plaintext never gets a connection; the round runs with the registered learner alone."""
     marker = uuid.uuid4().hex
-    certs = _certificates(tmp_path / "certs")
+    certs = fleet_certificates(tmp_path / "certs")
     address = f"127.0.0.1:{free_port()}"
     ca = ("--tls-ca-file", str(certs["ca"]))
     short = ("--connect-timeout", "20")
