@@ -4,9 +4,10 @@ The bus hands every message to one FIFO queue. Taken straight from it, 20,000 ag
 ahead of a project request delay its reply until all of them are handled. The intake drains that queue
 into classes (the manager's own events, client requests and cancels, worker reports and receipts, agent
 statuses) and picks each batch round-robin from them, so a request waits at most one batch whatever
-else is queued. Inside a batch the messages keep their arrival order (a report must not overtake the agent
-status that came before it). Agent statuses are retained messages where only the latest per topic matters: a newer
-one on the same topic replaces the queued one, which is acknowledged at once (its successor stands for it).
+else is queued. Inside a batch the manager's own events come first, then agent statuses, then the rest in
+arrival order (a report must never overtake the agent status it relies on). Agent statuses are retained
+messages where only the latest per topic matters: a newer one on the same topic replaces the queued one,
+which is acknowledged at once (its successor stands for it).
 """
 
 from __future__ import annotations
@@ -73,8 +74,16 @@ class FairIntake:
                     if item is None:
                         break
                     batch.append(item)
-        batch.sort(key=lambda numbered: numbered[0])
+        # The manager's own events first, then agent statuses, then the rest in arrival order: after a restart
+        # the retained statuses arrive just after the reports queued in our session, and a report must meet
+        # the agents it concerns (a stage counting online learners would otherwise find none).
+        batch.sort(key=lambda numbered: (self._rank(numbered[1]), numbered[0]))
         return [item for _, item in batch]
+
+    def _rank(self, item: Any) -> int:
+        if not isinstance(item, Inbound):
+            return 0
+        return 1 if _KIND_CLASS.get(topics.parse(item.topic).kind) == STATUS else 2
 
     def _put(self, item: Any) -> None:
         self._arrivals += 1
