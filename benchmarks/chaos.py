@@ -58,6 +58,7 @@ from flops.sla import ProjectSLA
 from flops.store import ProjectRecord, Transition
 from flops.store_sqlite import SQLiteStore
 from tests.base_support import ProjectFeed, free_port_range, project_processes
+from tests.fleet_support import RestartableBroker
 from tests.support import AgentProc, ManagerProcess
 
 LEARNERS = ("node-0", "node-1", "node-2")
@@ -84,29 +85,6 @@ def log(t0: float, message: str) -> None:
 
 
 # --- the fleet ---------------------------------------------------------------------------------------
-
-
-class RestartableBroker:
-    """Mosquitto on a fixed port, no persistence: stopped by a signal and started again empty."""
-
-    def __init__(self) -> None:
-        self._broker = MosquittoBroker()
-        self.port = self._broker.port
-
-    @property
-    def address(self) -> BrokerAddress:
-        return self._broker.address
-
-    def down(self, sig: signal.Signals) -> None:
-        os.kill(self._broker.pid, sig)
-        self._broker.wait()
-        self._broker.stop()
-
-    def up(self) -> None:
-        self._broker = MosquittoBroker(port=self.port)
-
-    def stop(self) -> None:
-        self._broker.stop()
 
 
 class Fleet:

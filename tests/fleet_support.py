@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flops import topics
+from flops.broker import MosquittoBroker
 from flops.bus import Bus, BusOptions
 from flops.data.ops import mock
 from flops.demo import EXAMPLE_SLA, example_repo
@@ -23,6 +27,35 @@ from tests.support import AgentProc, ManagerProcess
 LEARNERS = ("node-0", "node-1", "node-2")
 PROJECT_TIMEOUT = 120.0
 CLEANUP_TIMEOUT = 40.0  # stop_project is asynchronous: SIGTERM, a grace period, then SIGKILL
+
+
+class RestartableBroker:
+    """Mosquitto on a fixed port, without persistence, that is stopped by a signal (SIGTERM: it publishes every
+    client's last will; SIGKILL: nothing) and started again empty, losing every session and retained message."""
+
+    def __init__(self) -> None:
+        self._broker = MosquittoBroker()
+        self.port = self._broker.port
+
+    @property
+    def address(self) -> BrokerAddress:
+        return self._broker.address
+
+    def down(self, sig: signal.Signals) -> None:
+        os.kill(self._broker.pid, sig)
+        self._broker.wait()
+        self._broker.stop()
+
+    def up(self) -> None:
+        self._broker = MosquittoBroker(port=self.port)
+
+    def restart(self, sig: signal.Signals, downtime: float) -> None:
+        self.down(sig)
+        time.sleep(downtime)  # the outage itself, not a synchronisation
+        self.up()
+
+    def stop(self) -> None:
+        self._broker.stop()
 
 
 @dataclass

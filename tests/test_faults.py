@@ -15,47 +15,16 @@ from collections.abc import Iterator
 import pytest
 
 from flops import topics
-from flops.broker import MosquittoBroker
 from flops.bus import Bus, BusOptions
 from flops.client import Client
 from flops.messages import new_id
-from flops.settings import BrokerAddress
 from tests.base_support import wait_no_processes
-from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, running_fleet
+from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, RestartableBroker, running_fleet
 from tests.support import cli
 
 # Long enough that the project still trains while the broker is away, short enough to keep the suite quick.
 ROUNDS = 8
 DOWNTIME_S = 5.0  # how long the broker stays away: part of the scenario, not a synchronisation
-
-
-class RestartableBroker:
-    """Mosquitto on a fixed port that tests stop (SIGTERM: it publishes every client's last will) or kill
-    (SIGKILL: nothing is published) and start again, losing every session and retained message."""
-
-    def __init__(self) -> None:
-        self._broker = MosquittoBroker()
-        self.port = self._broker.port
-
-    @property
-    def address(self) -> BrokerAddress:
-        return self._broker.address
-
-    def down(self, sig: signal.Signals) -> None:
-        os.kill(self._broker.pid, sig)
-        self._broker.wait()
-        self._broker.stop()
-
-    def up(self) -> None:
-        self._broker = MosquittoBroker(port=self.port)
-
-    def restart(self, sig: signal.Signals, downtime: float = DOWNTIME_S) -> None:
-        self.down(sig)
-        time.sleep(downtime)  # the outage itself
-        self.up()
-
-    def stop(self) -> None:
-        self._broker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +67,7 @@ def test_broker_restart_mid_aggregation_completes(fleet: Fleet, own_broker: Rest
     """SIGTERM makes Mosquitto publish every agent's last will to the still-connected manager; neither that nor
     the lost sessions (no persistence) may fail the project or lose a round."""
     project_id = _training(fleet)
-    own_broker.restart(sig)
+    own_broker.restart(sig, DOWNTIME_S)
     _completed(fleet, project_id)
     wait_no_processes(project_id, timeout=CLEANUP_TIMEOUT)
 
@@ -113,7 +82,7 @@ def test_broker_restart_while_the_manager_is_paused_and_agents_reconnect_first(
     assert manager is not None
     os.kill(manager.pid, signal.SIGSTOP)
     try:
-        own_broker.restart(signal.SIGKILL)
+        own_broker.restart(signal.SIGKILL, DOWNTIME_S)
         fleet.feed.wait_agents(list(fleet.agents), timeout=60)
         # Training goes on meanwhile: a round is reported while the manager cannot hear it (it has no session).
         with Bus(
