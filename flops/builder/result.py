@@ -24,15 +24,12 @@ class BuildSpec(BaseModel):
     platforms: tuple[str, ...] = ()
 
 
-class ArtifactRef(BaseModel):
-    """Where a built environment lives: enough for an agent to start a learner or aggregator from it."""
+class _Built(BaseModel):
+    """What every artifact records of what it was built from."""
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["python-env"] = "python-env"
     key: str
-    python: str  # the environment's interpreter
-    repo_dir: str  # checkout of the ML repo at `commit`; the learner's working directory
     repo_url: str
     commit: str
     flavor: str
@@ -41,23 +38,22 @@ class ArtifactRef(BaseModel):
     requirements: tuple[str, ...]
 
 
-class ImageArtifactRef(BaseModel):
+class ArtifactRef(_Built):
+    """Where a built environment lives: enough for an agent to start a learner or aggregator from it."""
+
+    kind: Literal["python-env"] = "python-env"
+    python: str  # the environment's interpreter
+    repo_dir: str  # checkout of the ML repo at `commit`; the learner's working directory
+
+
+class ImageArtifactRef(_Built):
     """Built container images in the FLOps registry: one manifest list per role, each with every platform."""
 
-    model_config = ConfigDict(frozen=True)
-
     kind: Literal["image"] = "image"
-    key: str
     ref: str  # image://<registry>/<owner>/<repo>:<commit>, the set of images below
     images: dict[str, str]  # role (base, learner, aggregator) -> registry reference
     digest: str  # the learner manifest list's digest
     digests: dict[str, str] = Field(default_factory=dict)  # role -> manifest list digest
-    repo_url: str
-    commit: str
-    flavor: str
-    platforms: tuple[str, ...]
-    dependency_file: str
-    requirements: tuple[str, ...]
 
 
 class BuildResult(BaseModel):
