@@ -3,8 +3,6 @@ messages, TLS. Real Flight servers on loopback; raw `pyarrow.flight` clients pla
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import subprocess
 import sys
@@ -16,13 +14,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from flops.data.client import DataAccessDenied, DataClient, DataRequestRejected, DataServerUnavailable
 from flops.data.server import DataServer, TlsFiles, load_or_create_admin_token
+from tests.certs import fleet_certificates
 
 PROJECT_TOKEN = "project-token-0123456789"
 MB = 1024 * 1024
@@ -286,35 +281,11 @@ def test_the_client_reports_the_limit(tmp_path: Path) -> None:
 # --- TLS ---------------------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> TlsFiles:
-    """A self-signed certificate for 127.0.0.1 (its own CA)."""
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    (directory / "node.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "node.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return TlsFiles(directory / "node.crt", directory / "node.key")
-
-
 def test_tls_serves_a_client_with_the_ca_and_refuses_plaintext(tmp_path: Path) -> None:
-    tls = _self_signed(tmp_path)
-    with DataServer(tmp_path / "data", tls=tls) as secure:
+    certs = fleet_certificates(tmp_path / "certs")
+    with DataServer(tmp_path / "data", tls=TlsFiles(certs["cert"], certs["key"])) as secure:
         assert secure.location.startswith("grpc+tls://127.0.0.1:")
-        with DataClient(secure.location, token=secure.admin_token, ca_file=tls.cert_file, timeout=10) as client:
+        with DataClient(secure.location, token=secure.admin_token, ca_file=certs["ca"], timeout=10) as client:
             client.put("a", _table(3))
             assert client.fetch(["a"]).num_rows == 3
 
