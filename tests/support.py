@@ -453,3 +453,14 @@ class AgentProc:
     def log_tail(self, n: int = 3000) -> str:
         logs = sorted(self.home.glob("agent-*.log"))
         return logs[-1].read_text(errors="replace")[-n:] if logs else ""
+
+
+def answers_ping(url: str) -> bool:
+    """Whether an inference server answers ``/ping`` at ``url`` (no token needed there)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

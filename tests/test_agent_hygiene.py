@@ -13,7 +13,6 @@ import queue
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from flops.messages import Command, new_id
 from flops.ports import free_port
 from flops.settings import BrokerAddress
 from tests.base_support import project_processes, wait_no_processes
-from tests.support import AgentProc, wait_until
+from tests.support import AgentProc, answers_ping, wait_until
 
 
 @pytest.fixture
@@ -278,14 +277,6 @@ def _model_package(tmp_path: Path) -> Path:
     return package_model(model, ref, EXAMPLE_REPO, tmp_path / "package").path
 
 
-def _ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def test_a_restarted_agent_serves_the_finished_projects_model_at_the_same_url(
     broker: BrokerAddress, listener: Bus, tmp_path: Path
 ) -> None:
@@ -295,7 +286,7 @@ def test_a_restarted_agent_serves_the_finished_projects_model_at_the_same_url(
         cmd = send(listener, agent, "p-served", "serve_model", {"image_ref": f"dir://{_model_package(tmp_path)}"})
         served = wait_report(listener, lambda r: r["command_id"] == cmd.command_id, 60, "model.served")
         assert served["kind"] == "model.served", served
-        assert _ping(served["url"])
+        assert answers_ping(served["url"])
 
         agent.kill9()
         agent.start()
@@ -308,6 +299,6 @@ def test_a_restarted_agent_serves_the_finished_projects_model_at_the_same_url(
         )
         assert again["kind"] == "model.served", again
         assert again["url"] == served["url"] and again["event_id"] != served["event_id"]
-        assert _ping(again["url"])
+        assert answers_ping(again["url"])
     finally:
         agent.stop()

@@ -20,7 +20,7 @@ from flops.client import Client
 from flops.messages import new_id
 from tests.base_support import wait_no_processes
 from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, RestartableBroker, running_fleet
-from tests.support import cli
+from tests.support import answers_ping, cli
 
 # Long enough that the project still trains while the broker is away, short enough to keep the suite quick.
 ROUNDS = 8
@@ -148,28 +148,18 @@ def test_project_states_are_back_after_a_broker_restart(fleet: Fleet, own_broker
     fleet.feed.wait_finished(running, 30)
 
 
-def _ping(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/ping", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def test_after_its_agent_restarts_a_finished_projects_model_url_tells_the_truth(fleet: Fleet) -> None:
     """kill -9 of the serving agent takes the model server along; started again, the agent serves the model
     on the same URL, and the state says so (it never keeps advertising a dead URL)."""
     project_id, state = fleet.run(fleet.sla(training_rounds=1, post_training=True))
     assert state.outcome is not None and state.outcome.value == "completed" and state.model_url
     url = state.model_url
-    assert _ping(url)
+    assert answers_ping(url)
     node0 = fleet.agents["node-0"]
     node0.kill9()
     node0.start()
     fleet.feed.wait_event(project_id, lambda e: "serving again" in e.message, 60, "the model served again")
     with Client(fleet.broker) as client:
         assert client.state(project_id).model_url == url
-    assert _ping(url)
+    assert answers_ping(url)
     fleet.feed.wait_agents(["node-0"])
