@@ -88,7 +88,8 @@ class Manager:
         self._resolvers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._booted = False
+        # The outbox boot found (published once the first connection is up); None once that happened.
+        self._unsent_at_boot: list[OutboxItem] | None = None
         self._next_prune = 0.0
         self.ready = threading.Event()
 
@@ -99,7 +100,7 @@ class Manager:
         # One durable commit for every project's on_resume unit (each still atomic as a savepoint), instead
         # of one fsync per resumed project.
         with self.store.batch():
-            self.engine.boot()
+            self._unsent_at_boot = self.engine.boot()
         self.bus.connect()
         self._thread = threading.Thread(target=self._run, name="manager", daemon=True)
         self._thread.start()
@@ -247,13 +248,16 @@ class Manager:
     def _on_reconnected(self, event: Reconnected) -> None:
         """Publish what the broker may have lost: the outbox after a restart of ours, and on a fresh broker
         session every project's retained state (a broker without persistence forgets them)."""
-        first, self._booted = not self._booted, True
         if not event.session_present:
             states = self.engine.retained_states()
             log.info("fresh broker session; re-publishing retained states", projects=len(states))
             for item in states:
                 self._send(item, track=False)
-        if first or not event.session_present:
+        if self._unsent_at_boot is not None:
+            # Items committed since boot went out with their batch; only what boot found is owed.
+            self._publish(self._unsent_at_boot)
+            self._unsent_at_boot = None
+        elif not event.session_present:
             self._publish(self.store.outbox())
 
     # --- publishing ------------------------------------------------------------------------------
