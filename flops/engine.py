@@ -311,7 +311,7 @@ class Engine:
         topic = reply_to or topics.request_reply(customer, request.request_id)
         if project is None:
             known = self.store.get(project_id)
-            if known is not None and known.sla.get("customerID") != customer:
+            if known is not None and known.customer != customer:
                 known = None
             if known is not None and known.ctx.get("model_url"):
                 return self._undeploy(known, request, topic)
@@ -335,7 +335,7 @@ class Engine:
 
     def _undeploy(self, record: ProjectRecord, request: CancelRequest, topic: str) -> Result:
         """Cancel on a completed project whose model is served: stop the inference server."""
-        dedup = f"cancel:{record.sla.get('customerID')}:{request.request_id}"
+        dedup = f"cancel:{record.customer}:{request.request_id}"
         project = Project(record=record, sla=ProjectSLA.model_validate(record.sla))
         project.stage = record.stage
         with self.store.unit() as unit:
@@ -655,11 +655,11 @@ class Engine:
             progress=Progress(**{k: v for k, v in progress.items() if k in Progress.model_fields}),
             model_url=r.ctx.get("model_url"),
             model_token=r.ctx.get("model_token") if r.ctx.get("model_url") else None,
-            customer=r.sla.get("customerID"),
+            customer=r.customer,
             seq=r.seq,
             updated_at=self.clock(),
         )
-        topic = topics.project_state(str(r.sla.get("customerID")), r.project_id)
+        topic = topics.project_state(r.customer, r.project_id)
         return OutboxItem(f"state:{r.project_id}", topic, state.to_bytes(), retain=True)
 
     def _reload(self, project_id: str) -> None:
@@ -691,7 +691,7 @@ class Engine:
             unit.update(record, record.stage)
             if seen_check is not None:
                 unit.mark_seen(seen_check.event_id, project_id, "reject")
-            topic = topics.project_events(str(record.sla.get("customerID")), project_id)
+            topic = topics.project_events(record.customer, project_id)
             items = [OutboxItem(f"ev:{project_id}:{record.seq}", topic, ev.to_bytes())]
             items = unit.enqueue(items)
         log.warning("message rejected", project_id=project_id, reason=reason)

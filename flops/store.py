@@ -41,6 +41,11 @@ class ProjectRecord:
     request_id: str | None = None
 
     @property
+    def customer(self) -> str:
+        """Whose project it is: its topics sit under this customer's prefix."""
+        return str(self.sla.get("customerID", ""))
+
+    @property
     def finished_at(self) -> float | None:
         """When the project finished (None while it runs): what retention counts from."""
         if self.stage is not Stage.FINISHED:
