@@ -127,6 +127,8 @@ class RoundCompleted(ReportBase):
     accuracy: float | None = None
     examples: int | None = None
     duration_s: float | None = None
+    # Mean L2 distance of the learners' trained models from the round's global model.
+    drift: float | None = None
 
 
 class TrainingSucceeded(ReportBase):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
+from flops.lifecycle_stages import Stage
 from flops.messages import (
     AgentStatus,
     AggregatorStarted,
@@ -15,6 +16,19 @@ from flops.messages import (
     TrainingFailed,
     TrainingSucceeded,
 )
+
+
+def aggregator_timeouts(project: Project, ctx: StageContext) -> dict[str, float]:
+    """The aggregator's own bounds, from the project's deadlines (settings, overridden by the SLA's).
+
+    The whole training (``deadline_s``) and any one round (``round_timeout_s``) may take the aggregation
+    stage's deadline, the manager's bound on them; waiting for the learners' SuperNodes to connect
+    (``client_wait_s``) may take what the learners stage may, within that.
+    """
+    overrides = project.sla.deadlines
+    overall = ctx.settings.deadlines.for_stage(Stage.AGGREGATION, overrides) or 3600.0
+    learners = ctx.settings.deadlines.for_stage(Stage.LEARNERS, overrides) or overall
+    return {"deadline_s": overall, "round_timeout_s": overall, "client_wait_s": min(learners, overall)}
 
 
 class Aggregation(StageHooks):
@@ -35,6 +49,8 @@ class Aggregation(StageHooks):
                 "min_fit_clients": tc.min_fit_clients,
                 "min_evaluate_clients": tc.min_evaluate_clients,
                 "strategy": tc.strategy.value,
+                "strategy_params": tc.strategy_settings(),
+                **aggregator_timeouts(project, ctx),
                 "learners": len(project.ctx.get("learners", {})),
                 # Only these learners' SuperNodes may join (registered when the SuperLink runs TLS).
                 "supernode_keys": [keys[agent] for agent in sorted(keys)],
@@ -58,7 +74,7 @@ class Aggregation(StageHooks):
                 project,
                 "round.completed",
                 f"round {report.round}/{progress.get('rounds')}: loss {report.loss} accuracy {report.accuracy}",
-                **report.model_dump(include={"round", "loss", "accuracy", "examples", "duration_s"}),
+                **report.model_dump(include={"round", "loss", "accuracy", "examples", "duration_s", "drift"}),
             )
             return Decision.accept()
         if isinstance(report, TrainingSucceeded):

@@ -1,7 +1,7 @@
 """Aggregator process of one project: SuperLink + ServerApp run, reported line by line.
 
 ``python -m flops.runtime.aggregator --repo DIR --rounds N --min-available-clients A
---min-fit-clients F --min-evaluate-clients E --strategy fedavg|fedprox|fedadam
+--min-fit-clients F --min-evaluate-clients E --strategy fedavg|fedprox|fedadam [--strategy-params JSON]
 --address HOST:PORT --model-out DIR [--client-wait-timeout S] [--round-timeout S]
 [--deadline S] [--tls-ca-file F --tls-cert-file F --tls-key-file F] [--supernode-keys FILE]
 [--work-dir DIR] [--report-fd FD]``
@@ -43,7 +43,7 @@ from flops.runtime.reports import (
     ReportWriter,
     decode_report,
 )
-from flops.runtime.training import STRATEGIES
+from flops.runtime.training import STRATEGIES, TrainingError, parse_strategy_params
 from flops.supervisor import OWNER_PID_ENV, ChildGroup, install_sigterm_exit
 
 CONNECTION = "flops"
@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-fit-clients", type=int, required=True)
     p.add_argument("--min-evaluate-clients", type=int, required=True)
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
+    p.add_argument(
+        "--strategy-params",
+        default="{}",
+        help='the strategy\'s parameters as a JSON object, e.g. {"proximal_mu": 1.0} (SLA strategy_params)',
+    )
     p.add_argument("--address", required=True, help="HOST:PORT the SuperLink listens on (learners connect here)")
     p.add_argument("--model-out", type=Path, required=True, help="directory for model.npz + metrics.json")
     p.add_argument("--client-wait-timeout", type=float, default=120.0, help="seconds to wait for learners")
@@ -225,7 +230,8 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     try:
         tls = ServerTls(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
         keys = read_public_keys(args.supernode_keys)
-    except (OSError, ValueError) as exc:
+        parse_strategy_params(args.strategy, args.strategy_params)
+    except (OSError, ValueError, TrainingError) as exc:
         reports.emit(TRAINING_FAILED, reason=f"aggregator configuration: {exc}")
         return 1
     local = dial_address(args.address)
@@ -236,6 +242,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
             "repo": str(args.repo.resolve()),
             "rounds": args.rounds,
             "strategy": args.strategy,
+            "strategy-params": args.strategy_params,
             "min-available-clients": args.min_available_clients,
             "min-fit-clients": args.min_fit_clients,
             "min-evaluate-clients": args.min_evaluate_clients,

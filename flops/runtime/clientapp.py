@@ -4,13 +4,19 @@ Node config (``flower-supernode --node-config``) names the repository and the da
 ``repo``, ``data-server``, ``data-tags``. The ModelManager (with its data) is built once per
 process and reused for every message that process handles.
 
-- train: set the received arrays, ``fit_model()`` -> n, reply arrays + ``num-examples``;
+- train: set the received arrays, ``fit_model(config)`` -> n (``fit_model()`` for repos whose ``fit_model``
+  takes no configuration, the original contract), reply arrays + ``num-examples``. ``config`` is a dict:
+  ``server_round``, ``strategy`` and, with FedProx, ``proximal_mu`` (the repo adds
+  ``proximal_mu / 2 * ||w - w_global||^2`` to its local objective, ``w_global`` being the arrays just set).
+  A strategy that needs the repo's help (FedProx) on a repo that cannot take it fails the round, naming
+  ``ModelManager.fit_model``: it never runs as FedAvg;
 - evaluate: set the received arrays, ``evaluate_model()`` -> loss, accuracy, n.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -44,12 +50,41 @@ def _set_arrays(manager: Any, msg: Message) -> None:
     manager.set_model_parameters(arrays.to_numpy_ndarrays())
 
 
+# Train-config keys that ask the repo's local training to change (the strategy's client side).
+CLIENT_SIDE_KEYS = ("proximal-mu",)
+
+
+def fit_takes_config(manager: Any) -> bool:
+    """Whether the repo's ``fit_model`` accepts the training configuration (one positional argument)."""
+    kinds = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    return any(p.kind in kinds for p in inspect.signature(manager.fit_model).parameters.values())
+
+
+def fit_config(msg: Message) -> dict[str, Any]:
+    """The round's train config as the repo sees it: ``proximal-mu`` becomes ``proximal_mu``."""
+    record = msg.content.config_records.get("config")
+    return {} if record is None else {str(k).replace("-", "_"): v for k, v in record.items()}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train locally from the received global arrays."""
     manager = _manager(context)
     _set_arrays(manager, msg)
-    examples = int(manager.fit_model())
+    config = fit_config(msg)
+    if fit_takes_config(manager):
+        examples = int(manager.fit_model(config))
+    elif needs := [k for k in CLIENT_SIDE_KEYS if k.replace("-", "_") in config]:
+        raise TypeError(
+            f"strategy {config.get('strategy', '?')} needs client-side support ({', '.join(needs)}), but the repo's "
+            "ModelManager.fit_model() takes no configuration: define fit_model(self, config)"
+        )
+    else:
+        examples = int(manager.fit_model())
     content = RecordDict(
         {
             "arrays": ArrayRecord(list(manager.get_model_parameters())),
