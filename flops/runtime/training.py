@@ -103,8 +103,11 @@ class RoundResult:
 class RoundTracker:
     """Collects per-round results from the strategy hooks, reports them and remembers the best."""
 
-    def __init__(self, reports: ReportWriter) -> None:
+    def __init__(self, reports: ReportWriter, **extra: Any) -> None:
         self._reports = reports
+        # Fields every round.completed carries besides the round's own (a cluster's name and cycle).
+        self._extra = extra
+        self.train_examples = 0
         self._round_started = time.monotonic()
         self._arrays: list[np.ndarray] | None = None
         self._sent: list[np.ndarray] | None = None
@@ -123,6 +126,8 @@ class RoundTracker:
         if arrays is None:
             raise TrainingError(f"round {server_round}: no usable training reply ({_errors(replies)})")
         self._arrays = arrays.to_numpy_ndarrays()
+        ok = [m for m in replies if not m.has_error()]
+        self.train_examples = sum(int(m.content.metric_records["metrics"]["num-examples"]) for m in ok)
         self._drift = local_drift(self._sent, [m for m in replies if not m.has_error()])
 
     def evaluate_done(self, server_round: int, replies: list[Message]) -> None:
@@ -149,6 +154,7 @@ class RoundTracker:
             examples=result.examples,
             duration_s=result.duration_s,
             **({} if self._drift is None else {"drift": self._drift}),
+            **self._extra,
         )
 
     def best(self) -> RoundResult:
