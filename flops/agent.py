@@ -445,6 +445,7 @@ class Agent:
                 "--strategy-params",
                 json.dumps(spec.get("strategy_params", {})),
                 *_timeout_args(spec),
+                *(["--cluster", spec["cluster"], "--root-address", spec["root_address"]] if "cluster" in spec else []),
                 "--address",
                 f"{self.config.bind_host}:{spec['port']}",
                 "--model-out",

@@ -647,7 +647,15 @@ def _print_state(out: Console, s: ProjectState) -> None:
     out.print()
     if s.reason:
         out.print(f"  reason: {s.reason}", markup=False)
-    if s.progress.rounds:
+    if s.progress.cycles:
+        p = s.progress
+        out.print(f"  cycle {p.cycle}/{p.cycles}  loss {p.loss}  accuracy {p.accuracy}")
+        for name, c in sorted(p.clusters.items()):
+            out.print(
+                f"    cluster {name}: cycle {c.cycle} round {c.round}/{c.rounds}  loss {c.loss}  accuracy {c.accuracy}",
+                markup=False,
+            )
+    elif s.progress.rounds:
         out.print(
             f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
         )

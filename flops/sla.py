@@ -114,6 +114,10 @@ class TrainingConfiguration(_Strict):
     # Extension: the Flower strategy the aggregator runs, and its parameters.
     strategy: Strategy = Strategy.FEDAVG
     strategy_params: StrategyParams = StrategyParams()
+    # Extension (hierarchical mode): how many clusters must take part. Default: every cluster with learners
+    # holding the data must reach the per-cluster minimums (a cluster below them is refused, by name); with
+    # min_clusters, clusters below the minimums are left out as long as this many qualify.
+    min_clusters: Positive | None = None
 
     @model_validator(mode="after")
     def _clients_fit(self) -> Self:
@@ -129,6 +133,8 @@ class TrainingConfiguration(_Strict):
             )
         if self.mode is TrainingMode.CLASSIC and self.training_cycles != 1:
             raise ValueError("training_cycles applies to hierarchical mode only; leave it at 1 in classic mode")
+        if self.mode is TrainingMode.CLASSIC and self.min_clusters is not None:
+            raise ValueError("min_clusters applies to hierarchical mode only; leave it out in classic mode")
         return self
 
     @field_validator("strategy_params")

@@ -16,6 +16,7 @@ from flops.messages import (
     TrainingFailed,
     TrainingSucceeded,
 )
+from stages import hierarchy
 
 
 def aggregator_timeouts(project: Project, ctx: StageContext) -> dict[str, float]:
@@ -33,6 +34,9 @@ def aggregator_timeouts(project: Project, ctx: StageContext) -> dict[str, float]
 
 class Aggregation(StageHooks):
     def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
+        if hierarchy.is_hierarchical(project):
+            hierarchy.start_aggregators(project, ctx, aggregator_timeouts(project, ctx))
+            return None
         tc = project.sla.training_configuration
         aggregator = project.ctx["aggregator"]
         keys: dict[str, str] = project.ctx.get("learner_keys", {})
@@ -61,6 +65,8 @@ class Aggregation(StageHooks):
         return None
 
     def on_report(self, project: Project, report: ReportBase, ctx: StageContext) -> Decision:
+        if hierarchy.is_hierarchical(project) and (decided := hierarchy.on_aggregation_report(project, report, ctx)):
+            return decided
         pending = project.ctx.get("aggregator_command_id")
         if isinstance(report, AggregatorStarted) and report.command_id == pending:
             project.ctx["aggregator"]["address"] = report.address
@@ -97,6 +103,8 @@ class Aggregation(StageHooks):
         # The aggregator's agent may be a learner too: losing it fails the project (StageHooks.on_agent).
         learner_only = status.agent_id not in project.ctx.get("critical_agents", [])
         if not status.online and learner_only and status.agent_id in project.ctx.get("learners", {}):
+            if hierarchy.is_hierarchical(project):
+                return hierarchy.learner_lost(project, status.agent_id, "its agent went offline", ctx)
             return self._learner_lost(project, status.agent_id, "its agent went offline", ctx)
         return super().on_agent(project, status, ctx)
 
