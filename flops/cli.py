@@ -201,9 +201,13 @@ def demo(
     ] = None,
     agents: Annotated[int, typer.Option(min=2, max=8, help="How many agents (learners) to start")] = 3,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+    hierarchical: Annotated[
+        bool, typer.Option(help="Clustered hierarchical FL: a root agent and two clusters of two learner agents")
+    ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
     from flops.demo import print_result, run_demo
+    from flops.demo_hierarchical import run_hierarchical_demo
 
     settings = _settings(ctx)
     # The demo's own screen is the progress view; the in-process manager only speaks up for problems.
@@ -211,7 +215,11 @@ def demo(
         logs.configure(settings.log_format, "warning")
     console = Console()
     with _errors():
-        result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
+        if hierarchical:
+            work = work_dir or settings.data_dir / "demo-hierarchical"
+            result = run_hierarchical_demo(settings, work, console, timeout=max(timeout, 900.0))
+        else:
+            result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
     raise typer.Exit(print_result(result, console))
 
 

@@ -145,7 +145,9 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tuple[BrokerAddress, Fleet]]:
+def running_system(
+    settings: Settings, work: Path, agents: int, fleet_class: type[Fleet] = Fleet
+) -> Iterator[tuple[BrokerAddress, Fleet]]:
     from flops.broker import start_embedded
     from flops.manager import Manager
     from flops.store_sqlite import SQLiteStore
@@ -159,7 +161,7 @@ def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tupl
         address,
         client_id=new_id("flops-demo-manager"),
     ).start()
-    fleet = Fleet(work, address, agents)
+    fleet = fleet_class(work, address, agents)
     try:
         fleet.start()
         yield address, fleet
@@ -228,7 +230,7 @@ def follow(client: object, project_id: str, rounds: int, console: Console, timeo
         task = progress.add_task(f"round 0/{rounds}", total=rounds, stage="preparation")
         for item in client.follow(project_id, timeout=timeout):  # type: ignore[attr-defined]
             if isinstance(item, ProjectEvent):
-                if item.kind in {"stage.changed", "warning", "rejected"}:
+                if item.kind in {"stage.changed", "warning", "rejected"} or item.data.get("level") == "root":
                     progress.console.print(f"  {item.stage or '':<14} {item.message}")
                 continue
             last = item
