@@ -22,7 +22,7 @@ from rich.console import Console
 from flops.demo import SOURCE_ROOT, DemoResult, Fleet, ask_model, example_repo, follow, running_system
 from flops.errors import FlopsError
 from flops.lifecycle_stages import Stage
-from flops.messages import ProjectState
+from flops.messages import AgentStatus, ProjectState
 from flops.settings import BrokerAddress, Settings
 from flops.sla import ProjectSLA
 
@@ -38,6 +38,15 @@ class ClusteredFleet(Fleet):
         super().__init__(work, address, n)
         self.ids = list(AGENTS)
         self.learners = [a for a, cluster in AGENTS.items() if cluster is not None]
+
+    def wait_online(self, timeout: float = 60.0) -> dict[str, AgentStatus]:
+        """The learner agents online with their data servers (the root agent has none; preparation waits for
+        its builder and aggregator roles)."""
+        ids, self.ids = self.ids, self.learners
+        try:
+            return super().wait_online(timeout)
+        finally:
+            self.ids = ids
 
     def start(self) -> None:
         env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json"}

@@ -6,7 +6,7 @@ process and reused for every message that process handles.
 
 - train: set the received arrays, ``fit_model(config)`` -> n (``fit_model()`` for repos whose ``fit_model``
   takes no configuration, the original contract), reply arrays + ``num-examples``. ``config`` is a dict:
-  ``server_round``, ``strategy`` and, with FedProx, ``proximal_mu`` (the repo adds
+  ``server_round``, ``strategy``, ``cycle`` (hierarchical mode) and, with FedProx, ``proximal_mu`` (the repo adds
   ``proximal_mu / 2 * ||w - w_global||^2`` to its local objective, ``w_global`` being the arrays just set).
   A strategy that needs the repo's help (FedProx) on a repo that cannot take it fails the round, naming
   ``ModelManager.fit_model``: it never runs as FedAvg;
