@@ -16,6 +16,8 @@ below its minimum) fails the project, naming the cluster.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from typing import Any
 
 from flops.agents import AgentRegistry
@@ -79,13 +81,14 @@ def missing_clusters(tc: TrainingConfiguration, agents: AgentRegistry) -> str | 
     return f"{len(have)} of {want} clusters with {need} online learners holding {tc.data_tags}"
 
 
-def place(project: Project, ctx: StageContext, allocate: Any) -> Decision | None:
+PortAllocator = Callable[[Project, str, StageContext, set[int]], int]
+
+
+def place(project: Project, ctx: StageContext, allocate: PortAllocator) -> Decision | None:
     """Learners entry: choose clusters, place the root and one aggregator per cluster, start the learners.
 
     ``allocate(project, agent_id, ctx, in_use) -> port`` picks an aggregator port on an agent.
     """
-    import secrets
-
     tc = project.sla.training_configuration
     chosen, note = choose_clusters(tc, cluster_inventory(tc, ctx.agents))
     if not chosen:

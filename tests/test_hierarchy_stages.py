@@ -173,3 +173,22 @@ def test_a_learner_lost_fails_its_cluster_by_name(h: EngineHarness) -> None:
     h.report(learner, "learner.failed", agent_id=learner.agent_id, reason="killed")
     state = h.state(project_id)
     assert state.reason is not None and state.reason.startswith("cluster west failed"), state.reason
+
+
+def test_watch_prints_the_cycle_and_every_cluster(h: EngineHarness) -> None:
+    from rich.console import Console
+
+    from flops.cli import _print_state
+
+    project_id = _to_aggregation(h)
+    aggregators = h.commands(project_id, "run_aggregator")
+    root = next(c for c in aggregators if "cluster" not in c.spec)
+    east = next(c for c in aggregators if c.spec.get("cluster") == "east")
+    h.report(east, "round.completed", round=2, loss=0.4, accuracy=0.81, cycle=1, cluster="east")
+    h.report(root, "round.completed", round=1, loss=0.3, accuracy=0.9, examples=300)
+    console = Console(record=True, width=200)
+    _print_state(console, h.state(project_id))
+    text = console.export_text()
+    assert "cycle 1/2  loss 0.3  accuracy 0.9" in text, text
+    assert "cluster east: cycle 1 round 2/3  loss 0.4  accuracy 0.81" in text, text
+    assert "cluster west: cycle 0 round 0/3" in text, text
