@@ -139,3 +139,33 @@ def test_build_import_check_records_whether_fit_model_takes_the_configuration(
     (tmp_path / "model_manager.py").write_text(MODEL_MANAGER.format(fit=fit))
     result = check_model_manager(Path(sys.executable), tmp_path, timeout_s=60)
     assert result["fit_config"] is expected
+
+
+def test_agent_passes_the_derived_timeouts_to_the_aggregator() -> None:
+    from flops.agent import _timeout_args
+
+    spec = {"deadline_s": 7200.0, "round_timeout_s": 7200.0, "client_wait_s": 300}
+    expected = ["--deadline", "7200.0", "--round-timeout", "7200.0", "--client-wait-timeout", "300.0"]
+    assert _timeout_args(spec) == expected
+    assert _timeout_args({}) == []  # a command recorded before the timeouts were derived
+
+
+def test_a_learner_refuses_fedprox_on_a_fit_model_without_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second line of defence (an artifact built before the build-time check): the round fails, naming
+    ModelManager.fit_model(), instead of training FedAvg."""
+    from types import SimpleNamespace
+
+    from flops.runtime import clientapp
+
+    class Original:
+        def fit_model(self) -> int:
+            raise AssertionError("must not train")
+
+    monkeypatch.setattr(clientapp, "_manager", lambda context: Original())
+    monkeypatch.setattr(clientapp, "_set_arrays", lambda manager, msg: None)
+    monkeypatch.setattr(clientapp, "fit_config", lambda msg: {"strategy": "fedprox", "proximal_mu": 1.0})
+    context = SimpleNamespace(node_config={})
+    with pytest.raises(TypeError, match=r"ModelManager.fit_model\(\) takes no configuration"):
+        clientapp.train(SimpleNamespace(), context)  # type: ignore[arg-type]
+    assert clientapp.fit_takes_config(Original()) is False
+    assert clientapp.fit_takes_config(SimpleNamespace(fit_model=lambda config: 1)) is True
