@@ -160,6 +160,7 @@ def agent(
 ) -> None:
     """Run a node agent: announces the node, serves its data, runs learners/aggregators/builds for projects."""
     from flops.agent import ROLES, Agent, AgentConfig
+    from flops.containers import PodmanSettings, cert_dir
 
     chosen = tuple(r.strip() for r in roles.split(",") if r.strip())
     unknown = sorted(set(chosen) - set(ROLES))
@@ -186,6 +187,14 @@ def agent(
         tls_cert_file=settings.tls_cert_file,
         tls_key_file=settings.tls_key_file,
         tls_ca_file=settings.tls_ca_file,
+        registry=settings.registry,
+        registry_tls=settings.registry_tls,
+        base_image=settings.base_image,
+        podman=PodmanSettings(
+            root=settings.container_storage,
+            registry_tls=settings.registry_tls,
+            registry_ca_dir=cert_dir(settings.tls_ca_file, data_dir) if settings.registry_tls else None,
+        ),
     )
     with _errors():
         running = Agent(config, settings.broker(), **settings.broker_tls_files()).start()
@@ -200,7 +209,13 @@ def demo(
         Path | None, typer.Option(help="Where the demo keeps its files (default DATA_DIR/demo)")
     ] = None,
     agents: Annotated[int, typer.Option(min=2, max=8, help="How many agents (learners) to start")] = 3,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds [default: 600, with --images 1800]")
+    ] = None,
+    images: Annotated[
+        bool,
+        typer.Option("--images", help="Artifacts as container images: registry, buildah builds, podman containers"),
+    ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
     from flops.demo import print_result, run_demo
@@ -211,7 +226,14 @@ def demo(
         logs.configure(settings.log_format, "warning")
     console = Console()
     with _errors():
-        result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
+        result = run_demo(
+            settings,
+            work_dir or settings.data_dir / "demo",
+            console,
+            agents=agents,
+            timeout=timeout if timeout is not None else (1800.0 if images else 600.0),
+            images=images,
+        )
     raise typer.Exit(print_result(result, console))
 
 

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     base_image: str | None = Field(
         None, description="Base image of the runtime images; unset = a Debian made with debootstrap"
     )
+    registry_tls: bool = Field(False, description="The FLOps registry speaks HTTPS (checked with tls_ca_file)")
+    # What builds produce: environments (development: every learner node rebuilds) or container images pushed
+    # to the registry and run with podman by the agents (a manager setting: it is part of the build cache key).
+    artifacts: Literal["env", "image"] = Field("env", description="Build environments or container images")
+    # An agent's podman image storage; unset = podman's default (shared by the agents of one host).
+    container_storage: Path | None = None
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -44,7 +44,7 @@ from flops.runtime.reports import (
     decode_report,
 )
 from flops.runtime.training import STRATEGIES
-from flops.supervisor import OWNER_PID_ENV, ChildGroup, install_sigterm_exit
+from flops.supervisor import OWNER_PID_ENV, ChildGroup, exit_with_owner, install_sigterm_exit
 
 CONNECTION = "flops"
 TERMINAL_RUN_STATUSES = ("finished",)
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     args = parse_args(argv)
     install_sigterm_exit()
+    exit_with_owner()  # in a container: gone with the `podman run` that started it
     reports = ReportWriter.open(args.report_fd)
     try:
         return run(args, reports)
