@@ -21,7 +21,13 @@ class PostTraining(StageHooks):
             project,
             agent_id,
             "build_model_image",
-            {"artifact": project.ctx.get("artifact", {}), "model": project.ctx.get("model", {})},
+            {
+                "artifact": project.ctx.get("artifact", {}),
+                "model": project.ctx.get("model", {}),
+                # The trained-model image is <registry>/<customer>/trained_model:<project id>.
+                "customer": project.record.customer,
+                "project_id": project.project_id,
+            },
         )
         project.ctx["critical_agents"] = [agent_id]
         return None

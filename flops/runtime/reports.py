@@ -11,6 +11,7 @@ Kinds and payloads:
 - ``round.completed`` {round, loss, accuracy, examples, duration_s}
 - ``training.succeeded`` {best_round, loss, accuracy, model_ref}
 - ``training.failed`` {reason}
+- ``model.built`` {image_ref} (``flops.builder.model_image``)
 - ``model.served`` {url}
 - ``model.failed`` {reason, log_tail}
 - ``build.started`` {}, ``build.succeeded`` {artifact, cached, warnings, duration_s},
@@ -31,6 +32,7 @@ AGGREGATOR_STARTED: Final = "aggregator.started"
 ROUND_COMPLETED: Final = "round.completed"
 TRAINING_SUCCEEDED: Final = "training.succeeded"
 TRAINING_FAILED: Final = "training.failed"
+MODEL_BUILT: Final = "model.built"
 MODEL_SERVED: Final = "model.served"
 MODEL_FAILED: Final = "model.failed"
 BUILD_STARTED: Final = "build.started"
@@ -45,6 +47,7 @@ REPORT_KINDS: Final = frozenset(
         ROUND_COMPLETED,
         TRAINING_SUCCEEDED,
         TRAINING_FAILED,
+        MODEL_BUILT,
         MODEL_SERVED,
         MODEL_FAILED,
         BUILD_STARTED,
