@@ -88,7 +88,10 @@ def broker(
 @app.command()
 def registry(
     ctx: typer.Context,
-    port: Annotated[int | None, typer.Option(help="Port to listen on (loopback) [default: FLOPS_REGISTRY's]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [default: FLOPS_REGISTRY's]")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; open it beyond loopback only with TLS (see deploy/README.md)")
+    ] = "127.0.0.1",
 ) -> None:
     """Start the FLOps image registry (Debian's docker-registry) with its storage under DATA_DIR/registry.
 
@@ -100,6 +103,7 @@ def registry(
     with _errors():
         running = start_registry(
             settings.data_dir / "registry",
+            host=host,
             port=port or registry_port(settings.registry),
             cert_file=settings.tls_cert_file,
             key_file=settings.tls_key_file,

@@ -72,14 +72,15 @@ def example_repo(work: Path) -> str:
 class Fleet:
     """Three ``flops agent`` processes on this machine."""
 
-    def __init__(self, work: Path, address: BrokerAddress, n: int) -> None:
+    def __init__(self, work: Path, address: BrokerAddress, n: int, env: dict[str, str] | None = None) -> None:
         self.work = work
         self.address = address
         self.ids = [f"node-{i}" for i in range(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.env = env or {}
 
     def start(self) -> None:
-        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json"}
+        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json", **self.env}
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         for agent_id in self.ids:
             agent_dir = self.work / "agents" / agent_id
@@ -144,8 +145,33 @@ class Fleet:
                 proc.wait(5)
 
 
+IMAGE_TOOLS = ("buildah", "podman", "skopeo", "docker-registry", "debootstrap")
+
+
 @contextlib.contextmanager
-def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tuple[BrokerAddress, Fleet]]:
+def image_registry(work: Path, console: Console) -> Iterator[str]:
+    """``flops demo --images``: the FLOps registry on a free loopback port, its storage under the demo dir."""
+    from flops.ports import free_port
+    from flops.registry import start_registry
+
+    missing = [t for t in IMAGE_TOOLS if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        raise FlopsError(
+            f"flops demo --images needs {', '.join(missing)}: "
+            "install them with FLOPS_IMAGE_TOOLS=1 bash scripts/install.sh"
+        )
+    registry = start_registry(work / "registry", port=free_port())
+    console.print(f"registry: {registry.url} (images are built with buildah and run with podman)")
+    try:
+        yield registry.address
+    finally:
+        registry.stop()
+
+
+@contextlib.contextmanager
+def running_system(
+    settings: Settings, work: Path, agents: int, agent_env: dict[str, str] | None = None
+) -> Iterator[tuple[BrokerAddress, Fleet]]:
     from flops.broker import start_embedded
     from flops.manager import Manager
     from flops.store_sqlite import SQLiteStore
@@ -159,7 +185,7 @@ def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tupl
         address,
         client_id=new_id("flops-demo-manager"),
     ).start()
-    fleet = Fleet(work, address, agents)
+    fleet = Fleet(work, address, agents, agent_env)
     try:
         fleet.start()
         yield address, fleet
@@ -171,15 +197,34 @@ def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tupl
 
 
 def run_demo(
-    settings: Settings, work: Path, console: Console, *, agents: int = 3, timeout: float = 600.0
+    settings: Settings,
+    work: Path,
+    console: Console,
+    *,
+    agents: int = 3,
+    timeout: float = 600.0,
+    images: bool = False,
+) -> DemoResult:
+    """The demo; with ``images`` its artifacts are container images (registry, buildah, podman)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        agent_env: dict[str, str] = {}
+        if images:
+            registry = stack.enter_context(image_registry(work, console))
+            settings = settings.model_copy(update={"artifacts": "image", "registry": registry})
+            agent_env = {"FLOPS_REGISTRY": registry}
+        return _run_demo(settings, work, console, agents, timeout, agent_env)
+
+
+def _run_demo(
+    settings: Settings, work: Path, console: Console, agents: int, timeout: float, agent_env: dict[str, str]
 ) -> DemoResult:
     from flops.client import Client
     from flops.data.mock import load_dataset, push_partitions, split_iid
 
     started = time.monotonic()
-    work.mkdir(parents=True, exist_ok=True)
     repo_url = example_repo(work)
-    with running_system(settings, work, agents) as (address, fleet):
+    with running_system(settings, work, agents, agent_env) as (address, fleet):
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
         statuses = fleet.wait_online()
         partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)

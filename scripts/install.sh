@@ -19,6 +19,11 @@ if [ "${FLOPS_IMAGE_TOOLS:-0}" = 1 ]; then
         command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
     done
     [ -e /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static binfmt-support)
+    # binfmt_misc is not mounted on these hosts: mount it first, so qemu-user-static registers its handlers
+    # (foreign-platform builds run under them; the builder mounts it too when it can).
+    if [ ! -e /proc/sys/fs/binfmt_misc/status ] && [ "$(id -u)" -eq 0 ]; then
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+    fi
 fi
 if [ ${#need[@]} -gt 0 ] && ! command -v apt-get >/dev/null 2>&1; then
     echo "no apt-get: install ${need[*]} yourself (the tests that need them say so)" >&2
