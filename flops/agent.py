@@ -389,7 +389,8 @@ class Agent:
         run: dict[str, Any] = {}
         if image is not None:
             container = container_name(f"{cmd.command_id}.g{restart}")
-            mounts = [work, *(f for f in self._tls_files() if f is not None)]
+            # Only the TLS files the child is given (a learner gets the CA, never this node's key).
+            mounts = [work, *(f for f in self._tls_files() if f is not None and str(f) in argv)]
             argv = self.podman.run_argv(
                 name=container,
                 image=image,
