@@ -215,6 +215,21 @@ def demo(
     raise typer.Exit(print_result(result, console))
 
 
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8770,
+) -> None:
+    """Serve the read-only web view of every project (an MQTT subscriber; login per FLOPS_UI_LOGIN)."""
+    from flops.ui.serve import build
+
+    with _errors():
+        running = build(_settings(ctx), host, port)
+    Console(stderr=True).print(f"web view on {running.url} (Ctrl-C stops it)")
+    running.server.run()
+
+
 # --- projects --------------------------------------------------------------------------------------
 
 

@@ -98,7 +98,14 @@ class _Effects:
             spec = redact_values(spec)
         cmd = Command(command_id=command_id, project_id=project.project_id, kind=kind, agent_id=agent_id, spec=spec)
         self.items.append(OutboxItem(f"cmd:{command_id}", topics.agent_commands(agent_id), cmd.to_bytes()))
-        self.event(project, "report.accepted", f"{kind} sent to {agent_id}", command_id=command_id)
+        self.event(
+            project,
+            "report.accepted",
+            f"{kind} sent to {agent_id}",
+            command_id=command_id,
+            command=kind,
+            agent_id=agent_id,
+        )
         return command_id
 
     def event(self, project: Project, kind: str, message: str, **data: Any) -> None:

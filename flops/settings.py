@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     base_image: str | None = Field(
         None, description="Base image of the runtime images; unset = a Debian made with debootstrap"
     )
+    # flops ui: a login (MQTT username + password) is required when "required", or with "auto" when the broker
+    # speaks TLS (production); each person then sees what their broker identity may read.
+    ui_login: Literal["auto", "required", "off"] = "auto"
+    ui_session_idle_s: float = Field(3600.0, gt=0, description="A web view session ends after this long idle")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -132,6 +136,9 @@ class Settings(BaseSettings):
             "client_cert": _str(self.broker_client_cert),
             "client_key": _str(self.broker_client_key),
         }
+
+    def ui_login_required(self) -> bool:
+        return self.ui_login == "required" or (self.ui_login == "auto" and self.broker().tls)
 
     @property
     def store_path(self) -> Path:
