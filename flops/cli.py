@@ -201,6 +201,8 @@ def demo(
     ] = None,
     agents: Annotated[int, typer.Option(min=2, max=8, help="How many agents (learners) to start")] = 3,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+    web: Annotated[bool, typer.Option("--ui", help="Serve the web view while the demo runs; prints its URLs")] = False,
+    ui_port: Annotated[int, typer.Option(help="Port of the web view (--ui)")] = 8770,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
     from flops.demo import print_result, run_demo
@@ -211,7 +213,14 @@ def demo(
         logs.configure(settings.log_format, "warning")
     console = Console()
     with _errors():
-        result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
+        result = run_demo(
+            settings,
+            work_dir or settings.data_dir / "demo",
+            console,
+            agents=agents,
+            timeout=timeout,
+            ui_port=ui_port if web else None,
+        )
     raise typer.Exit(print_result(result, console))
 
 

@@ -171,7 +171,13 @@ def running_system(settings: Settings, work: Path, agents: int) -> Iterator[tupl
 
 
 def run_demo(
-    settings: Settings, work: Path, console: Console, *, agents: int = 3, timeout: float = 600.0
+    settings: Settings,
+    work: Path,
+    console: Console,
+    *,
+    agents: int = 3,
+    timeout: float = 600.0,
+    ui_port: int | None = None,
 ) -> DemoResult:
     from flops.client import Client
     from flops.data.mock import load_dataset, push_partitions, split_iid
@@ -179,8 +185,9 @@ def run_demo(
     started = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
     repo_url = example_repo(work)
-    with running_system(settings, work, agents) as (address, fleet):
+    with running_system(settings, work, agents) as (address, fleet), contextlib.ExitStack() as extras:
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
+        ui_url = extras.enter_context(_web_view(settings, address, ui_port, console)) if ui_port else None
         statuses = fleet.wait_online()
         partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)
         push_partitions(
@@ -204,16 +211,33 @@ def run_demo(
                 raise FlopsError(f"project rejected: {reply.errors}")
             project_id = reply.project_id
             console.print(f"project [bold]{project_id}[/] submitted")
+            if ui_url:
+                console.print(f"watch it at {ui_url}/projects/{project_id}", markup=False)
             state = follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
         predictions: list[int] = []
         labels: list[int] = []
         if state.model_url:
             predictions, labels = ask_model(state.model_url, console, token=state.model_token)
+        if ui_url and sys.stdin.isatty():
+            with contextlib.suppress(KeyboardInterrupt, EOFError):
+                input(f"the web view stays at {ui_url} until you press Enter (then the demo stops everything) ")
     total = time.monotonic() - started
     ts = state.stage_timestamps
     order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
     stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
     return DemoResult(project_id, state, stage_seconds, total, predictions, labels)
+
+
+@contextlib.contextmanager
+def _web_view(settings: Settings, address: BrokerAddress, port: int, console: Console) -> Iterator[str]:
+    """``--ui``: the web view (its extra must be installed) for as long as the demo runs."""
+    try:
+        from flops.ui.serve import alongside
+    except ImportError as exc:
+        raise FlopsError(f"--ui needs the web view's extra: pip install 'flops-mqtt[ui]' ({exc})") from exc
+    with alongside(settings, address, port) as running:
+        console.print(f"web view: {running.url}", markup=False)
+        yield running.url
 
 
 def follow(client: object, project_id: str, rounds: int, console: Console, timeout: float) -> ProjectState:

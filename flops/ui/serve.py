@@ -3,8 +3,10 @@ certificate (``FLOPS_TLS_CERT_FILE``/``FLOPS_TLS_KEY_FILE``), as a blocking call
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -64,3 +66,14 @@ def start_in_thread(running: UiServer, timeout: float = 15.0) -> UiServer:
             raise FlopsError(f"web view did not start on {running.url}")
         time.sleep(0.05)  # uvicorn offers no event for "listening"
     return running
+
+
+@contextlib.contextmanager
+def alongside(settings: Settings, address: BrokerAddress, port: int) -> Iterator[UiServer]:
+    """The web view in this process while the block runs (``flops demo --ui``), without login: the demo's
+    broker is the embedded development one."""
+    running = start_in_thread(build(settings.model_copy(update={"ui_login": "off"}), "127.0.0.1", port, address))
+    try:
+        yield running
+    finally:
+        running.stop()

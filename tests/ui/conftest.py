@@ -33,6 +33,7 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser: object) -> Iterator[object]:
+    # Our Content-Security-Policy stays on: the pages must work under it (predicates are passed as functions).
     context = browser.new_context(viewport={"width": 1100, "height": 1300})  # type: ignore[attr-defined]
     try:
         yield context.new_page()

@@ -138,27 +138,39 @@ function failure(f) {
 }
 
 function timeline(p, receivedAt) {
+  // A Gantt row per stage: where its bar starts is when the stage started, its width how long it took.
   const rows = p.timeline;
-  const total = rows.reduce((sum, r) => sum + r.seconds, 0) || 1;
-  const list = el("ol", { id: "timeline", class: "timeline" });
+  const extra = Date.now() / 1000 - receivedAt;
+  const secsOf = (r) => r.seconds + (r.current ? extra : 0);
+  const t0 = rows.length ? rows[0].started_at : 0;
+  const span = Math.max(1e-6, ...rows.map((r) => r.started_at + secsOf(r) - t0));
+  const list = el("ol", { id: "timeline", class: "timeline", "aria-label": "stages, when each started and how long it took" });
   for (const r of rows) {
-    const extra = r.current ? Date.now() / 1000 - receivedAt : 0;
-    const secs = r.seconds + extra;
-    const li = el(
-      "li",
-      { "data-stage": r.stage, class: r.current ? "current" : "" },
-      el("span", { class: "name", text: r.stage }),
-      el("span", { class: "when", text: clock(r.started_at) }),
-      el("span", { class: "bar", "aria-hidden": "true" }, el("span", { style: null })),
-      el("span", { class: "took", text: r.stage === "finished" ? "" : seconds(secs) + (r.current ? " so far" : "") }),
+    const secs = secsOf(r);
+    const bar = el("span", { class: "bar", "aria-hidden": "true" });
+    if (r.stage !== "finished") {
+      const fill = el("span", {});
+      // Set through the CSS object model: the Content-Security-Policy forbids inline style attributes.
+      fill.style.setProperty("margin-left", `${(100 * (r.started_at - t0)) / span}%`);
+      fill.style.setProperty("width", `${Math.max(0.5, (100 * secs) / span)}%`);
+      bar.append(fill);
+    }
+    list.append(
+      el(
+        "li",
+        { "data-stage": r.stage, class: r.current ? "current" : "" },
+        el("span", { class: "name", text: r.stage }),
+        el("span", { class: "when", text: clock(r.started_at) }),
+        bar,
+        el("span", { class: "took", text: r.stage === "finished" ? "" : seconds(secs) + (r.current ? " so far" : "") }),
+      ),
     );
-    // Width as a CSS custom property set through the DOM (no inline style attribute: the CSP forbids it).
-    li.querySelector(".bar > span").style.setProperty("width", `${Math.max(1, (100 * r.seconds) / total)}%`);
-    list.append(li);
   }
   const seen = new Set(rows.map((r) => r.stage));
   for (const stage of STAGES) {
-    if (!seen.has(stage) && !p.outcome) list.append(el("li", { class: "pending", "data-pending": stage }, el("span", { class: "name", text: stage })));
+    if (!seen.has(stage) && !p.outcome) {
+      list.append(el("li", { class: "pending", "data-pending": stage }, el("span", { class: "name", text: stage })));
+    }
   }
   return list;
 }
