@@ -33,6 +33,7 @@ from flops.errors import ConfigError, PublishFailed
 from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
+from flops.tracking.project import child_env as tracking_env
 
 log = structlog.get_logger(__name__)
 
@@ -453,6 +454,7 @@ class Agent:
                 str(work / "flower"),
             ],
             artifact,
+            env=tracking_env(spec),
         )
 
     def _build_model_image(self, cmd: Command) -> None:

@@ -225,6 +225,24 @@ def demo(
 
 
 @app.command()
+def tracking(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback)")] = 5005,
+) -> None:
+    """Start an MLflow tracking server (SQLite store and artifacts under DATA_DIR/tracking); needs the extra.
+
+    Point the manager at it with FLOPS_TRACKING_URI (printed here)."""
+    from flops.tracking.server import start_tracking
+
+    settings = _settings(ctx)
+    with _errors():
+        running = start_tracking(settings.data_dir / "tracking", port=port)
+    _wait_for_signal(
+        running.wait, running.stop, ready=f"MLflow tracking on {running.url}: FLOPS_TRACKING_URI={running.url}"
+    )
+
+
+@app.command()
 def ui(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
@@ -675,6 +693,19 @@ def _print_state(out: Console, s: ProjectState) -> None:
         out.print(
             f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
         )
+    if s.tracking:
+        t = s.tracking
+        out.print(f"  tracking: {t.get('experiment', '')} at {t.get('url')}", markup=False)
+        if t.get("run_ids"):
+            runs = ", ".join(f"round {k}: {v}" for k, v in sorted(t["run_ids"].items(), key=lambda kv: int(kv[0])))
+            out.print(f"  MLflow runs: {runs}", markup=False)
+        if t.get("model_uri"):
+            version = (
+                f" ({t.get('registered_model')} version {t.get('model_version')})" if t.get("model_version") else ""
+            )
+            out.print(f"  best model: {t['model_uri']}{version}  {t.get('run_url') or ''}", markup=False)
+        for warning in t.get("warnings", []):
+            out.print(f"  tracking warning: {warning}", markup=False)
     if s.model_url:
         out.print(f"  model served at {s.model_url}", markup=False)
         if s.model_token:

@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     base_image: str | None = Field(
         None, description="Base image of the runtime images; unset = a Debian made with debootstrap"
     )
+    # MLflow tracking (optional extra): aggregators log each project's rounds and best model there.
+    tracking_uri: str | None = Field(None, description="MLflow tracking server URL; unset = tracking off")
     # flops ui: a login (MQTT username + password) is required when "required", or with "auto" when the broker
     # speaks TLS (production); each person then sees what their broker identity may read.
     ui_login: Literal["auto", "required", "off"] = "auto"

@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from flops.runtime import tracking
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, dial_address, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
 from flops.runtime.flower_tls import ServerTls, client_context, superlink_args
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     args = parse_args(argv)
     install_sigterm_exit()
-    reports = ReportWriter.open(args.report_fd)
+    reports = tracking.wrap(ReportWriter.open(args.report_fd), os.environ, args)
     try:
         return run(args, reports)
     except SystemExit:
