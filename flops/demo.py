@@ -9,6 +9,7 @@ prints the final accuracy, asks the inference server about held-out digits, and 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -185,7 +186,11 @@ def run_demo(
     started = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
     repo_url = example_repo(work)
-    with running_system(settings, work, agents) as (address, fleet), contextlib.ExitStack() as extras:
+    with (
+        _tracked(settings, work, console, on=ui_port is not None) as settings,
+        running_system(settings, work, agents) as (address, fleet),
+        contextlib.ExitStack() as extras,
+    ):
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
         ui_url = extras.enter_context(_web_view(settings, address, ui_port, console)) if ui_port else None
         statuses = fleet.wait_online()
@@ -226,6 +231,24 @@ def run_demo(
     order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
     stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
     return DemoResult(project_id, state, stage_seconds, total, predictions, labels)
+
+
+@contextlib.contextmanager
+def _tracked(settings: Settings, work: Path, console: Console, *, on: bool) -> Iterator[Settings]:
+    """``--ui``: MLflow tracking too, when its extra is installed and no FLOPS_TRACKING_URI names a server."""
+    if not on or settings.tracking_uri or importlib.util.find_spec("mlflow") is None:
+        yield settings
+        return
+    from flops.ports import free_port
+    from flops.tracking.server import start_tracking
+
+    console.print("starting MLflow tracking (its database is kept in the demo directory) …")
+    server = start_tracking(work / "tracking", port=free_port())
+    console.print(f"MLflow tracking: {server.url}", markup=False)
+    try:
+        yield settings.model_copy(update={"tracking_uri": server.url})
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager

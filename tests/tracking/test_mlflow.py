@@ -6,6 +6,8 @@ costs a warning, not the project."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +21,7 @@ from flops.tracking.project import experiment_name
 from flops.tracking.server import TrackingServer, start_tracking
 from tests.fleet_support import Fleet, running_fleet
 from tests.support import cli
+from tests.ui.support import UiProc
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra installs mlflow-skinny")
 
@@ -80,6 +83,14 @@ def test_each_round_is_a_run_and_the_best_model_is_registered(
     images = np.asarray(digits.column("image").to_pylist(), dtype=float).reshape(len(digits), -1) / 16.0
     labels = np.asarray(digits.column("label").to_pylist())
     assert (model.predict(images) == labels).mean() > 0.8
+
+    # The web view (another subscriber) links the best run.
+    ui = UiProc(fleet.tmp, {"FLOPS_BROKER_URL": fleet.broker.url}).start()
+    try:
+        with urllib.request.urlopen(f"{ui.url}/api/projects/{project_id}", timeout=10) as response:
+            assert json.loads(response.read())["tracking"]["run_url"] == tracked["run_url"]
+    finally:
+        ui.stop()
 
     shown = cli(fleet.broker, "project", "status", project_id)
     assert shown.returncode == 0, shown.stderr

@@ -47,6 +47,7 @@ def test_rounds_agents_and_failure_come_from_events_and_state() -> None:
         reason="training failed: boom (in aggregation)\nTraceback …\nValueError: boom",
         stage_timestamps={"preparation_at": 150.0, "finished_at": 180.0},
         progress=Progress(round=2, rounds=3, accuracy=0.7),
+        tracking={"url": "http://mlflow:5005", "run_ids": {"1": "r1"}},
     )
     seen.apply_state("alice", failed)
     seen.apply_state("alice", _state(5, Stage.AGGREGATION))  # stale: older than what we have
@@ -71,6 +72,7 @@ def test_rounds_agents_and_failure_come_from_events_and_state() -> None:
         "log_tail": "Traceback …\nValueError: boom",
     }
     assert detail["stage"] == "finished" and detail["customer"] == "alice"
+    assert detail["tracking"] == {"url": "http://mlflow:5005", "run_ids": {"1": "r1"}}
     assert [s["project_id"] for s in seen.summaries()] == ["p-1"]
     assert len(changes) == 7  # the repeated event changed nothing; the stale state neither
     seen.forget_project("p-1")

@@ -122,7 +122,9 @@ function facts(p) {
   const t = p.tracking;
   if (t && (t.run_url || t.url)) {
     const href = t.run_url || t.experiment_url || t.url;
-    dl.append(el("dt", { text: "MLflow" }), el("dd", {}, el("a", { id: "mlflow-link", href, text: "run in MLflow" })));
+    const label = t.run_url ? `best run in MLflow${t.model_version ? ` (model version ${t.model_version})` : ""}` : t.experiment || "MLflow";
+    dl.append(el("dt", { text: "MLflow" }), el("dd", {}, el("a", { id: "mlflow-link", href, text: label })));
+    for (const w of t.warnings || []) dl.append(el("dt", { text: "Tracking" }), el("dd", { class: "warn", text: w }));
   }
   return dl;
 }
@@ -215,14 +217,21 @@ function plot(p) {
 
 function roundsTable(p) {
   if (!p.rounds_seen.length) return el("p", { id: "no-rounds", text: "No rounds yet." });
+  const t = p.tracking || {};
+  const runs = t.run_ids || {};
+  const runLink = (r) =>
+    runs[r.round] && t.experiment_url
+      ? el("a", { href: `${t.experiment_url}/runs/${encodeURIComponent(runs[r.round])}`, text: "MLflow run" })
+      : "";
   return el(
     "table",
     { id: "rounds", class: "grid" },
     el("caption", { text: "Rounds seen by this view" }),
-    el("thead", {}, el("tr", {}, ...["Round", "Accuracy", "Loss", "Examples", "Took", "At"].map((h) => el("th", { scope: "col", text: h })))),
+    el("thead", {}, el("tr", {}, ...["Round", "Accuracy", "Loss", "Examples", "Took", "At", "Tracking"].map((h) => el("th", { scope: "col", text: h })))),
     el("tbody", {}, ...p.rounds_seen.map((r) =>
       el("tr", { "data-round": r.round }, el("td", { text: r.round }), el("td", { text: num(r.accuracy) }), el("td", { text: num(r.loss) }),
-        el("td", { text: r.examples ?? "" }), el("td", { text: seconds(r.duration_s) }), el("td", { text: clock(r.ts) })))),
+        el("td", { text: r.examples ?? "" }), el("td", { text: seconds(r.duration_s) }), el("td", { text: clock(r.ts) }),
+        el("td", {}, runLink(r))))),
   );
 }
 
