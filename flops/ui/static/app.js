@@ -227,11 +227,12 @@ function roundsTable(p) {
     "table",
     { id: "rounds", class: "grid" },
     el("caption", { text: "Rounds seen by this view" }),
-    el("thead", {}, el("tr", {}, ...["Round", "Accuracy", "Loss", "Examples", "Took", "At", "Tracking"].map((h) => el("th", { scope: "col", text: h })))),
+    el("thead", {}, el("tr", {}, ...["Round", "Accuracy", "Loss", "Examples", "Took", "At", p.tracking ? "Tracking" : null]
+      .filter(Boolean).map((h) => el("th", { scope: "col", text: h })))),
     el("tbody", {}, ...p.rounds_seen.map((r) =>
       el("tr", { "data-round": r.round }, el("td", { text: r.round }), el("td", { text: num(r.accuracy) }), el("td", { text: num(r.loss) }),
         el("td", { text: r.examples ?? "" }), el("td", { text: seconds(r.duration_s) }), el("td", { text: clock(r.ts) }),
-        el("td", {}, runLink(r))))),
+        p.tracking ? el("td", {}, runLink(r)) : null))),
   );
 }
 
