@@ -36,7 +36,13 @@ class TrackingServer:
             return False
 
     def wait(self) -> int:
-        return self.proc.wait()
+        """Until the server exits. In short waits: a signal handler calling :meth:`stop` meanwhile must be able
+        to reap the process (a blocking ``Popen.wait`` would hold the lock it needs)."""
+        while True:
+            try:
+                return self.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
