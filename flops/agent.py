@@ -35,6 +35,7 @@ from flops.errors import ConfigError, PublishFailed
 from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
+from flops.tracking.project import child_env as tracking_env
 
 log = structlog.get_logger(__name__)
 
@@ -512,6 +513,7 @@ class Agent:
             ],
             artifact,
             image=image,
+            env=tracking_env(spec),
         )
 
     def _build_model_image(self, cmd: Command) -> None:

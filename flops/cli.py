@@ -220,6 +220,8 @@ def demo(
         bool,
         typer.Option("--images", help="Artifacts as container images: registry, buildah builds, podman containers"),
     ] = False,
+    web: Annotated[bool, typer.Option("--ui", help="Serve the web view while the demo runs; prints its URLs")] = False,
+    ui_port: Annotated[int, typer.Option(help="Port of the web view (--ui)")] = 8770,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
     from flops.demo import print_result, run_demo
@@ -237,8 +239,42 @@ def demo(
             agents=agents,
             timeout=timeout if timeout is not None else (1800.0 if images else 600.0),
             images=images,
+            ui_port=ui_port if web else None,
         )
     raise typer.Exit(print_result(result, console))
+
+
+@app.command()
+def tracking(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback)")] = 5005,
+) -> None:
+    """Start an MLflow tracking server (SQLite store and artifacts under DATA_DIR/tracking); needs the extra.
+
+    Point the manager at it with FLOPS_TRACKING_URI (printed here)."""
+    from flops.tracking.server import start_tracking
+
+    settings = _settings(ctx)
+    with _errors():
+        running = start_tracking(settings.data_dir / "tracking", port=port)
+    _wait_for_signal(
+        running.wait, running.stop, ready=f"MLflow tracking on {running.url}: FLOPS_TRACKING_URI={running.url}"
+    )
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8770,
+) -> None:
+    """Serve the read-only web view of every project (an MQTT subscriber; login per FLOPS_UI_LOGIN)."""
+    from flops.ui.serve import build
+
+    with _errors():
+        running = build(_settings(ctx), host, port)
+    Console(stderr=True).print(f"web view on {running.url} (Ctrl-C stops it)")
+    running.server.run()
 
 
 # --- projects --------------------------------------------------------------------------------------
@@ -677,6 +713,19 @@ def _print_state(out: Console, s: ProjectState) -> None:
         out.print(
             f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
         )
+    if s.tracking:
+        t = s.tracking
+        out.print(f"  tracking: {t.get('experiment', '')} at {t.get('url')}", markup=False)
+        if t.get("run_ids"):
+            runs = ", ".join(f"round {k}: {v}" for k, v in sorted(t["run_ids"].items(), key=lambda kv: int(kv[0])))
+            out.print(f"  MLflow runs: {runs}", markup=False)
+        if t.get("model_uri"):
+            version = (
+                f" ({t.get('registered_model')} version {t.get('model_version')})" if t.get("model_version") else ""
+            )
+            out.print(f"  best model: {t['model_uri']}{version}  {t.get('run_url') or ''}", markup=False)
+        for warning in t.get("warnings", []):
+            out.print(f"  tracking warning: {warning}", markup=False)
     if s.model_url:
         out.print(f"  model served at {s.model_url}", markup=False)
         if s.model_token:

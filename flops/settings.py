@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     artifacts: Literal["env", "image"] = Field("env", description="Build environments or container images")
     # An agent's podman image storage; unset = podman's default (shared by the agents of one host).
     container_storage: Path | None = None
+    # MLflow tracking (optional extra): aggregators log each project's rounds and best model there.
+    tracking_uri: str | None = Field(None, description="MLflow tracking server URL; unset = tracking off")
+    # flops ui: a login (MQTT username + password) is required when "required", or with "auto" when the broker
+    # speaks TLS (production); each person then sees what their broker identity may read.
+    ui_login: Literal["auto", "required", "off"] = "auto"
+    ui_session_idle_s: float = Field(3600.0, gt=0, description="A web view session ends after this long idle")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -138,6 +144,9 @@ class Settings(BaseSettings):
             "client_cert": _str(self.broker_client_cert),
             "client_key": _str(self.broker_client_key),
         }
+
+    def ui_login_required(self) -> bool:
+        return self.ui_login == "required" or (self.ui_login == "auto" and self.broker().tls)
 
     @property
     def store_path(self) -> Path:

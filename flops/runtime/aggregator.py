@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from flops.runtime import tracking
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, dial_address, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
 from flops.runtime.flower_tls import ServerTls, client_context, superlink_args
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_sigterm_exit()
     exit_with_owner()  # in a container: gone with the `podman run` that started it
-    reports = ReportWriter.open(args.report_fd)
+    reports = tracking.wrap(ReportWriter.open(args.report_fd), os.environ, args)
     try:
         return run(args, reports)
     except SystemExit:

@@ -14,6 +14,8 @@ Kinds and payloads:
 - ``model.built`` {image_ref} (``flops.builder.model_image``)
 - ``model.served`` {url}
 - ``model.failed`` {reason, log_tail}
+- ``tracking.logged`` {url, experiment_id, round, run_id, model_uri, registered_model, model_version,
+  warning} (``flops.runtime.tracking``)
 - ``build.started`` {}, ``build.succeeded`` {artifact, cached, warnings, duration_s},
   ``build.failed`` {reason, log_tail} (``flops.builder.worker``)
 """
@@ -38,6 +40,7 @@ MODEL_FAILED: Final = "model.failed"
 BUILD_STARTED: Final = "build.started"
 BUILD_SUCCEEDED: Final = "build.succeeded"
 BUILD_FAILED: Final = "build.failed"
+TRACKING_LOGGED: Final = "tracking.logged"
 
 REPORT_KINDS: Final = frozenset(
     {
@@ -53,6 +56,7 @@ REPORT_KINDS: Final = frozenset(
         BUILD_STARTED,
         BUILD_SUCCEEDED,
         BUILD_FAILED,
+        TRACKING_LOGGED,
     }
 )
 
