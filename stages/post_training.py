@@ -27,6 +27,8 @@ class PostTraining(StageHooks):
                 # The trained-model image is <registry>/<customer>/trained_model:<project id>.
                 "customer": project.record.customer,
                 "project_id": project.project_id,
+                # Tracked: the image serves the model logged to MLflow (url, model_uri).
+                "tracking": project.ctx.get("tracking") or None,
             },
         )
         project.ctx["critical_agents"] = [agent_id]

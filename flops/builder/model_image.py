@@ -8,7 +8,8 @@ learner image (the repo, its dependencies and our runtime, pulled from the regis
 - ``/opt/flops/mlflow``: a virtual environment with mlflow-skinny only, installed offline from wheels the
   host downloads; it sees the learner image's packages *after* its own (a ``site.addsitedir`` line), so the
   repo's dependencies are used but never changed by MLflow's;
-- ``/opt/flops/model``: the model saved with its flavor (``flops.runtime.mlflow_model``);
+- ``/opt/flops/model``: the model saved with its flavor (``flops.runtime.mlflow_model``), or for a tracked
+  project the one the aggregator logged to MLflow;
 - the entrypoint ``python -m flops.runtime.mlflow_serve --model /opt/flops/model``.
 
 Our packages are copied in again, so the serving code is the agent's version whatever built the learner
@@ -52,6 +53,8 @@ class ModelImageSpec:
     flavor: str
     customer: str
     project_id: str
+    model_uri: str | None = None  # the best model logged to MLflow (tracked projects)
+    tracking_uri: str | None = None
 
     def ref(self, registry: str) -> str:
         return f"{registry}/{component(self.customer, 'customer')}/trained_model:{component(self.project_id, 'p')}"
@@ -93,6 +96,8 @@ class ModelImageBuilder:
             params = {str(spec.model_file.parent): PARAMS}
             save = [f"{MLFLOW_VENV}/bin/python", "-m", "flops.runtime.mlflow_model", "--repo", REPO_DIR]
             save += ["--params", f"{PARAMS}/{spec.model_file.name}", "--flavor", spec.flavor, "--out", MODEL_DIR]
+            if spec.model_uri and spec.tracking_uri:  # tracked: the model logged to MLflow is the one served
+                save += ["--model-uri", spec.model_uri, "--tracking-uri", spec.tracking_uri]
             self._run(ctr, "model", "saving the model in MLflow's format", save, params)
             entrypoint = json.dumps(["python", "-m", "flops.runtime.mlflow_serve", "--model", MODEL_DIR])
             config = ["config", "--entrypoint", entrypoint, "--cmd", "", "--workingdir", REPO_DIR]
@@ -144,6 +149,8 @@ def parse_spec(raw: dict[str, Any]) -> ModelImageSpec:
         flavor=str(details.get("flavor") or "sklearn"),
         customer=str(raw.get("customer") or "default"),
         project_id=str(raw.get("project_id") or raw["model"].get("project_id") or "model"),
+        model_uri=(raw.get("tracking") or {}).get("model_uri"),
+        tracking_uri=(raw.get("tracking") or {}).get("url"),
     )
 
 

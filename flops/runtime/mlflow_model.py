@@ -1,5 +1,8 @@
 """The trained model in MLflow's model format, for its flavor (run inside the trained-model image's build).
 
+When the project is tracked (``--model-uri`` and ``--tracking-uri``) it is the model the aggregator logged
+to MLflow, downloaded as it was logged; otherwise, or when that cannot be had, it is made here:
+
 ``python -m flops.runtime.mlflow_model --repo DIR --params model.npz --flavor sklearn --out DIR`` imports the
 repo's ``ModelManager``, sets the aggregator's best parameters (``np.savez`` of the parameter list) and saves
 ``get_model()`` with MLflow's flavor module (``mlflow.sklearn.save_model`` …). A flavor whose MLflow module
@@ -60,13 +63,35 @@ def save(model: Any, flavor: str, out: Path) -> str:
     return "python_function"
 
 
+def fetch(model_uri: str, tracking_uri: str, out: Path) -> None:
+    """The model the aggregator logged to MLflow (``models:/…`` or ``runs:/…``), downloaded to ``out``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(out.parent / ".fetched")))
+    found = next((p.parent for p in [local / "MLmodel", *local.rglob("MLmodel")] if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{model_uri} holds no MLmodel file")
+    found.rename(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flops.runtime.mlflow_model", description=__doc__)
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--params", type=Path, required=True)
     p.add_argument("--flavor", default="sklearn")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model-uri", default=None, help="the model logged to MLflow; --params when it cannot be had")
+    p.add_argument("--tracking-uri", default=None)
     args = p.parse_args(argv)
+    if args.model_uri and args.tracking_uri:
+        try:
+            fetch(args.model_uri, args.tracking_uri, args.out)
+            print(f"the trained model is {args.model_uri}, logged to {args.tracking_uri}", file=sys.stderr)
+            return 0
+        except Exception as exc:  # a tracking server that is down fails nothing: the saved parameters serve
+            what = f"{type(exc).__name__}: {exc}"
+            print(f"warning: cannot fetch {args.model_uri} ({what}); saving --params", file=sys.stderr)
     saved = save(trained_model(args.repo, args.params), args.flavor, args.out)
     print(f"saved the trained model as MLflow {saved} model at {args.out}", file=sys.stderr)
     return 0
