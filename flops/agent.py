@@ -501,6 +501,10 @@ class Agent:
                 str(spec["min_evaluate_clients"]),
                 "--strategy",
                 spec.get("strategy", "fedavg"),
+                "--strategy-params",
+                json.dumps(spec.get("strategy_params", {})),
+                *_timeout_args(spec),
+                *(["--cluster", spec["cluster"], "--root-address", spec["root_address"]] if "cluster" in spec else []),
                 "--address",
                 f"{self.config.bind_host}:{spec['port']}",
                 "--model-out",
@@ -804,3 +808,10 @@ class Agent:
                 {"reason": f"agent {self.id} restarted; cannot serve {entry['url']} again: {what}"},
                 event_id=f"{command_id}.g{restart}.failed",
             )
+
+
+def _timeout_args(spec: dict[str, Any]) -> list[str]:
+    """The aggregator's deadline, round timeout and client wait the manager derived from the SLA (a command
+    recorded before they were derived has none: the aggregator's defaults apply)."""
+    flags = {"deadline_s": "--deadline", "round_timeout_s": "--round-timeout", "client_wait_s": "--client-wait-timeout"}
+    return [arg for key, flag in flags.items() if key in spec for arg in (flag, str(float(spec[key])))]

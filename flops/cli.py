@@ -222,9 +222,13 @@ def demo(
     ] = False,
     web: Annotated[bool, typer.Option("--ui", help="Serve the web view while the demo runs; prints its URLs")] = False,
     ui_port: Annotated[int, typer.Option(help="Port of the web view (--ui)")] = 8770,
+    hierarchical: Annotated[
+        bool, typer.Option(help="Clustered hierarchical FL: a root agent and two clusters of two learner agents")
+    ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
     from flops.demo import print_result, run_demo
+    from flops.demo_hierarchical import run_hierarchical_demo
 
     settings = _settings(ctx)
     # The demo's own screen is the progress view; the in-process manager only speaks up for problems.
@@ -232,15 +236,19 @@ def demo(
         logs.configure(settings.log_format, "warning")
     console = Console()
     with _errors():
-        result = run_demo(
-            settings,
-            work_dir or settings.data_dir / "demo",
-            console,
-            agents=agents,
-            timeout=timeout if timeout is not None else (1800.0 if images else 600.0),
-            images=images,
-            ui_port=ui_port if web else None,
-        )
+        if hierarchical:
+            work = work_dir or settings.data_dir / "demo-hierarchical"
+            result = run_hierarchical_demo(settings, work, console, timeout=max(timeout or 900.0, 900.0))
+        else:
+            result = run_demo(
+                settings,
+                work_dir or settings.data_dir / "demo",
+                console,
+                agents=agents,
+                timeout=timeout if timeout is not None else (1800.0 if images else 600.0),
+                images=images,
+                ui_port=ui_port if web else None,
+            )
     raise typer.Exit(print_result(result, console))
 
 
@@ -709,7 +717,15 @@ def _print_state(out: Console, s: ProjectState) -> None:
     out.print()
     if s.reason:
         out.print(f"  reason: {s.reason}", markup=False)
-    if s.progress.rounds:
+    if s.progress.cycles:
+        p = s.progress
+        out.print(f"  cycle {p.cycle}/{p.cycles}  loss {p.loss}  accuracy {p.accuracy}")
+        for name, c in sorted(p.clusters.items()):
+            out.print(
+                f"    cluster {name}: cycle {c.cycle} round {c.round}/{c.rounds}  loss {c.loss}  accuracy {c.accuracy}",
+                markup=False,
+            )
+    elif s.progress.rounds:
         out.print(
             f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
         )

@@ -171,7 +171,11 @@ def image_registry(work: Path, console: Console) -> Iterator[str]:
 
 @contextlib.contextmanager
 def running_system(
-    settings: Settings, work: Path, agents: int, agent_env: dict[str, str] | None = None
+    settings: Settings,
+    work: Path,
+    agents: int,
+    agent_env: dict[str, str] | None = None,
+    fleet_class: type[Fleet] = Fleet,
 ) -> Iterator[tuple[BrokerAddress, Fleet]]:
     from flops.broker import start_embedded
     from flops.manager import Manager
@@ -186,7 +190,7 @@ def running_system(
         address,
         client_id=new_id("flops-demo-manager"),
     ).start()
-    fleet = Fleet(work, address, agents, agent_env)
+    fleet = fleet_class(work, address, agents, agent_env)
     try:
         fleet.start()
         yield address, fleet
@@ -321,7 +325,7 @@ def follow(client: object, project_id: str, rounds: int, console: Console, timeo
         task = progress.add_task(f"round 0/{rounds}", total=rounds, stage="preparation")
         for item in client.follow(project_id, timeout=timeout):  # type: ignore[attr-defined]
             if isinstance(item, ProjectEvent):
-                if item.kind in {"stage.changed", "warning", "rejected"}:
+                if item.kind in {"stage.changed", "warning", "rejected"} or item.data.get("level") == "root":
                     progress.console.print(f"  {item.stage or '':<14} {item.message}")
                 continue
             last = item

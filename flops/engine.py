@@ -195,11 +195,15 @@ class Engine:
         aggregator = project.ctx.get("aggregator")
         if not aggregator:
             return
-        held = self.ports.setdefault(aggregator["agent_id"], {})
-        if project.stage is Stage.FINISHED:
-            held.pop(project.project_id, None)
-        else:
-            held[project.project_id] = int(aggregator["port"])
+        # The root's port, and in hierarchical mode each cluster aggregator's (keyed project/cluster).
+        seats = {project.project_id: aggregator}
+        seats.update({f"{project.project_id}/{c}": seat for c, seat in project.ctx.get("clusters", {}).items()})
+        for key, seat in seats.items():
+            held = self.ports.setdefault(seat["agent_id"], {})
+            if project.stage is Stage.FINISHED:
+                held.pop(key, None)
+            else:
+                held[key] = int(seat["port"])
 
     def reload_all(self) -> None:
         """Forget the in-memory machines and rebuild them from the store (after a rolled-back batch)."""

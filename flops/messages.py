@@ -12,7 +12,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from flops.lifecycle_stages import Outcome, Stage
 from flops.sla import ProjectSLA
@@ -127,6 +135,11 @@ class RoundCompleted(ReportBase):
     accuracy: float | None = None
     examples: int | None = None
     duration_s: float | None = None
+    # Mean L2 distance of the learners' trained models from the round's global model.
+    drift: float | None = None
+    # Hierarchical mode: a cluster aggregator's round names its cluster and the root's cycle.
+    cluster: Annotated[str, Field(max_length=128)] | None = None
+    cycle: Annotated[int, Field(ge=1)] | None = None
 
 
 class TrainingSucceeded(ReportBase):
@@ -252,11 +265,35 @@ class CommandReceipt(Message):
 # --- manager -> everyone -----------------------------------------------------------------------------
 
 
+class ClusterProgress(Message):
+    """Hierarchical mode: where one cluster is within the current cycle."""
+
+    cycle: int = 0
+    round: int = 0
+    rounds: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
+
+
 class Progress(Message):
     round: int = 0
     rounds: int = 0
     loss: float | None = None
     accuracy: float | None = None
+    # Hierarchical mode: root cycles completed (loss and accuracy above are the global model's), and each
+    # cluster's rounds.
+    cycle: int = 0
+    cycles: int = 0
+    clusters: dict[str, ClusterProgress] = {}
+
+    @model_serializer(mode="wrap")
+    def _classic_stays_flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A classic project's progress shows no hierarchical fields.
+        data: dict[str, Any] = handler(self)
+        if not self.cycles:
+            for key in ("cycle", "cycles", "clusters"):
+                data.pop(key, None)
+        return data
 
 
 class ProjectState(Message):

@@ -2,7 +2,8 @@
 
 Every field, default and enum value of the original is accepted unchanged. Unlike the original, unknown
 keys and nonsense values are refused with a field-level message. Extensions of ours (``ml_repo_commit``,
-``training_configuration.strategy``, ``deadlines``) are optional, so original files still validate.
+``training_configuration.strategy`` and ``strategy_params``, ``deadlines``) are optional, so original files still
+validate.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -56,6 +58,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
+# Strategy parameters: which strategy reads which, and FedProx's default proximal term.
+STRATEGY_PARAMS: dict[Strategy, tuple[str, ...]] = {
+    Strategy.FEDAVG: (),
+    Strategy.FEDPROX: ("proximal_mu",),
+    Strategy.FEDADAM: ("eta", "eta_l", "beta_1", "beta_2", "tau"),
+}
+DEFAULT_PROXIMAL_MU = 0.1
+# Strategies whose learners must change their local training (the repo's ``fit_model(config)``).
+CLIENT_SIDE_STRATEGIES = (Strategy.FEDPROX,)
+
+_Rate = Annotated[float, Field(gt=0, le=100)]
+_Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class StrategyParams(_Strict):
+    """Extension: the chosen strategy's parameters (every one optional; Flower's defaults otherwise).
+
+    FedProx: ``proximal_mu`` (> 0, default 0.1), the weight of the proximal term ``mu/2 * ||w - w_global||^2``
+    the learners add to their local objective. FedAdam (server-side Adam on the averaged update): ``eta``
+    (server learning rate, default 0.1), ``eta_l`` (0.1), ``beta_1`` (0.9), ``beta_2`` (0.99), ``tau`` (1e-3).
+    """
+
+    proximal_mu: Annotated[float, Field(gt=0, le=10_000)] | None = None
+    eta: _Rate | None = None
+    eta_l: _Rate | None = None
+    beta_1: _Beta | None = None
+    beta_2: _Beta | None = None
+    tau: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    def given(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Stored and published SLAs show the parameters the user gave, not a row of nulls.
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
 # Strict: "3" and 2.0 are refused, as the README promises for wrong types (pydantic would coerce them).
 Positive = Annotated[int, Field(ge=1, strict=True)]
 # Tags name files ``<tag>.<md5>.parquet``: a "." could never match and a "," breaks tag lists.
@@ -70,8 +111,13 @@ class TrainingConfiguration(_Strict):
     min_available_clients: Positive = 1
     min_fit_clients: Positive = 1
     min_evaluate_clients: Positive = 1
-    # Extension: the Flower strategy the aggregator runs.
+    # Extension: the Flower strategy the aggregator runs, and its parameters.
     strategy: Strategy = Strategy.FEDAVG
+    strategy_params: StrategyParams = StrategyParams()
+    # Extension (hierarchical mode): how many clusters must take part. Default: every cluster with learners
+    # holding the data must reach the per-cluster minimums (a cluster below them is refused, by name); with
+    # min_clusters, clusters below the minimums are left out as long as this many qualify.
+    min_clusters: Positive | None = None
 
     @model_validator(mode="after")
     def _clients_fit(self) -> Self:
@@ -87,7 +133,28 @@ class TrainingConfiguration(_Strict):
             )
         if self.mode is TrainingMode.CLASSIC and self.training_cycles != 1:
             raise ValueError("training_cycles applies to hierarchical mode only; leave it at 1 in classic mode")
+        if self.mode is TrainingMode.CLASSIC and self.min_clusters is not None:
+            raise ValueError("min_clusters applies to hierarchical mode only; leave it out in classic mode")
         return self
+
+    @field_validator("strategy_params")
+    @classmethod
+    def _params_of_strategy(cls, params: StrategyParams, info: ValidationInfo) -> StrategyParams:
+        strategy = info.data.get("strategy")
+        if strategy is None:
+            return params  # the strategy itself is invalid: that error is reported on its own field
+        foreign = sorted(set(params.given()) - set(STRATEGY_PARAMS[strategy]))
+        if foreign:
+            takes = ", ".join(STRATEGY_PARAMS[strategy]) or "none"
+            raise ValueError(f"{', '.join(foreign)} does not apply to strategy {strategy.value} (it takes: {takes})")
+        return params
+
+    def strategy_settings(self) -> dict[str, float]:
+        """The parameters the aggregator's strategy runs with (FedProx's default mu filled in)."""
+        given = self.strategy_params.given()
+        if self.strategy is Strategy.FEDPROX:
+            given.setdefault("proximal_mu", DEFAULT_PROXIMAL_MU)
+        return given
 
     @field_validator("data_tags", mode="before")
     @classmethod

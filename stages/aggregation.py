@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
+from flops.lifecycle_stages import Stage
 from flops.messages import (
     AgentStatus,
     AggregatorStarted,
@@ -16,10 +17,27 @@ from flops.messages import (
     TrainingSucceeded,
 )
 from flops.tracking.project import aggregator_spec
+from stages import hierarchy
+
+
+def aggregator_timeouts(project: Project, ctx: StageContext) -> dict[str, float]:
+    """The aggregator's own bounds, from the project's deadlines (settings, overridden by the SLA's).
+
+    The whole training (``deadline_s``) and any one round (``round_timeout_s``) may take the aggregation
+    stage's deadline, the manager's bound on them; waiting for the learners' SuperNodes to connect
+    (``client_wait_s``) may take what the learners stage may, within that.
+    """
+    overrides = project.sla.deadlines
+    overall = ctx.settings.deadlines.for_stage(Stage.AGGREGATION, overrides) or 3600.0
+    learners = ctx.settings.deadlines.for_stage(Stage.LEARNERS, overrides) or overall
+    return {"deadline_s": overall, "round_timeout_s": overall, "client_wait_s": min(learners, overall)}
 
 
 class Aggregation(StageHooks):
     def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
+        if hierarchy.is_hierarchical(project):
+            hierarchy.start_aggregators(project, ctx, aggregator_timeouts(project, ctx))
+            return None
         tc = project.sla.training_configuration
         aggregator = project.ctx["aggregator"]
         keys: dict[str, str] = project.ctx.get("learner_keys", {})
@@ -36,6 +54,8 @@ class Aggregation(StageHooks):
                 "min_fit_clients": tc.min_fit_clients,
                 "min_evaluate_clients": tc.min_evaluate_clients,
                 "strategy": tc.strategy.value,
+                "strategy_params": tc.strategy_settings(),
+                **aggregator_timeouts(project, ctx),
                 "learners": len(project.ctx.get("learners", {})),
                 # Only these learners' SuperNodes may join (registered when the SuperLink runs TLS).
                 "supernode_keys": [keys[agent] for agent in sorted(keys)],
@@ -47,6 +67,8 @@ class Aggregation(StageHooks):
         return None
 
     def on_report(self, project: Project, report: ReportBase, ctx: StageContext) -> Decision:
+        if hierarchy.is_hierarchical(project) and (decided := hierarchy.on_aggregation_report(project, report, ctx)):
+            return decided
         pending = project.ctx.get("aggregator_command_id")
         if isinstance(report, AggregatorStarted) and report.command_id == pending:
             project.ctx["aggregator"]["address"] = report.address
@@ -60,7 +82,7 @@ class Aggregation(StageHooks):
                 project,
                 "round.completed",
                 f"round {report.round}/{progress.get('rounds')}: loss {report.loss} accuracy {report.accuracy}",
-                **report.model_dump(include={"round", "loss", "accuracy", "examples", "duration_s"}),
+                **report.model_dump(include={"round", "loss", "accuracy", "examples", "duration_s", "drift"}),
             )
             return Decision.accept()
         if isinstance(report, TrainingSucceeded):
@@ -83,6 +105,8 @@ class Aggregation(StageHooks):
         # The aggregator's agent may be a learner too: losing it fails the project (StageHooks.on_agent).
         learner_only = status.agent_id not in project.ctx.get("critical_agents", [])
         if not status.online and learner_only and status.agent_id in project.ctx.get("learners", {}):
+            if hierarchy.is_hierarchical(project):
+                return hierarchy.learner_lost(project, status.agent_id, "its agent went offline", ctx)
             return self._learner_lost(project, status.agent_id, "its agent went offline", ctx)
         return super().on_agent(project, status, ctx)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
 from flops.messages import BuildFailed, BuildStarted, BuildSucceeded, CommandFailed, ReportBase
+from flops.sla import CLIENT_SIDE_STRATEGIES
 
 
 def cache_key(project: Project, commit: str, artifacts: str = "env") -> str:
@@ -18,12 +20,34 @@ def cache_key(project: Project, commit: str, artifacts: str = "env") -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+def refuse_unsupported_strategy(project: Project, artifact: dict[str, Any]) -> str | None:
+    """Why the built repo cannot run the SLA's strategy, or None.
+
+    A strategy with a client side (FedProx's proximal term) changes the learners' local training, which only
+    the repo can do: a repo whose ``fit_model()`` takes no configuration (the original FLOps contract) would
+    silently train FedAvg. An artifact recorded before this was checked says nothing; its learners refuse
+    the strategy at the first round instead.
+    """
+    strategy = project.sla.training_configuration.strategy
+    takes_config = artifact.get("details", {}).get("fit_model_takes_config")
+    if strategy not in CLIENT_SIDE_STRATEGIES or takes_config is not False:
+        return None
+    return (
+        f"strategy {strategy.value} needs the repository's help: ModelManager.fit_model() in model_manager.py "
+        "takes no configuration, so it cannot add the proximal term (proximal_mu) to its local training; "
+        "define fit_model(self, config) and use config['proximal_mu'] (see examples/ml_repos/digits_sklearn), "
+        "or choose strategy fedavg or fedadam"
+    )
+
+
 class Builder(StageHooks):
     def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
         commit = project.ctx["commit"]
         key = cache_key(project, commit, ctx.settings.artifacts)
         cached = ctx.get_artifact(key)
         if cached is not None:
+            if refused := refuse_unsupported_strategy(project, cached):
+                return Decision.fail(f"build refused: {refused}")
             project.ctx["artifact"] = cached
             ctx.event(project, "report.accepted", "artifact cache hit: build skipped", cached=True, key=key)
             return Decision.accept("built", cached=True)
@@ -60,6 +84,8 @@ class Builder(StageHooks):
                 ctx.put_artifact(cache_key(project, project.ctx["commit"], ctx.settings.artifacts), artifact)
                 for warning in report.warnings:
                     ctx.event(project, "warning", f"build: {warning}")
+                if refused := refuse_unsupported_strategy(project, artifact):
+                    return Decision.fail(f"build refused: {refused}")
             return Decision.accept("built", command_id=report.command_id)
         if isinstance(report, BuildFailed | CommandFailed) and report.command_id == pending:
             tail = f"\n{report.log_tail}" if report.log_tail else ""

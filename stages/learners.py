@@ -9,6 +9,7 @@ from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
 from flops.messages import AgentStatus, CommandFailed, LearnerFailed, LearnerReady, ReportBase
 from flops.sla import TrainingMode
+from stages import hierarchy
 
 
 def allocate_port(project: Project, agent_id: str, ctx: StageContext, in_use: set[int]) -> int:
@@ -33,7 +34,7 @@ class Learners(StageHooks):
         need = tc.min_available_clients
         candidates = ctx.agents.learners_for(tc.data_tags)
         if tc.mode is TrainingMode.HIERARCHICAL:
-            return Decision.fail("hierarchical mode is not supported yet: submit it in classic mode")
+            return hierarchy.place(project, ctx, allocate_port)
         if len(candidates) < need:
             return Decision.fail(f"only {len(candidates)} of {need} learner agents with the data are online")
         aggregators = ctx.agents.online("aggregator")
@@ -83,6 +84,8 @@ class Learners(StageHooks):
                     examples=report.examples,
                     agent_id=report.agent_id,
                 )
+            if hierarchy.is_hierarchical(project) and not hierarchy.all_learners_ready(project):
+                return Decision.accept()  # every chosen cluster's learners, not min_available_clients in all
             return Decision.advance_if_ready("learners_ready")
         if isinstance(report, LearnerFailed | CommandFailed) and report.command_id in learners.values():
             tail = f"\n{report.log_tail}" if report.log_tail else ""
@@ -90,7 +93,8 @@ class Learners(StageHooks):
         return super().on_report(project, report, ctx)
 
     def on_agent(self, project: Project, status: AgentStatus, ctx: StageContext) -> Decision:
-        if not status.online and status.agent_id == project.ctx.get("aggregator", {}).get("agent_id"):
+        seats = [project.ctx.get("aggregator", {}), *project.ctx.get("clusters", {}).values()]
+        if not status.online and status.agent_id in {seat.get("agent_id") for seat in seats}:
             return Decision.fail(f"aggregator agent {status.agent_id} went offline")
         return super().on_agent(project, status, ctx)
 

@@ -8,6 +8,7 @@ from flops.lifecycle import Project
 from flops.messages import AgentStatus
 from flops.sla import TrainingMode
 from stages.builder import cache_key
+from stages.hierarchy import missing_clusters
 
 
 def missing_inventory(project: Project, ctx: StageContext) -> str | None:
@@ -16,11 +17,8 @@ def missing_inventory(project: Project, ctx: StageContext) -> str | None:
     need = tc.min_available_clients
     missing = []
     if tc.mode is TrainingMode.HIERARCHICAL:
-        clusters: dict[str | None, int] = {}
-        for agent in ctx.agents.learners_for(tc.data_tags):
-            clusters[agent.cluster] = clusters.get(agent.cluster, 0) + 1
-        if not any(n >= need for c, n in clusters.items() if c is not None):
-            missing.append(f"no cluster has {need} online learners holding {tc.data_tags}")
+        if lacking := missing_clusters(tc, ctx.agents):
+            missing.append(lacking)
     else:
         have = len(ctx.agents.learners_for(tc.data_tags))
         if have < need:

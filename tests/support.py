@@ -390,6 +390,7 @@ class AgentProc:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     env: dict[str, str] = field(default_factory=dict)  # added to the agent's environment
+    cluster: str | None = None  # the agent's --cluster label (hierarchical mode)
 
     def start(self) -> AgentProc:
         self.starts += 1
@@ -408,6 +409,7 @@ class AgentProc:
                     str(self.home),
                     "--roles",
                     self.roles,
+                    *(["--cluster", self.cluster] if self.cluster else []),
                 ],
                 env=env,
                 stdout=out,

@@ -334,6 +334,25 @@ def test_repo_with_an_import_error_fails_in_builder_with_the_traceback(fleet: Fl
     wait_no_processes(project_id, timeout=CLEANUP_TIMEOUT)
 
 
+def test_fedprox_on_an_original_repo_is_refused_at_build_naming_fit_model(fleet: Fleet) -> None:
+    """The original contract's ``fit_model(self)`` cannot add FedProx's proximal term: refused after the build,
+    before any learner starts, never run as FedAvg."""
+    repo = make_git_repo(
+        fleet.tmp / "original_repo_fedprox",
+        {
+            "data_manager.py": ORIGINAL_DATA_MANAGER,
+            "model_manager.py": ORIGINAL_MODEL_MANAGER,
+            "conda.yaml": ORIGINAL_CONDA_YAML,
+        },
+    )
+    project_id, state = fleet.run(fleet.sla(repo, strategy="fedprox", strategy_params={"proximal_mu": 1.0}))
+    reason = _assert_failed(fleet, project_id, state, "builder")
+    assert "ModelManager.fit_model()" in reason and "proximal" in reason, reason
+    assert fleet.feed.commands(project_id, "build"), "refused after building, by what the build found"
+    assert not fleet.feed.commands(project_id, "run_learner")
+    wait_no_processes(project_id, timeout=CLEANUP_TIMEOUT)
+
+
 def test_no_agent_holds_the_data_tag_times_out_in_preparation(fleet: Fleet) -> None:
     body = fleet.sla(data_tags=["nobody-holds-this"], deadlines={"preparation": 3})
     project_id, state = fleet.run(body, timeout=30)

@@ -180,6 +180,7 @@ class EnvBuilder:
                 platforms=spec.platforms,
                 dependency_file=contract.dependency_file,
                 requirements=contract.requirements,
+                fit_model_takes_config=bool(check.get("fit_config")),
             )
             record = {
                 "artifact": artifact.model_dump(mode="json"),

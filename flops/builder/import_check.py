@@ -1,5 +1,7 @@
 """Prove a built environment can run the repo's model: import `model_manager.ModelManager` in it,
-instantiate it, and ask once for its parameters (which Flower does before the first round).
+instantiate it, and ask once for its parameters (which Flower does before the first round). It also records
+whether ``fit_model`` takes the round's training configuration (``fit_model(self, config)``), which strategies
+with a client side (FedProx's proximal term) need.
 
 Runs in a child interpreter of the new environment, never in the builder's own process, so a repo's
 import side effects cannot touch the agent. `set_model_data()` is not called: it needs node-local data.
@@ -16,17 +18,20 @@ RESULT_MARKER = "FLOPS_IMPORT_CHECK "
 
 # Kept free of our own imports: it must run with only the environment's packages.
 CHECK_SCRIPT = """
-import json, sys
+import inspect, json, sys
 sys.path.insert(0, sys.argv[1])
 from model_manager import ModelManager
 import numpy as np
-params = ModelManager().get_model_parameters()
+manager = ModelManager()
+params = manager.get_model_parameters()
 if not isinstance(params, list) or not all(isinstance(p, np.ndarray) for p in params):
     kinds = sorted({type(p).__name__ for p in params}) if isinstance(params, (list, tuple)) else []
     print("get_model_parameters() returned %s%s, expected a list of numpy arrays"
           % (type(params).__name__, " of " + ", ".join(kinds) if kinds else ""), file=sys.stderr)
     sys.exit(3)
-print(MARKER + json.dumps({"arrays": len(params), "shapes": [list(p.shape) for p in params]}))
+kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+fit_config = any(p.kind in kinds for p in inspect.signature(manager.fit_model).parameters.values())
+print(MARKER + json.dumps({"arrays": len(params), "shapes": [list(p.shape) for p in params], "fit_config": fit_config}))
 """.replace("MARKER", repr(RESULT_MARKER))
 
 # A repo must never download at build time, and must not litter its checkout with bytecode.

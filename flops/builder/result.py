@@ -36,6 +36,9 @@ class _Built(BaseModel):
     platforms: tuple[str, ...]
     dependency_file: str
     requirements: tuple[str, ...]
+    # Whether the repo's ``ModelManager.fit_model`` takes the training configuration (FedProx needs it);
+    # None: not known (an artifact recorded before this was checked).
+    fit_model_takes_config: bool | None = None
 
 
 class ArtifactRef(_Built):

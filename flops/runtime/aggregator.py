@@ -1,10 +1,10 @@
 """Aggregator process of one project: SuperLink + ServerApp run, reported line by line.
 
 ``python -m flops.runtime.aggregator --repo DIR --rounds N --min-available-clients A
---min-fit-clients F --min-evaluate-clients E --strategy fedavg|fedprox|fedadam
+--min-fit-clients F --min-evaluate-clients E --strategy fedavg|fedprox|fedadam [--strategy-params JSON]
 --address HOST:PORT --model-out DIR [--client-wait-timeout S] [--round-timeout S]
 [--deadline S] [--tls-ca-file F --tls-cert-file F --tls-key-file F] [--supernode-keys FILE]
-[--work-dir DIR] [--report-fd FD]``
+[--work-dir DIR] [--report-fd FD] [--cluster NAME --root-address HOST:PORT]``
 
 Starts ``flower-superlink`` (Fleet, Control and Runtime APIs on ``--address``), submits one run of
 the generated Flower App (``flops.runtime.serverapp`` / ``flops.runtime.clientapp``) with
@@ -16,6 +16,11 @@ on error and on SIGTERM.
 With the node's certificate (``--tls-*``) the SuperLink serves TLS and admits only the SuperNodes whose
 public keys are in ``--supernode-keys`` (registered before aggregator.started; see
 ``flops.runtime.flower_tls``); without it, ``--insecure``.
+
+With ``--cluster`` and ``--root-address`` it is a cluster aggregator of clustered hierarchical FL: its run
+serves the root's requests (``flops.runtime.cluster_training``) with ``--rounds`` rounds per cycle, and it
+joins the root's SuperLink as one SuperNode (``flops.runtime.cluster_link``). It reports every cluster round
+and runs until stopped, or fails (training.failed) when its learners, its run or the root are lost.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 import structlog
 
 from flops.runtime import tracking
+from flops.runtime.cluster_link import spawn_root_link
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, dial_address, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
 from flops.runtime.flower_tls import ServerTls, client_context, superlink_args
@@ -44,7 +50,7 @@ from flops.runtime.reports import (
     ReportWriter,
     decode_report,
 )
-from flops.runtime.training import STRATEGIES
+from flops.runtime.training import STRATEGIES, TrainingError, parse_strategy_params
 from flops.supervisor import OWNER_PID_ENV, ChildGroup, exit_with_owner, install_sigterm_exit
 
 CONNECTION = "flops"
@@ -63,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-fit-clients", type=int, required=True)
     p.add_argument("--min-evaluate-clients", type=int, required=True)
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
+    p.add_argument(
+        "--strategy-params",
+        default="{}",
+        help='the strategy\'s parameters as a JSON object, e.g. {"proximal_mu": 1.0} (SLA strategy_params)',
+    )
     p.add_argument("--address", required=True, help="HOST:PORT the SuperLink listens on (learners connect here)")
     p.add_argument("--model-out", type=Path, required=True, help="directory for model.npz + metrics.json")
     p.add_argument("--client-wait-timeout", type=float, default=120.0, help="seconds to wait for learners")
@@ -89,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="file of the learners' OpenSSH public keys, one per line, registered before aggregator.started",
     )
     p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--cluster", default=None, help="run as the aggregator of this cluster (hierarchical mode)")
+    p.add_argument("--root-address", default=None, help="HOST:PORT of the root aggregator (with --cluster)")
     p.add_argument("--report-fd", type=int, default=None, help="file descriptor for report lines (default stdout)")
     return p.parse_args(argv)
 
@@ -179,6 +192,8 @@ def follow_events(
     superlink: subprocess.Popen[str],
     deadline: float,
     status_every: float = 5.0,
+    root_link: subprocess.Popen[str] | None = None,
+    root_address: str | None = None,
 ) -> str:
     """Forward the ServerApp's report lines until a terminal one; return its kind."""
     log = structlog.get_logger(__name__).bind(run_id=run_id)
@@ -199,6 +214,8 @@ def follow_events(
         now = time.monotonic()
         if superlink.poll() is not None:
             raise AggregatorError(f"SuperLink exited with status {superlink.returncode} during training")
+        if root_link is not None and root_link.poll() is not None:
+            raise AggregatorError(f"lost the root aggregator at {root_address} (its SuperNode exited)")
         if now >= deadline:
             raise AggregatorError("training did not finish before the aggregator deadline")
         if now >= next_status:
@@ -226,7 +243,8 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     try:
         tls = ServerTls(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
         keys = read_public_keys(args.supernode_keys)
-    except (OSError, ValueError) as exc:
+        parse_strategy_params(args.strategy, args.strategy_params)
+    except (OSError, ValueError, TrainingError) as exc:
         reports.emit(TRAINING_FAILED, reason=f"aggregator configuration: {exc}")
         return 1
     local = dial_address(args.address)
@@ -237,6 +255,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
             "repo": str(args.repo.resolve()),
             "rounds": args.rounds,
             "strategy": args.strategy,
+            "strategy-params": args.strategy_params,
             "min-available-clients": args.min_available_clients,
             "min-fit-clients": args.min_fit_clients,
             "min-evaluate-clients": args.min_evaluate_clients,
@@ -245,6 +264,9 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
             "model-out": str(args.model_out.resolve()),
             "events-file": str(events_file),
             "poll-interval": float(args.poll_interval),
+            **(
+                {"role": "cluster", "cluster": args.cluster, "bridge": str(work_dir / "bridge")} if args.cluster else {}
+            ),
         },
     )
     deadline = time.monotonic() + args.deadline
@@ -273,7 +295,27 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
             reports.emit(AGGREGATOR_STARTED, address=args.address)
             run_id = submit_run(app_dir, env)
             log.info("run.submitted", run_id=run_id)
-            kind = follow_events(events_file, reports, run_id=run_id, env=env, superlink=superlink, deadline=deadline)
+            root_link = None
+            if args.cluster and args.root_address:
+                root_link = spawn_root_link(
+                    children,
+                    root_address=args.root_address,
+                    bridge_dir=work_dir / "bridge",
+                    bridge_timeout=float(args.deadline),
+                    connect_timeout=float(args.client_wait_timeout),
+                    env=env,
+                    work_dir=work_dir,
+                )
+            kind = follow_events(
+                events_file,
+                reports,
+                run_id=run_id,
+                env=env,
+                superlink=superlink,
+                deadline=deadline,
+                root_link=root_link,
+                root_address=args.root_address,
+            )
         except AggregatorError as exc:
             log.error("training.failed", reason=str(exc))
             reports.emit(TRAINING_FAILED, reason=str(exc))

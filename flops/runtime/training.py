@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flops.runtime.reports import ROUND_COMPLETED, TRAINING_SUCCEEDED, ReportWriter
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+DEFAULT_PROXIMAL_MU = 0.1
 
 
 class TrainingError(RuntimeError):
@@ -46,7 +47,9 @@ class TrainingSettings:
     round_timeout: float
     model_out: Path
     poll_interval: float
-    proximal_mu: float = 0.1
+    # The strategy's parameters (``training_configuration.strategy_params``): FedProx's proximal_mu,
+    # FedAdam's eta, eta_l, beta_1, beta_2, tau.
+    strategy_params: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_run_config(cls, cfg: dict[str, Any]) -> TrainingSettings:
@@ -64,7 +67,25 @@ class TrainingSettings:
             round_timeout=float(cfg["round-timeout"]),
             model_out=Path(str(cfg["model-out"])),
             poll_interval=float(cfg["poll-interval"]),
+            strategy_params=parse_strategy_params(strategy, str(cfg.get("strategy-params") or "{}")),
         )
+
+
+STRATEGY_PARAMS = {"fedavg": (), "fedprox": ("proximal_mu",), "fedadam": ("eta", "eta_l", "beta_1", "beta_2", "tau")}
+
+
+def parse_strategy_params(strategy: str, text: str) -> dict[str, float]:
+    """The strategy's parameters from their JSON object; a parameter the strategy does not take is an error."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise TrainingError(f"strategy parameters are not a JSON object: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise TrainingError("strategy parameters are not a JSON object")
+    foreign = sorted(set(raw) - set(STRATEGY_PARAMS[strategy]))
+    if foreign:
+        raise TrainingError(f"strategy {strategy} takes no parameter {', '.join(foreign)}")
+    return {str(k): float(v) for k, v in raw.items()}
 
 
 @dataclass
@@ -82,20 +103,32 @@ class RoundResult:
 class RoundTracker:
     """Collects per-round results from the strategy hooks, reports them and remembers the best."""
 
-    def __init__(self, reports: ReportWriter) -> None:
+    def __init__(self, reports: ReportWriter, **extra: Any) -> None:
         self._reports = reports
+        # Fields every round.completed carries besides the round's own (a cluster's name and cycle).
+        self._extra = extra
+        self.train_examples = 0
         self._round_started = time.monotonic()
         self._arrays: list[np.ndarray] | None = None
+        self._sent: list[np.ndarray] | None = None
+        self._drift: float | None = None
         self.rounds: list[RoundResult] = []
         self._log = structlog.get_logger(__name__)
 
     def begin(self) -> None:
         self._round_started = time.monotonic()
 
+    def train_sent(self, arrays: ArrayRecord) -> None:
+        """The global arrays this round's training started from (what local drift is measured against)."""
+        self._sent = arrays.to_numpy_ndarrays()
+
     def train_done(self, server_round: int, replies: list[Message], arrays: ArrayRecord | None) -> None:
         if arrays is None:
             raise TrainingError(f"round {server_round}: no usable training reply ({_errors(replies)})")
         self._arrays = arrays.to_numpy_ndarrays()
+        ok = [m for m in replies if not m.has_error()]
+        self.train_examples = sum(int(m.content.metric_records["metrics"]["num-examples"]) for m in ok)
+        self._drift = local_drift(self._sent, [m for m in replies if not m.has_error()])
 
     def evaluate_done(self, server_round: int, replies: list[Message]) -> None:
         ok = [m for m in replies if not m.has_error()]
@@ -110,7 +143,9 @@ class RoundTracker:
         result = RoundResult(server_round, loss, accuracy, examples, round(now - self._round_started, 3), self._arrays)
         self._round_started = now
         self.rounds.append(result)
-        self._log.info("round.completed", round=server_round, loss=loss, accuracy=accuracy, examples=examples)
+        self._log.info(
+            "round.completed", round=server_round, loss=loss, accuracy=accuracy, examples=examples, drift=self._drift
+        )
         self._reports.emit(
             ROUND_COMPLETED,
             round=result.round,
@@ -118,12 +153,29 @@ class RoundTracker:
             accuracy=result.accuracy,
             examples=result.examples,
             duration_s=result.duration_s,
+            **({} if self._drift is None else {"drift": self._drift}),
+            **self._extra,
         )
 
     def best(self) -> RoundResult:
         if not self.rounds:
             raise TrainingError("no round completed")
         return min(self.rounds, key=lambda r: (r.loss, -r.accuracy))
+
+
+def local_drift(sent: list[np.ndarray] | None, replies: list[Message]) -> float | None:
+    """Mean L2 distance of the learners' trained models from the global model they started from: how far
+    local training pulls away (FedProx's proximal term exists to keep it small)."""
+    if sent is None or not replies:
+        return None
+    distances = []
+    for reply in replies:
+        local = reply.content.array_records["arrays"].to_numpy_ndarrays()
+        squares = sum(
+            float(np.sum((np.asarray(a, dtype=np.float64) - b) ** 2)) for a, b in zip(local, sent, strict=True)
+        )
+        distances.append(squares**0.5)
+    return float(np.mean(distances))
 
 
 def _errors(replies: Iterable[Message]) -> str:
@@ -139,6 +191,10 @@ class _Tracked:
     """Mixin for Flower message strategies: hands each round's replies to a RoundTracker."""
 
     tracker: RoundTracker
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
+        self.tracker.train_sent(arrays)
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         replies = list(replies)
@@ -158,7 +214,8 @@ class TrackedFedAvg(_Tracked, FedAvg):
 
 
 class TrackedFedProx(_Tracked, FedProx):
-    """FedProx reporting every round (the proximal term is sent to learners as ``proximal-mu``)."""
+    """FedProx reporting every round (``proximal-mu`` goes to the learners in each round's train config, and
+    reaches the repo's ``fit_model(config)`` as ``config["proximal_mu"]``)."""
 
 
 class TrackedFedAdam(_Tracked, FedAdam):
@@ -175,10 +232,11 @@ def build_strategy(settings: TrainingSettings, tracker: RoundTracker) -> Strateg
         "min_available_nodes": settings.min_available_clients,
     }
     strategy: _Tracked
+    params = settings.strategy_params
     if settings.strategy == "fedprox":
-        strategy = TrackedFedProx(proximal_mu=settings.proximal_mu, **common)
+        strategy = TrackedFedProx(proximal_mu=params.get("proximal_mu", DEFAULT_PROXIMAL_MU), **common)
     elif settings.strategy == "fedadam":
-        strategy = TrackedFedAdam(**common)
+        strategy = TrackedFedAdam(**params, **common)
     else:
         strategy = TrackedFedAvg(**common)
     strategy.tracker = tracker
@@ -230,7 +288,7 @@ def run_training(grid: Grid, settings: TrainingSettings, reports: ReportWriter, 
         initial_arrays=ArrayRecord([np.asarray(a) for a in initial]),
         num_rounds=settings.rounds,
         timeout=settings.round_timeout,
-        train_config=ConfigRecord({"proximal-mu": settings.proximal_mu}),
+        train_config=ConfigRecord({"strategy": settings.strategy}),
     )
     if len(tracker.rounds) != settings.rounds:
         raise TrainingError(f"only {len(tracker.rounds)} of {settings.rounds} rounds completed")
