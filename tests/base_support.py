@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.client import Client
 from flops.data.mock import load_dataset
+from flops.demo import EXAMPLE_REPO
 from flops.messages import AgentStatus, Command, ProjectEvent, ProjectState, new_id
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
@@ -285,3 +287,19 @@ def invoke_model(url: str, rows: np.ndarray, token: str | None) -> np.ndarray:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return np.asarray(json.loads(response.read())["predictions"])
+
+
+def example_model(model_npz: Path) -> Any:
+    """The example repo's own ModelManager holding the saved best parameters (imported, then forgotten)."""
+    from flops.runtime.repo import new_model_manager
+
+    saved_path = list(sys.path)
+    try:
+        manager = new_model_manager(EXAMPLE_REPO)
+        with np.load(model_npz) as archive:
+            manager.set_model_parameters([archive[n] for n in sorted(archive.files, key=lambda n: (len(n), n))])
+        return manager.get_model()
+    finally:
+        sys.path[:] = saved_path
+        for name in ("model_manager", "data_manager"):
+            sys.modules.pop(name, None)

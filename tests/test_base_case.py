@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from flops.data.mock import load_dataset, push_partitions, split_iid
 from flops.demo import EXAMPLE_REPO
 from flops.messages import ProjectState
 from flops.settings import BrokerAddress
-from tests.base_support import find_process, held_out_digits, invoke_model, wait_no_processes
+from tests.base_support import example_model, find_process, held_out_digits, invoke_model, wait_no_processes
 from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, running_fleet
 from tests.support import AgentProc, make_git_repo
 
@@ -74,22 +71,6 @@ def _assert_failed(fleet: Fleet, project_id: str, state: ProjectState, stage: st
     return state.reason
 
 
-def _example_model(model_npz: Path) -> Any:
-    """The example repo's own ModelManager holding the saved best parameters (imported, then forgotten)."""
-    from flops.runtime.repo import new_model_manager
-
-    saved_path = list(sys.path)
-    try:
-        manager = new_model_manager(EXAMPLE_REPO)
-        with np.load(model_npz) as archive:
-            manager.set_model_parameters([archive[n] for n in sorted(archive.files, key=lambda n: (len(n), n))])
-        return manager.get_model()
-    finally:
-        sys.path[:] = saved_path
-        for name in ("model_manager", "data_manager"):
-            sys.modules.pop(name, None)
-
-
 # --- 1. the demo's project, end to end ---------------------------------------------------------------------
 
 
@@ -122,7 +103,7 @@ def test_demo_project_completes_and_serves_an_accurate_model(fleet: Fleet, first
     assert aggregator.agent_id == "node-0"
     model_npz = fleet.work_dir("node-0", project_id, aggregator.command_id) / "model" / "model.npz"
     assert model_npz.is_file()
-    local = _example_model(model_npz).predict(x_test)
+    local = example_model(model_npz).predict(x_test)
     assert served.tolist() == local.tolist()
 
     # Finished: only the model server is left running.
