@@ -28,11 +28,14 @@ import structlog
 
 from flops import topics
 from flops.agent_link import ReportOutbox
+from flops.builder import containerfile as cf
 from flops.bus import Bus, BusOptions, Will
+from flops.containers import REPORT_FD, Podman, PodmanSettings, container_name
 from flops.errors import ConfigError, PublishFailed
 from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
+from flops.tracking.project import child_env as tracking_env
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +51,7 @@ FAILURE_KIND = {
 # Put on the agent's own queue after every (re)connect: re-send every report not acknowledged yet.
 _RESEND_ALL = object()
 TERMINAL = {
+    "model.built",
     "learner.failed",
     "training.succeeded",
     "training.failed",
@@ -57,6 +61,7 @@ TERMINAL = {
     "build.failed",
 }
 BUILD_WORKER = "flops.builder.worker"
+MODEL_IMAGE_WORKER = "flops.builder.model_image"
 
 
 class _Stopped(Exception):
@@ -82,6 +87,11 @@ class AgentConfig:
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Images: builds the manager asks for as images push to this registry; image artifacts run with podman.
+    registry: str = "127.0.0.1:5000"
+    registry_tls: bool = False
+    base_image: str | None = None
+    podman: PodmanSettings = field(default_factory=PodmanSettings)
 
 
 class Agent:
@@ -111,6 +121,7 @@ class Agent:
         if "learner" in config.roles:
             self.data_server = self._new_data_server()
         self.supervisor = Supervisor(self._child_report, self._child_exit)
+        self.podman = Podman(config.podman, self.id)
         self._builds = ThreadPoolExecutor(max_workers=config.builder_workers, thread_name_prefix="build")
         # Starting a child may first need a local build (the environment was built on another host): off the
         # command loop, so stop_project and other projects' commands are never stuck behind it.
@@ -180,7 +191,7 @@ class Agent:
         self._stop.set()
         self._builds.shutdown(wait=False, cancel_futures=True)
         self._starts.shutdown(wait=False, cancel_futures=True)
-        self.supervisor.stop_all()  # SIGTERM, STOP_GRACE_S, SIGKILL: builds included
+        self._remove_containers(self.supervisor.stop_all())  # SIGTERM, STOP_GRACE_S, SIGKILL: builds included
         if self.bus.connected:
             try:
                 self.bus.publish_wait(
@@ -280,13 +291,19 @@ class Agent:
             with self._spawn_lock:
                 self._stopped[cmd.project_id] = keep
             stopped = self.supervisor.stop_project(cmd.project_id, keep)
+            self._remove_containers(stopped)
             if self.data_server is not None and "run_learner" not in keep:
                 self.data_server.revoke(cmd.project_id)  # its learners' data token stops working
             self._forget_running({c.command_id for c in stopped})
             self._log.info("project stopped", project_id=cmd.project_id, children=len(stopped))
 
     def _build_argv(self, spec: dict[str, Any]) -> list[str]:
-        return [BUILD_WORKER, "--spec", json.dumps(spec), "--workdir", str(self.dirs["builds"])]
+        argv = [BUILD_WORKER, "--spec", json.dumps(spec), "--workdir", str(self.dirs["builds"])]
+        if spec.get("backend") == "image":
+            argv += ["--backend", "image", "--registry", self.config.registry]
+            argv += ["--registry-tls"] if self.config.registry_tls else []
+            argv += ["--base-image", self.config.base_image] if self.config.base_image else []
+        return argv
 
     def _build(self, cmd: Command) -> None:
         """A build runs as a child (``flops.builder.worker``): stop_project and the agent's stop kill it."""
@@ -295,6 +312,18 @@ class Agent:
             self._forget_running({cmd.command_id})
         else:
             child.done.wait()  # one build per builder worker thread at a time
+
+    def _image(self, cmd: Command, role: str) -> str | None:
+        """The registry image of ``role`` when the project's artifact is images (None: an environment)."""
+        details = cmd.spec.get("artifact", {}).get("details", {})
+        if details.get("kind") != "image":
+            return None
+        if not self.podman.available():
+            raise RuntimeError(f"agent {self.id} cannot run image artifacts: {self.config.podman.podman} not found")
+        return str(details["images"][role])
+
+    def _remove_containers(self, children: list[Child]) -> None:
+        self.podman.remove([c.container for c in children if c.container])
 
     def _artifact(self, cmd: Command) -> dict[str, Any]:
         """The built environment; built here when it is not on this node (another host built it)."""
@@ -346,14 +375,36 @@ class Agent:
         kind: str | None = None,
         restart: int = 0,
         env: dict[str, str] | None = None,
+        image: str | None = None,
         **callbacks: Any,
     ) -> Child | None:
         """Start a child for ``cmd`` unless its project was stopped. A child of another ``kind`` (a local
         build before the command's own child) and children with their own callbacks are not recorded.
-        ``env`` is added to the child's environment (secrets go there, never on its command line)."""
+        ``env`` is added to the child's environment (secrets go there, never on its command line).
+        With ``image`` the child is ``python -m argv…`` in a podman container of that image."""
         work = self._workdir(cmd)
-        env = {**os.environ, **self.config.extra_env, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        secrets_env = env or {}
+        env = {**os.environ, **self.config.extra_env, **secrets_env, "PYTHONUNBUFFERED": "1"}
         kind = kind or cmd.kind
+        container = None
+        run: dict[str, Any] = {}
+        if image is not None:
+            container = container_name(f"{cmd.command_id}.g{restart}")
+            # Only the TLS files the child is given (a learner gets the CA, never this node's key).
+            mounts = [work, *(f for f in self._tls_files() if f is not None and str(f) in argv)]
+            argv = self.podman.run_argv(
+                name=container,
+                image=image,
+                args=["-m", *argv],
+                project_id=cmd.project_id,
+                command_id=cmd.command_id,
+                env_names=[*self.config.extra_env, *secrets_env],
+                mounts=mounts,
+                entrypoint="python",
+            )
+            run = {"report_fd": REPORT_FD, "container": container}
+        else:
+            argv = [artifact["python"], "-m", *argv]
         with self._spawn_lock:
             keep = self._stopped.get(cmd.project_id)
             if keep is not None and cmd.kind not in keep:
@@ -363,11 +414,12 @@ class Agent:
                 cmd.project_id,
                 cmd.command_id,
                 kind,
-                [artifact["python"], "-m", *argv],
+                argv,
                 log_path=work / f"{kind}.log",
                 env=env,
                 cwd=work,
                 restart=restart,
+                **run,
                 **callbacks,
             )
             if kind == cmd.kind:
@@ -379,7 +431,9 @@ class Agent:
 
         if self.data_server is None:
             raise RuntimeError("this agent has no learner role")
-        artifact = self._artifact(cmd)
+        image = self._image(cmd, "learner")
+        artifact = {} if image else self._artifact(cmd)
+        repo_dir = cf.REPO_DIR if image else artifact["repo_dir"]
         tags = ",".join(cmd.spec.get("data_tags", []))
         # The manager issues one token per project and learner; a command recorded before tokens existed
         # carries none, and a token only this agent and its learner know serves as well.
@@ -393,7 +447,7 @@ class Agent:
             [
                 "flops.runtime.learner",
                 "--repo",
-                artifact["repo_dir"],
+                repo_dir,
                 "--aggregator",
                 cmd.spec["aggregator_address"],
                 "--data-server",
@@ -406,10 +460,14 @@ class Agent:
             ],
             artifact,
             env=env,
+            image=image,
         )
         if child is None:  # the project was stopped meanwhile
             self.data_server.revoke(cmd.project_id)
         return child
+
+    def _tls_files(self) -> tuple[Path | None, ...]:
+        return (self.config.tls_ca_file, self.config.tls_cert_file, self.config.tls_key_file)
 
     def _tls_args(self, *flags: str) -> list[str]:
         """``--tls-ca-file F --tls-cert-file F --tls-key-file F`` for the configured files among ``flags``."""
@@ -421,7 +479,8 @@ class Agent:
         return [arg for flag in flags if (path := files[flag]) is not None for arg in (flag, str(path))]
 
     def _run_aggregator(self, cmd: Command) -> Child | None:
-        artifact = self._artifact(cmd)
+        image = self._image(cmd, "aggregator")
+        artifact = {} if image else self._artifact(cmd)
         spec = cmd.spec
         work = self._workdir(cmd)
         keys = work / "supernode_keys.txt"
@@ -431,7 +490,7 @@ class Agent:
             [
                 "flops.runtime.aggregator",
                 "--repo",
-                artifact["repo_dir"],
+                cf.REPO_DIR if image else artifact["repo_dir"],
                 "--rounds",
                 str(spec["rounds"]),
                 "--min-available-clients",
@@ -457,11 +516,21 @@ class Agent:
                 str(work / "flower"),
             ],
             artifact,
+            image=image,
+            env=tracking_env(spec),
         )
 
     def _build_model_image(self, cmd: Command) -> None:
         from flops.builder import package_model
 
+        if cmd.spec.get("artifact", {}).get("details", {}).get("kind") == "image":
+            # A supervised child like a build: stop_project stops it; it reports model.built / model.failed.
+            argv = [MODEL_IMAGE_WORKER, "--spec", json.dumps(cmd.spec), "--workdir", str(self.dirs["builds"])]
+            argv += ["--registry", self.config.registry, *(["--registry-tls"] if self.config.registry_tls else [])]
+            child = self._spawn(cmd, argv, {"python": sys.executable})
+            if child is None:
+                self._forget_running({cmd.command_id})
+            return
         try:
             artifact = self._artifact(cmd)
             model_ref = Path(cmd.spec["model"]["model_ref"])
@@ -480,6 +549,8 @@ class Agent:
             self._forget_running({cmd.command_id})
 
     def _serve_model(self, cmd: Command, *, port: int = 0, restart: int = 0) -> Child | None:
+        if cmd.spec["image_ref"].startswith("image://"):
+            return self._serve_model_image(cmd, port=port, restart=restart)
         package = cmd.spec["image_ref"].removeprefix("dir://")
         manifest = json.loads((Path(package) / "manifest.json").read_text())
         python = manifest.get("python") or sys.executable
@@ -497,6 +568,17 @@ class Agent:
         if cmd.spec.get("token"):
             argv += ["--token-file", str(self._token_file(cmd, str(cmd.spec["token"])))]
         return self._spawn(cmd, argv, {"python": python}, restart=restart)
+
+    def _serve_model_image(self, cmd: Command, *, port: int, restart: int) -> Child | None:
+        """The trained-model image (MLflow's scoring server behind the token) as a container."""
+        image = cmd.spec["image_ref"].removeprefix("image://")
+        if not self.podman.available():
+            raise RuntimeError(f"agent {self.id} cannot run the trained-model image: podman not found")
+        argv = ["flops.runtime.mlflow_serve", "--model", cf.MODEL_DIR, "--host", self.config.bind_host]
+        argv += ["--port", str(port), "--advertise-host", self.config.host]
+        if cmd.spec.get("token"):
+            argv += ["--token-file", str(self._token_file(cmd, str(cmd.spec["token"])))]
+        return self._spawn(cmd, argv, {}, restart=restart, image=image)
 
     def _token_file(self, cmd: Command, token: str) -> Path:
         """The model server's bearer token in a file only this user can read (never on a command line)."""
@@ -669,8 +751,11 @@ class Agent:
 
     def _reconcile(self) -> None:
         """After a restart: what the previous run recorded is gone for us. Stop leftovers that are still ours
-        (same pid *and* start time), serve finished projects' models again at their URL, report the rest."""
+        (same pid *and* start time) and containers labelled with this agent, serve finished projects' models
+        again at their URL, report the rest."""
         previous = self._read_running()
+        if self.podman.available():
+            self.podman.remove(self.podman.leftovers())
         leftovers = [
             int(entry["pid"])
             for entry in previous.values()

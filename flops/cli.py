@@ -88,7 +88,10 @@ def broker(
 @app.command()
 def registry(
     ctx: typer.Context,
-    port: Annotated[int | None, typer.Option(help="Port to listen on (loopback) [default: FLOPS_REGISTRY's]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [default: FLOPS_REGISTRY's]")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; open it beyond loopback only with TLS (see deploy/README.md)")
+    ] = "127.0.0.1",
 ) -> None:
     """Start the FLOps image registry (Debian's docker-registry) with its storage under DATA_DIR/registry.
 
@@ -100,6 +103,7 @@ def registry(
     with _errors():
         running = start_registry(
             settings.data_dir / "registry",
+            host=host,
             port=port or registry_port(settings.registry),
             cert_file=settings.tls_cert_file,
             key_file=settings.tls_key_file,
@@ -160,6 +164,7 @@ def agent(
 ) -> None:
     """Run a node agent: announces the node, serves its data, runs learners/aggregators/builds for projects."""
     from flops.agent import ROLES, Agent, AgentConfig
+    from flops.containers import PodmanSettings, cert_dir
 
     chosen = tuple(r.strip() for r in roles.split(",") if r.strip())
     unknown = sorted(set(chosen) - set(ROLES))
@@ -186,6 +191,14 @@ def agent(
         tls_cert_file=settings.tls_cert_file,
         tls_key_file=settings.tls_key_file,
         tls_ca_file=settings.tls_ca_file,
+        registry=settings.registry,
+        registry_tls=settings.registry_tls,
+        base_image=settings.base_image,
+        podman=PodmanSettings(
+            root=settings.container_storage,
+            registry_tls=settings.registry_tls,
+            registry_ca_dir=cert_dir(settings.tls_ca_file, data_dir) if settings.registry_tls else None,
+        ),
     )
     with _errors():
         running = Agent(config, settings.broker(), **settings.broker_tls_files()).start()
@@ -200,7 +213,15 @@ def demo(
         Path | None, typer.Option(help="Where the demo keeps its files (default DATA_DIR/demo)")
     ] = None,
     agents: Annotated[int, typer.Option(min=2, max=8, help="How many agents (learners) to start")] = 3,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 600.0,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds [default: 600, with --images 1800]")
+    ] = None,
+    images: Annotated[
+        bool,
+        typer.Option("--images", help="Artifacts as container images: registry, buildah builds, podman containers"),
+    ] = False,
+    web: Annotated[bool, typer.Option("--ui", help="Serve the web view while the demo runs; prints its URLs")] = False,
+    ui_port: Annotated[int, typer.Option(help="Port of the web view (--ui)")] = 8770,
     hierarchical: Annotated[
         bool, typer.Option(help="Clustered hierarchical FL: a root agent and two clusters of two learner agents")
     ] = False,
@@ -217,10 +238,51 @@ def demo(
     with _errors():
         if hierarchical:
             work = work_dir or settings.data_dir / "demo-hierarchical"
-            result = run_hierarchical_demo(settings, work, console, timeout=max(timeout, 900.0))
+            result = run_hierarchical_demo(settings, work, console, timeout=max(timeout or 900.0, 900.0))
         else:
-            result = run_demo(settings, work_dir or settings.data_dir / "demo", console, agents=agents, timeout=timeout)
+            result = run_demo(
+                settings,
+                work_dir or settings.data_dir / "demo",
+                console,
+                agents=agents,
+                timeout=timeout if timeout is not None else (1800.0 if images else 600.0),
+                images=images,
+                ui_port=ui_port if web else None,
+            )
     raise typer.Exit(print_result(result, console))
+
+
+@app.command()
+def tracking(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback)")] = 5005,
+) -> None:
+    """Start an MLflow tracking server (SQLite store and artifacts under DATA_DIR/tracking); needs the extra.
+
+    Point the manager at it with FLOPS_TRACKING_URI (printed here)."""
+    from flops.tracking.server import start_tracking
+
+    settings = _settings(ctx)
+    with _errors():
+        running = start_tracking(settings.data_dir / "tracking", port=port)
+    _wait_for_signal(
+        running.wait, running.stop, ready=f"MLflow tracking on {running.url}: FLOPS_TRACKING_URI={running.url}"
+    )
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8770,
+) -> None:
+    """Serve the read-only web view of every project (an MQTT subscriber; login per FLOPS_UI_LOGIN)."""
+    from flops.ui.serve import build
+
+    with _errors():
+        running = build(_settings(ctx), host, port)
+    Console(stderr=True).print(f"web view on {running.url} (Ctrl-C stops it)")
+    running.server.run()
 
 
 # --- projects --------------------------------------------------------------------------------------
@@ -667,6 +729,19 @@ def _print_state(out: Console, s: ProjectState) -> None:
         out.print(
             f"  round {s.progress.round}/{s.progress.rounds}  loss {s.progress.loss}  accuracy {s.progress.accuracy}"
         )
+    if s.tracking:
+        t = s.tracking
+        out.print(f"  tracking: {t.get('experiment', '')} at {t.get('url')}", markup=False)
+        if t.get("run_ids"):
+            runs = ", ".join(f"round {k}: {v}" for k, v in sorted(t["run_ids"].items(), key=lambda kv: int(kv[0])))
+            out.print(f"  MLflow runs: {runs}", markup=False)
+        if t.get("model_uri"):
+            version = (
+                f" ({t.get('registered_model')} version {t.get('model_version')})" if t.get("model_version") else ""
+            )
+            out.print(f"  best model: {t['model_uri']}{version}  {t.get('run_url') or ''}", markup=False)
+        for warning in t.get("warnings", []):
+            out.print(f"  tracking warning: {warning}", markup=False)
     if s.model_url:
         out.print(f"  model served at {s.model_url}", markup=False)
         if s.model_token:

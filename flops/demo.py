@@ -9,6 +9,7 @@ prints the final accuracy, asks the inference server about held-out digits, and 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -72,14 +73,15 @@ def example_repo(work: Path) -> str:
 class Fleet:
     """Three ``flops agent`` processes on this machine."""
 
-    def __init__(self, work: Path, address: BrokerAddress, n: int) -> None:
+    def __init__(self, work: Path, address: BrokerAddress, n: int, env: dict[str, str] | None = None) -> None:
         self.work = work
         self.address = address
         self.ids = [f"node-{i}" for i in range(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.env = env or {}
 
     def start(self) -> None:
-        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json"}
+        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json", **self.env}
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         for agent_id in self.ids:
             agent_dir = self.work / "agents" / agent_id
@@ -144,9 +146,36 @@ class Fleet:
                 proc.wait(5)
 
 
+IMAGE_TOOLS = ("buildah", "podman", "skopeo", "docker-registry", "debootstrap")
+
+
+@contextlib.contextmanager
+def image_registry(work: Path, console: Console) -> Iterator[str]:
+    """``flops demo --images``: the FLOps registry on a free loopback port, its storage under the demo dir."""
+    from flops.ports import free_port
+    from flops.registry import start_registry
+
+    missing = [t for t in IMAGE_TOOLS if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        raise FlopsError(
+            f"flops demo --images needs {', '.join(missing)}: "
+            "install them with FLOPS_IMAGE_TOOLS=1 bash scripts/install.sh"
+        )
+    registry = start_registry(work / "registry", port=free_port())
+    console.print(f"registry: {registry.url} (images are built with buildah and run with podman)")
+    try:
+        yield registry.address
+    finally:
+        registry.stop()
+
+
 @contextlib.contextmanager
 def running_system(
-    settings: Settings, work: Path, agents: int, fleet_class: type[Fleet] = Fleet
+    settings: Settings,
+    work: Path,
+    agents: int,
+    agent_env: dict[str, str] | None = None,
+    fleet_class: type[Fleet] = Fleet,
 ) -> Iterator[tuple[BrokerAddress, Fleet]]:
     from flops.broker import start_embedded
     from flops.manager import Manager
@@ -161,7 +190,7 @@ def running_system(
         address,
         client_id=new_id("flops-demo-manager"),
     ).start()
-    fleet = fleet_class(work, address, agents)
+    fleet = fleet_class(work, address, agents, agent_env)
     try:
         fleet.start()
         yield address, fleet
@@ -173,16 +202,47 @@ def running_system(
 
 
 def run_demo(
-    settings: Settings, work: Path, console: Console, *, agents: int = 3, timeout: float = 600.0
+    settings: Settings,
+    work: Path,
+    console: Console,
+    *,
+    agents: int = 3,
+    timeout: float = 600.0,
+    images: bool = False,
+    ui_port: int | None = None,
+) -> DemoResult:
+    """The demo; with ``images`` its artifacts are container images (registry, buildah, podman)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        agent_env: dict[str, str] = {}
+        if images:
+            registry = stack.enter_context(image_registry(work, console))
+            settings = settings.model_copy(update={"artifacts": "image", "registry": registry})
+            agent_env = {"FLOPS_REGISTRY": registry}
+        return _run_demo(settings, work, console, agents, timeout, agent_env, ui_port)
+
+
+def _run_demo(
+    settings: Settings,
+    work: Path,
+    console: Console,
+    agents: int,
+    timeout: float,
+    agent_env: dict[str, str],
+    ui_port: int | None,
 ) -> DemoResult:
     from flops.client import Client
     from flops.data.mock import load_dataset, push_partitions, split_iid
 
     started = time.monotonic()
-    work.mkdir(parents=True, exist_ok=True)
     repo_url = example_repo(work)
-    with running_system(settings, work, agents) as (address, fleet):
+    with (
+        _tracked(settings, work, console, on=ui_port is not None) as settings,
+        running_system(settings, work, agents, agent_env) as (address, fleet),
+        contextlib.ExitStack() as extras,
+    ):
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
+        ui_url = extras.enter_context(_web_view(settings, address, ui_port, console)) if ui_port else None
         statuses = fleet.wait_online()
         partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)
         push_partitions(
@@ -206,16 +266,51 @@ def run_demo(
                 raise FlopsError(f"project rejected: {reply.errors}")
             project_id = reply.project_id
             console.print(f"project [bold]{project_id}[/] submitted")
+            if ui_url:
+                console.print(f"watch it at {ui_url}/projects/{project_id}", markup=False)
             state = follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
         predictions: list[int] = []
         labels: list[int] = []
         if state.model_url:
             predictions, labels = ask_model(state.model_url, console, token=state.model_token)
+        if ui_url and sys.stdin.isatty():
+            with contextlib.suppress(KeyboardInterrupt, EOFError):
+                input(f"the web view stays at {ui_url} until you press Enter (then the demo stops everything) ")
     total = time.monotonic() - started
     ts = state.stage_timestamps
     order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
     stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
     return DemoResult(project_id, state, stage_seconds, total, predictions, labels)
+
+
+@contextlib.contextmanager
+def _tracked(settings: Settings, work: Path, console: Console, *, on: bool) -> Iterator[Settings]:
+    """``--ui``: MLflow tracking too, when its extra is installed and no FLOPS_TRACKING_URI names a server."""
+    if not on or settings.tracking_uri or importlib.util.find_spec("mlflow") is None:
+        yield settings
+        return
+    from flops.ports import free_port
+    from flops.tracking.server import start_tracking
+
+    console.print("starting MLflow tracking (its database is kept in the demo directory) …")
+    server = start_tracking(work / "tracking", port=free_port())
+    console.print(f"MLflow tracking: {server.url}", markup=False)
+    try:
+        yield settings.model_copy(update={"tracking_uri": server.url})
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def _web_view(settings: Settings, address: BrokerAddress, port: int, console: Console) -> Iterator[str]:
+    """``--ui``: the web view (its extra must be installed) for as long as the demo runs."""
+    try:
+        from flops.ui.serve import alongside
+    except ImportError as exc:
+        raise FlopsError(f"--ui needs the web view's extra: pip install 'flops-mqtt[ui]' ({exc})") from exc
+    with alongside(settings, address, port) as running:
+        console.print(f"web view: {running.url}", markup=False)
+        yield running.url
 
 
 def follow(client: object, project_id: str, rounds: int, console: Console, timeout: float) -> ProjectState:

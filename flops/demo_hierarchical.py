@@ -34,8 +34,8 @@ AGENTS: dict[str, str | None] = {"root": None, "east-0": "east", "east-1": "east
 class ClusteredFleet(Fleet):
     """The root agent and four learner agents labelled with their clusters."""
 
-    def __init__(self, work: Path, address: BrokerAddress, n: int) -> None:
-        super().__init__(work, address, n)
+    def __init__(self, work: Path, address: BrokerAddress, n: int, env: dict[str, str] | None = None) -> None:
+        super().__init__(work, address, n, env)
         self.ids = list(AGENTS)
         self.learners = [a for a, cluster in AGENTS.items() if cluster is not None]
 
@@ -49,7 +49,7 @@ class ClusteredFleet(Fleet):
             self.ids = ids
 
     def start(self) -> None:
-        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json"}
+        env = {**os.environ, "FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json", **self.env}
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         for agent_id, cluster in AGENTS.items():
             agent_dir = self.work / "agents" / agent_id
@@ -71,7 +71,7 @@ def run_hierarchical_demo(settings: Settings, work: Path, console: Console, *, t
     started = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
     repo_url = example_repo(work)
-    with running_system(settings, work, len(AGENTS), ClusteredFleet) as (address, fleet):
+    with running_system(settings, work, len(AGENTS), fleet_class=ClusteredFleet) as (address, fleet):
         assert isinstance(fleet, ClusteredFleet)
         console.print(
             f"[bold]FLOps hierarchical demo[/]: broker {address.url}, manager, root agent, clusters east "

@@ -37,6 +37,7 @@ from flops.messages import (
     ProjectState,
     Reply,
     ReportBase,
+    TrackingLogged,
     decode_report,
     describe,
     field_errors,
@@ -49,6 +50,7 @@ from flops.redact import redact, redact_values
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 from flops.store import OutboxItem, ProjectRecord, Store, Transition, Unit
+from flops.tracking import project as tracking
 from stages import hooks_by_stage
 
 log = structlog.get_logger(__name__)
@@ -98,7 +100,14 @@ class _Effects:
             spec = redact_values(spec)
         cmd = Command(command_id=command_id, project_id=project.project_id, kind=kind, agent_id=agent_id, spec=spec)
         self.items.append(OutboxItem(f"cmd:{command_id}", topics.agent_commands(agent_id), cmd.to_bytes()))
-        self.event(project, "report.accepted", f"{kind} sent to {agent_id}", command_id=command_id)
+        self.event(
+            project,
+            "report.accepted",
+            f"{kind} sent to {agent_id}",
+            command_id=command_id,
+            command=kind,
+            agent_id=agent_id,
+        )
         return command_id
 
     def event(self, project: Project, kind: str, message: str, **data: Any) -> None:
@@ -398,6 +407,8 @@ class Engine:
             )
 
         def do(p: Project, fx: _Effects) -> Decision | None:
+            if isinstance(report, TrackingLogged):
+                return tracking.note(p, report, fx)  # in whatever stage: tracking never moves a project
             return self.hooks[p.stage].on_report(p, report, fx)
 
         return self._in_unit(project, report.event_id, do)
@@ -660,6 +671,7 @@ class Engine:
             model_url=r.ctx.get("model_url"),
             model_token=r.ctx.get("model_token") if r.ctx.get("model_url") else None,
             customer=r.customer,
+            tracking=r.ctx.get("tracking"),
             seq=r.seq,
             updated_at=self.clock(),
         )

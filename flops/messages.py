@@ -180,6 +180,20 @@ class CommandFailed(ReportBase):
     log_tail: str = ""
 
 
+class TrackingLogged(ReportBase):
+    """The aggregator logged to MLflow (a round's run, the best model) or could not (``warning``)."""
+
+    kind: Literal["tracking.logged"] = "tracking.logged"
+    url: Annotated[str, Field(max_length=2048)] | None = None
+    experiment_id: Annotated[str, Field(max_length=128)] | None = None
+    round: Annotated[int, Field(ge=1)] | None = None
+    run_id: Annotated[str, Field(max_length=128)] | None = None
+    model_uri: Annotated[str, Field(max_length=2048)] | None = None
+    registered_model: Annotated[str, Field(max_length=256)] | None = None
+    model_version: Annotated[str, Field(max_length=64)] | None = None
+    warning: Annotated[str, Field(max_length=4000)] | None = None
+
+
 WorkerReport = Annotated[
     BuildStarted
     | BuildSucceeded
@@ -193,7 +207,8 @@ WorkerReport = Annotated[
     | ModelBuilt
     | ModelServed
     | ModelFailed
-    | CommandFailed,
+    | CommandFailed
+    | TrackingLogged,
     Field(discriminator="kind"),
 ]
 
@@ -294,6 +309,9 @@ class ProjectState(Message):
     # Bearer token of the inference server at model_url (the state is readable by its customer only).
     model_token: str | None = None
     customer: str | None = None
+    # MLflow tracking, when on: url, experiment, experiment_id, run_ids (round -> run id), run_id and model of
+    # the best round, registered_model + model_version, warnings.
+    tracking: dict[str, Any] | None = None
     seq: int = 0
     updated_at: float = Field(default_factory=now)
 

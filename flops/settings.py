@@ -116,6 +116,18 @@ class Settings(BaseSettings):
     base_image: str | None = Field(
         None, description="Base image of the runtime images; unset = a Debian made with debootstrap"
     )
+    registry_tls: bool = Field(False, description="The FLOps registry speaks HTTPS (checked with tls_ca_file)")
+    # What builds produce: environments (development: every learner node rebuilds) or container images pushed
+    # to the registry and run with podman by the agents (a manager setting: it is part of the build cache key).
+    artifacts: Literal["env", "image"] = Field("env", description="Build environments or container images")
+    # An agent's podman image storage; unset = podman's default (shared by the agents of one host).
+    container_storage: Path | None = None
+    # MLflow tracking (optional extra): aggregators log each project's rounds and best model there.
+    tracking_uri: str | None = Field(None, description="MLflow tracking server URL; unset = tracking off")
+    # flops ui: a login (MQTT username + password) is required when "required", or with "auto" when the broker
+    # speaks TLS (production); each person then sees what their broker identity may read.
+    ui_login: Literal["auto", "required", "off"] = "auto"
+    ui_session_idle_s: float = Field(3600.0, gt=0, description="A web view session ends after this long idle")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -132,6 +144,9 @@ class Settings(BaseSettings):
             "client_cert": _str(self.broker_client_cert),
             "client_key": _str(self.broker_client_key),
         }
+
+    def ui_login_required(self) -> bool:
+        return self.ui_login == "required" or (self.ui_login == "auto" and self.broker().tls)
 
     @property
     def store_path(self) -> Path:

@@ -101,6 +101,13 @@ def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     return _forker.popen(args=list(argv), start_new_session=True, **kwargs)
 
 
+def at_descriptor(argv: Sequence[str], fd: int, target: int) -> list[str]:
+    """``argv`` behind bash, which puts descriptor ``fd`` at ``target`` and exports its own pid as
+    ``FLOPS_OWNER_PID`` before it execs ``argv``: the pid and the descriptor stay the exec'd program's."""
+    script = f'{OWNER_PID_ENV}=$$; export {OWNER_PID_ENV}; exec "$@" {int(target)}>&{int(fd)}'
+    return ["/bin/bash", "-c", script, "flops-child", *argv]  # dash cannot redirect descriptors above 9
+
+
 def kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -271,6 +278,7 @@ class Child:
     on_report: OnReport
     on_exit: OnExit
     started: float | None = None  # the process's create_time: its pid is only ours while this matches
+    container: str | None = None  # the container the process runs (podman run), removed on stop
     restart: int = 0  # how often the agent started this command's process again after its own restart
     stopped: bool = False  # stopped by us (stop_project / stop_all), not a crash
     shutdown: bool = False  # stopped because the agent itself stops
@@ -315,14 +323,24 @@ class Supervisor:
         on_report: OnReport | None = None,
         on_exit: OnExit | None = None,
         restart: int = 0,
+        report_fd: int | None = None,
+        container: str | None = None,
     ) -> Child:
-        """Start ``argv --report-fd N``; ``on_report`` / ``on_exit`` replace the supervisor's callbacks."""
+        """Start ``argv --report-fd N``; ``on_report`` / ``on_exit`` replace the supervisor's callbacks.
+
+        With ``report_fd`` the child sees the pipe at that descriptor (and ``--report-fd`` names it) and knows
+        its launcher's pid as ``FLOPS_OWNER_PID``: for a launcher (``podman run``) that hands both on to the
+        real child. ``container`` names the container such a child runs in."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         read_fd, write_fd = os.pipe()
+        if report_fd is None:
+            full = [*argv, "--report-fd", str(write_fd)]
+        else:
+            full = at_descriptor([*argv, "--report-fd", str(report_fd)], write_fd, report_fd)
         try:
             with log_path.open("ab") as log_file:
                 proc = popen(
-                    [*argv, "--report-fd", str(write_fd)],
+                    full,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -339,6 +357,7 @@ class Supervisor:
             project_id, command_id, kind, proc, log_path, on_report or self._on_report, on_exit or self._on_exit
         )
         child.restart = restart
+        child.container = container
         with contextlib.suppress(Exception):  # psutil missing: the pid is never killed on reconcile
             child.started = start_time(proc.pid)
         with self._lock:
@@ -380,12 +399,13 @@ class Supervisor:
         self._stop(victims)
         return victims
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> list[Child]:
         """The agent stops: every child, at once (their commands stay recorded as running)."""
         victims = self.running()
         for child in victims:
             child.shutdown = True
         self._stop(victims)
+        return victims
 
     def _stop(self, victims: list[Child]) -> None:
         for child in victims:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install FLOps into ./.venv with what it needs on a fresh Debian/Ubuntu machine:
 # Mosquitto (the embedded broker), git (the builder clones ML repos), python3-venv; with FLOPS_IMAGE_TOOLS=1
-# also the image tools (the tests set it).
+# also the image tools, with FLOPS_BROWSER=1 Chromium (the tests set both).
 # Usage: bash scripts/install.sh [extras]   (default extras: agent,runtime)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,15 @@ if [ "${FLOPS_IMAGE_TOOLS:-0}" = 1 ]; then
         command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
     done
     [ -e /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static binfmt-support)
+    # binfmt_misc is not mounted on these hosts: mount it first, so qemu-user-static registers its handlers
+    # (foreign-platform builds run under them; the builder mounts it too when it can).
+    if [ ! -e /proc/sys/fs/binfmt_misc/status ] && [ "$(id -u)" -eq 0 ]; then
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+    fi
+fi
+# Headless Chromium for the web view's browser tests (Playwright drives Debian's; it downloads none).
+if [ "${FLOPS_BROWSER:-0}" = 1 ]; then
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ] && ! command -v apt-get >/dev/null 2>&1; then
     echo "no apt-get: install ${need[*]} yourself (the tests that need them say so)" >&2

@@ -16,6 +16,7 @@ from flops.messages import (
     TrainingFailed,
     TrainingSucceeded,
 )
+from flops.tracking.project import aggregator_spec
 from stages import hierarchy
 
 
@@ -58,6 +59,7 @@ class Aggregation(StageHooks):
                 "learners": len(project.ctx.get("learners", {})),
                 # Only these learners' SuperNodes may join (registered when the SuperLink runs TLS).
                 "supernode_keys": [keys[agent] for agent in sorted(keys)],
+                "tracking": aggregator_spec(project),
             },
         )
         project.ctx["progress"] = {"round": 0, "rounds": tc.training_rounds}

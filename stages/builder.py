@@ -11,10 +11,12 @@ from flops.messages import BuildFailed, BuildStarted, BuildSucceeded, CommandFai
 from flops.sla import CLIENT_SIDE_STRATEGIES
 
 
-def cache_key(project: Project, commit: str) -> str:
+def cache_key(project: Project, commit: str, artifacts: str = "env") -> str:
     sla = project.sla
     platforms = ",".join(sorted(p.value for p in sla.supported_platforms))
     raw = f"{sla.ml_repo_url}|{commit}|{platforms}|{sla.ml_model_flavor.value}"
+    if artifacts != "env":  # environment keys stay what they were before images existed
+        raw += f"|{artifacts}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -41,7 +43,7 @@ def refuse_unsupported_strategy(project: Project, artifact: dict[str, Any]) -> s
 class Builder(StageHooks):
     def on_enter(self, project: Project, ctx: StageContext) -> Decision | None:
         commit = project.ctx["commit"]
-        key = cache_key(project, commit)
+        key = cache_key(project, commit, ctx.settings.artifacts)
         cached = ctx.get_artifact(key)
         if cached is not None:
             if refused := refuse_unsupported_strategy(project, cached):
@@ -64,6 +66,7 @@ class Builder(StageHooks):
                 "flavor": project.sla.ml_model_flavor.value,
                 "platforms": sorted(platforms),
                 "cache_key": key,
+                "backend": ctx.settings.artifacts,
             },
         )
         project.ctx["critical_agents"] = [agent.agent_id]
@@ -78,7 +81,7 @@ class Builder(StageHooks):
                 artifact = report.artifact.model_dump()
                 artifact["warnings"] = report.warnings
                 project.ctx["artifact"] = artifact
-                ctx.put_artifact(cache_key(project, project.ctx["commit"]), artifact)
+                ctx.put_artifact(cache_key(project, project.ctx["commit"], ctx.settings.artifacts), artifact)
                 for warning in report.warnings:
                     ctx.event(project, "warning", f"build: {warning}")
                 if refused := refuse_unsupported_strategy(project, artifact):

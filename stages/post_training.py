@@ -21,7 +21,15 @@ class PostTraining(StageHooks):
             project,
             agent_id,
             "build_model_image",
-            {"artifact": project.ctx.get("artifact", {}), "model": project.ctx.get("model", {})},
+            {
+                "artifact": project.ctx.get("artifact", {}),
+                "model": project.ctx.get("model", {}),
+                # The trained-model image is <registry>/<customer>/trained_model:<project id>.
+                "customer": project.record.customer,
+                "project_id": project.project_id,
+                # Tracked: the image serves the model logged to MLflow (url, model_uri).
+                "tracking": project.ctx.get("tracking") or None,
+            },
         )
         project.ctx["critical_agents"] = [agent_id]
         return None

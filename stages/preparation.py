@@ -27,7 +27,7 @@ def missing_inventory(project: Project, ctx: StageContext) -> str | None:
     if not ctx.agents.online("aggregator"):
         missing.append("no online aggregator agent")
     commit = project.ctx.get("commit")
-    cached = commit is not None and ctx.get_artifact(cache_key(project, commit)) is not None
+    cached = commit is not None and ctx.get_artifact(cache_key(project, commit, ctx.settings.artifacts)) is not None
     if not cached and not ctx.agents.online("builder"):
         missing.append("no online builder agent")
     return "; ".join(missing) or None

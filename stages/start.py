@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flops.hooks import Decision, StageContext, StageHooks
 from flops.lifecycle import Project
+from flops.tracking import project as tracking
 
 
 class Start(StageHooks):
@@ -15,6 +16,7 @@ class Start(StageHooks):
             "metrics": str(root / "metrics"),
         }
         # Directories are created lazily by whoever writes there (agents may be on other hosts).
+        tracking.start(project, ctx)
         return Decision.accept("started")
 
     def on_resume(self, project: Project, ctx: StageContext) -> Decision | None:

@@ -4,18 +4,25 @@ for what a project left running."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.client import Client
+from flops.data.mock import load_dataset
+from flops.demo import EXAMPLE_REPO
 from flops.messages import AgentStatus, Command, ProjectEvent, ProjectState, new_id
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
@@ -263,3 +270,36 @@ def wait_no_processes(project_id: str, *, allow: tuple[str, ...] = (), timeout: 
             listing = "\n".join(map(str, left))
             raise AssertionError(f"{len(left)} process(es) of {project_id} still running after {timeout} s:\n{listing}")
         time.sleep(0.1)  # polling /proc: a process ending has no event to wait on
+
+
+def held_out_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The test split (never pushed to any agent) as the example DataManager prepares rows: pixels / 16."""
+    test = load_dataset("digits", split="test")
+    images = np.asarray(test.column("image").to_pylist(), dtype=np.float64)
+    return images.reshape(len(images), -1) / 16.0, np.asarray(test.column("label").to_pylist())
+
+
+def invoke_model(url: str, rows: np.ndarray, token: str | None) -> np.ndarray:
+    request = urllib.request.Request(
+        url.rstrip("/") + "/invocations",
+        data=json.dumps({"inputs": rows.tolist()}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return np.asarray(json.loads(response.read())["predictions"])
+
+
+def example_model(model_npz: Path) -> Any:
+    """The example repo's own ModelManager holding the saved best parameters (imported, then forgotten)."""
+    from flops.runtime.repo import new_model_manager
+
+    saved_path = list(sys.path)
+    try:
+        manager = new_model_manager(EXAMPLE_REPO)
+        with np.load(model_npz) as archive:
+            manager.set_model_parameters([archive[n] for n in sorted(archive.files, key=lambda n: (len(n), n))])
+        return manager.get_model()
+    finally:
+        sys.path[:] = saved_path
+        for name in ("model_manager", "data_manager"):
+            sys.modules.pop(name, None)

@@ -92,18 +92,30 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(broker: BrokerAddress, tmp: Path, manager_env: dict[str, str] | None = None) -> Iterator[Fleet]:
-    """Start the fleet, push the data, yield; stop everything and check nothing of any project still runs."""
+def running_fleet(
+    broker: BrokerAddress,
+    tmp: Path,
+    manager_env: dict[str, str] | None = None,
+    *,
+    agent_env: dict[str, dict[str, str]] | None = None,
+    repo_url: str | None = None,
+) -> Iterator[Fleet]:
+    """Start the fleet, push the data, yield; stop everything and check nothing of any project still runs.
+    ``agent_env`` adds to an agent's environment by agent id."""
     feed = ProjectFeed(broker)
     env = {"FLOPS_AGGREGATOR_PORTS": json.dumps(free_port_range()), **(manager_env or {})}
     manager = ManagerProcess(broker, tmp / "manager", env)
     agents = {
         agent_id: AgentProc(
-            agent_id, tmp / "agents" / agent_id, "learner,builder,aggregator,serve" if i == 0 else "learner", broker
+            agent_id,
+            tmp / "agents" / agent_id,
+            "learner,builder,aggregator,serve" if i == 0 else "learner",
+            broker,
+            env=(agent_env or {}).get(agent_id, {}),
         )
         for i, agent_id in enumerate(LEARNERS)
     }
-    fleet = Fleet(broker, tmp, feed, manager, agents, {}, example_repo(tmp))
+    fleet = Fleet(broker, tmp, feed, manager, agents, {}, repo_url or example_repo(tmp))
     try:
         manager.start()
         for agent in agents.values():

@@ -25,14 +25,17 @@ from flops.settings import BrokerAddress
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll a cheap predicate until it is truthy; fail with ``what`` after ``timeout`` seconds."""
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition", *, interval: float = 0.01
+) -> Any:
+    """Poll a predicate until it is truthy; fail with ``what`` after ``timeout`` seconds. ``interval``: longer
+    for a costly predicate (one that runs a program)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.01)  # polling in-process state that has no event to wait on
+        time.sleep(interval)  # polling state that has no event to wait on
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

@@ -7,24 +7,19 @@ project started keeps running after it ended."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from flops.data.mock import load_dataset, push_partitions, split_iid
 from flops.demo import EXAMPLE_REPO
 from flops.messages import ProjectState
 from flops.settings import BrokerAddress
-from tests.base_support import find_process, wait_no_processes
+from tests.base_support import example_model, find_process, held_out_digits, invoke_model, wait_no_processes
 from tests.fleet_support import CLEANUP_TIMEOUT, PROJECT_TIMEOUT, Fleet, running_fleet
 from tests.support import AgentProc, make_git_repo
 
@@ -76,39 +71,6 @@ def _assert_failed(fleet: Fleet, project_id: str, state: ProjectState, stage: st
     return state.reason
 
 
-def _held_out_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The test split (never pushed to any agent) as the example DataManager prepares rows: pixels / 16."""
-    test = load_dataset("digits", split="test")
-    images = np.asarray(test.column("image").to_pylist(), dtype=np.float64)
-    return images.reshape(len(images), -1) / 16.0, np.asarray(test.column("label").to_pylist())
-
-
-def _invoke(url: str, rows: np.ndarray, token: str | None) -> np.ndarray:
-    request = urllib.request.Request(
-        url.rstrip("/") + "/invocations",
-        data=json.dumps({"inputs": rows.tolist()}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return np.asarray(json.loads(response.read())["predictions"])
-
-
-def _example_model(model_npz: Path) -> Any:
-    """The example repo's own ModelManager holding the saved best parameters (imported, then forgotten)."""
-    from flops.runtime.repo import new_model_manager
-
-    saved_path = list(sys.path)
-    try:
-        manager = new_model_manager(EXAMPLE_REPO)
-        with np.load(model_npz) as archive:
-            manager.set_model_parameters([archive[n] for n in sorted(archive.files, key=lambda n: (len(n), n))])
-        return manager.get_model()
-    finally:
-        sys.path[:] = saved_path
-        for name in ("model_manager", "data_manager"):
-            sys.modules.pop(name, None)
-
-
 # --- 1. the demo's project, end to end ---------------------------------------------------------------------
 
 
@@ -131,8 +93,8 @@ def test_demo_project_completes_and_serves_an_accurate_model(fleet: Fleet, first
 
     # The inference server answers held-out digits, accurately.
     assert state.model_url, state
-    x_test, y_test = _held_out_digits()
-    served = _invoke(state.model_url, x_test, state.model_token)
+    x_test, y_test = held_out_digits()
+    served = invoke_model(state.model_url, x_test, state.model_token)
     accuracy = float((served == y_test).mean())
     assert accuracy >= 0.90, f"inference server accuracy {accuracy:.3f} on {len(y_test)} held-out digits"
 
@@ -141,7 +103,7 @@ def test_demo_project_completes_and_serves_an_accurate_model(fleet: Fleet, first
     assert aggregator.agent_id == "node-0"
     model_npz = fleet.work_dir("node-0", project_id, aggregator.command_id) / "model" / "model.npz"
     assert model_npz.is_file()
-    local = _example_model(model_npz).predict(x_test)
+    local = example_model(model_npz).predict(x_test)
     assert served.tolist() == local.tolist()
 
     # Finished: only the model server is left running.

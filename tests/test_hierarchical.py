@@ -22,10 +22,16 @@ from flops.data.ops import mock
 from flops.demo import example_repo
 from flops.messages import ProjectState
 from flops.settings import BrokerAddress
-from tests.base_support import ProjectFeed, free_port_range, project_processes, wait_no_processes
+from tests.base_support import (
+    ProjectFeed,
+    example_model,
+    free_port_range,
+    held_out_digits,
+    project_processes,
+    wait_no_processes,
+)
 from tests.fleet_support import CLEANUP_TIMEOUT, clear_retained
 from tests.support import AgentProc, ManagerProcess, wait_until
-from tests.test_base_case import _example_model, _held_out_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 HIERARCHICAL_SLA = ROOT / "examples" / "projects" / "digits_hierarchical.json"
@@ -101,8 +107,8 @@ def _outcome(fleet: HFleet, project_id: str, state: ProjectState) -> str:
 
 
 def _accuracy(model_npz: Path) -> float:
-    x_test, y_test = _held_out_digits()
-    return float((_example_model(model_npz).predict(x_test) == y_test).mean())
+    x_test, y_test = held_out_digits()
+    return float((example_model(model_npz).predict(x_test) == y_test).mean())
 
 
 @pytest.mark.timeout(1200)

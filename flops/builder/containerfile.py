@@ -5,9 +5,11 @@ Three layers, each its own image so the heavy parts are built once and shared:
 - **runtime** (``runtime_containerfile``): a Debian base (``ARG FLOPS_BASE``), Python 3 with ``venv`` (installed
   with apt only when the base lacks it), a virtual environment at :data:`VENV` holding what every learner and
   aggregator needs (``DEFAULT_RUNTIME_REQUIREMENTS``). Shared by every repo built on this builder.
-- **base** (``base_containerfile``): the runtime + the repo's dependencies (the contract's requirement lines,
-  resolved together with the runtime's so shared packages are not silently changed) + our ``flops`` and
-  ``flops_utils`` packages on the venv's path, smoke-imported.
+- **deps** (``deps_containerfile``): the runtime + the repo's dependencies (the contract's requirement lines,
+  resolved together with the runtime's so shared packages are not silently changed); kept in local storage
+  per (runtime, requirements, platform), so a new commit with unchanged dependencies skips pip.
+- **base** (``base_containerfile``): the deps + our ``flops`` and ``flops_utils`` packages on the venv's
+  path, smoke-imported.
 - **learner** / **aggregator** (``actor_containerfile``): the base + the repo at its commit in :data:`REPO_DIR`,
   entrypoint ``python -m flops.runtime.learner|aggregator``.
 
@@ -25,6 +27,8 @@ from collections.abc import Mapping, Sequence
 VENV = "/opt/flops/venv"
 SRC_DIR = "/opt/flops/src"
 REPO_DIR = "/opt/flops/repo"
+MLFLOW_VENV = "/opt/flops/mlflow"  # the trained-model image's MLflow (flops.builder.model_image)
+MODEL_DIR = "/opt/flops/model"  # the trained model in MLflow's format, in that image
 BUILD_MOUNT = "/flops-build"
 WHEELS_MOUNT = "/flops-wheels"  # a wheelhouse mounted into RUN steps (emulated platforms install offline)
 PIP_CACHE = "/root/.cache/pip"
@@ -66,15 +70,27 @@ RUN {_MOUNT} set -eu; \\
 {_labels(labels or {})}"""
 
 
-def base_containerfile(labels: Mapping[str, str] | None = None) -> str:
-    """The runtime (``ARG FLOPS_RUNTIME``) + the repo's requirements + our packages, smoke-imported."""
+def deps_containerfile(labels: Mapping[str, str] | None = None) -> str:
+    """The runtime (``ARG FLOPS_RUNTIME``) + the repo's requirements, resolved together with the runtime's so
+    shared packages are not silently changed. Cached per (runtime, requirements, platform): a new commit
+    with the same dependencies reuses it."""
     return f"""\
-# FLOps base of one ML repo: its dependencies and our runtime (generated).
+# FLOps dependencies of one ML repo (generated).
 ARG FLOPS_RUNTIME
 FROM ${{FLOPS_RUNTIME}}
-COPY src/ {SRC_DIR}/
 RUN {_MOUNT} set -eu; \\
-    {_PIP} -r {BUILD_MOUNT}/{RUNTIME_REQUIREMENTS} -r {BUILD_MOUNT}/{REPO_REQUIREMENTS}; \\
+    {_PIP} -r {BUILD_MOUNT}/{RUNTIME_REQUIREMENTS} -r {BUILD_MOUNT}/{REPO_REQUIREMENTS}
+{_labels(labels or {})}"""
+
+
+def base_containerfile(labels: Mapping[str, str] | None = None) -> str:
+    """The repo's dependencies (``ARG FLOPS_DEPS``) + our packages on the venv's path, smoke-imported."""
+    return f"""\
+# FLOps base of one ML repo: its dependencies and our runtime (generated).
+ARG FLOPS_DEPS
+FROM ${{FLOPS_DEPS}}
+COPY src/ {SRC_DIR}/
+RUN set -eu; \\
     echo {SRC_DIR} > "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_flops_src.pth"; \\
     python -c 'import {SMOKE_IMPORTS}'
 {_labels(labels or {})}"""

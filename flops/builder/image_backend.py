@@ -35,7 +35,7 @@ import platform as host_platform
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,13 +197,14 @@ class ImageBuilder:
         ctx = workdir / "contexts" / f"{names.owner}-{names.repo}-{names.commit[:12]}-{suffix}"
         shutil.rmtree(ctx, ignore_errors=True)
         volumes = self._prepare_context(ctx, platform, contract.requirements, workdir)
-        runtime = self._ensure_runtime(debian, platform, ctx, volumes, workdir)
+        runtime = self._ensure_runtime(debian, platform, ctx, volumes)
+        deps = self._ensure_deps(runtime, platform, contract.requirements, ctx, volumes)
         labels = {
             "org.opencontainers.image.source": spec.repo_url,
             "org.opencontainers.image.revision": names.commit,
             "org.flops.flavor": spec.flavor,
         }
-        _copy_own_packages(ctx / "src")
+        copy_own_packages(ctx / "src")
         _copy_repo(repo_dir, ctx / "repo")
         local = {role: f"{names.ref(role)}-{suffix}" for role in ("base", "learner", "aggregator")}
         self._bud(
@@ -212,8 +213,8 @@ class ImageBuilder:
             ctx,
             platform,
             local["base"],
-            {"FLOPS_RUNTIME": runtime},
-            volumes,
+            {"FLOPS_DEPS": deps},
+            {},
         )
         (ctx / "build" / cf.IMPORT_CHECK).write_text(CHECK_SCRIPT, encoding="utf-8")
         for role in ("learner", "aggregator"):
@@ -329,27 +330,61 @@ class ImageBuilder:
 
     # --- the runtime image --------------------------------------------------------------------------------
 
-    def _ensure_runtime(self, debian: str, platform: str, ctx: Path, volumes: dict[str, str], workdir: Path) -> str:
+    def _ensure_runtime(self, debian: str, platform: str, ctx: Path, volumes: dict[str, str]) -> str:
         """The shared runtime image for `platform` in local storage, built when missing."""
         s = self.settings
         foreign = not _same_arch(platform, native_platform())
         identity = {
             "base": debian,
-            "base_id": output("buildah", [*self._global(), "images", "--quiet", "--no-trunc", debian]).strip(),
+            "base_id": self._image_id(debian),
             "requirements": sorted(s.runtime_requirements),
             "platform": platform,
             "offline": foreign,
             "containerfile": cf.runtime_containerfile(),
         }
+        return self._ensure_local("runtime", identity, cf.runtime_containerfile, {"FLOPS_BASE": debian}, ctx, volumes)
+
+    def _ensure_deps(
+        self,
+        runtime: str,
+        platform: str,
+        requirements: tuple[str, ...],
+        ctx: Path,
+        volumes: dict[str, str],
+    ) -> str:
+        """The repo's dependencies on the runtime for `platform`, in local storage: built when missing."""
+        identity = {
+            "runtime": runtime,
+            "runtime_id": self._image_id(runtime),
+            "requirements": sorted(requirements),
+            "platform": platform,
+            "containerfile": cf.deps_containerfile(),
+        }
+        return self._ensure_local("deps", identity, cf.deps_containerfile, {"FLOPS_RUNTIME": runtime}, ctx, volumes)
+
+    def _ensure_local(
+        self,
+        role: str,
+        identity: Mapping[str, Any],
+        containerfile: Callable[[Mapping[str, str]], str],
+        build_args: dict[str, str],
+        ctx: Path,
+        volumes: dict[str, str],
+    ) -> str:
+        """``localhost/flops/<role>:<key>-<platform>``, built from `containerfile` unless local storage has it;
+        `identity` (what it is built from) makes the key."""
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        name = f"localhost/flops/runtime:{key}-{platform_suffix(platform)}"
-        with file_lock(workdir / "locks" / f"runtime-{key}.lock", timeout_s=s.lock_timeout_s):
+        platform = str(identity["platform"])
+        name = f"localhost/flops/{role}:{key}-{platform_suffix(platform)}"
+        lock = self.settings.rootfs_cache / "locks" / f"{role}-{key}.lock"
+        with file_lock(lock, timeout_s=self.settings.lock_timeout_s):
             if not self._local_image(name):
-                labels = {"org.flops.role": "runtime", "org.flops.runtime-key": key}
-                self._bud(
-                    "runtime", cf.runtime_containerfile(labels), ctx, platform, name, {"FLOPS_BASE": debian}, volumes
-                )
+                labels = {"org.flops.role": role, f"org.flops.{role}-key": key}
+                self._bud(role, containerfile(labels), ctx, platform, name, build_args, volumes)
         return name
+
+    def _image_id(self, name: str) -> str:
+        return output("buildah", [*self._global(), "images", "--quiet", "--no-trunc", name]).strip()
 
     # --- build contexts and pip ---------------------------------------------------------------------------
 
@@ -379,24 +414,9 @@ class ImageBuilder:
 
     def _download_wheels(self, wheels: Path, arch: str, build: Path) -> None:
         """The target platform's wheels for the runtime and the repo, downloaded by the host's pip."""
-        wheels.mkdir(parents=True, exist_ok=True)
-        machine = WHEEL_ARCH.get(arch, arch)
-        major, minor, _ = _version_tuple(self.settings.python_version)
-        tags = [f"manylinux2014_{machine}", f"linux_{machine}"]
-        tags += [f"manylinux_2_{n}_{machine}" for n in range(17, 37)]  # bookworm has glibc 2.36
-        args = ["-m", "pip", "download", "--only-binary=:all:", "--progress-bar", "off", "--dest", wheels]
-        args += [f"--platform={t}" for t in tags]
-        args += ["--python-version", f"{major}.{minor}", "--implementation", "cp"]
-        args += ["-r", build / cf.RUNTIME_REQUIREMENTS, "-r", build / cf.REPO_REQUIREMENTS]
-        what = f"downloading linux/{arch} wheels (pip download --only-binary=:all:)"
-        stream(
-            self.settings.host_python,
-            args,
-            step="wheels",
-            what=what,
-            on_line=self._line,
-            timeout_s=self.settings.step_timeout_s,
-        )
+        requirements: list[str | Path] = ["-r", build / cf.RUNTIME_REQUIREMENTS, "-r", build / cf.REPO_REQUIREMENTS]
+        s = self.settings
+        download_wheels(s.host_python, wheels, arch, s.python_version, requirements, self._line, s.step_timeout_s)
 
     # --- buildah ------------------------------------------------------------------------------------------
 
@@ -530,6 +550,29 @@ class ImageBuilder:
         return BuildResult(artifact=artifact, cached=cached, warnings=warnings, duration_s=time.monotonic() - started)
 
 
+def download_wheels(
+    python: str,
+    wheels: Path,
+    arch: str,
+    python_version: str,
+    requirements: list[str | Path],
+    on_line: LineSink,
+    timeout_s: float,
+) -> None:
+    """Wheels of ``requirements`` (pip arguments) for linux/``arch`` and CPython ``python_version`` (the
+    image's, not the host's), downloaded by the host's pip into ``wheels``: what an image installs offline."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    machine = WHEEL_ARCH.get(arch, arch)
+    major, minor, _ = _version_tuple(python_version)
+    tags = [f"manylinux2014_{machine}", f"linux_{machine}"]
+    tags += [f"manylinux_2_{n}_{machine}" for n in range(17, 37)]  # bookworm has glibc 2.36
+    args: list[str | Path] = ["-m", "pip", "download", "--only-binary=:all:", "--progress-bar", "off"]
+    args += ["--dest", wheels, *[f"--platform={t}" for t in tags]]
+    args += ["--python-version", f"{major}.{minor}", "--implementation", "cp", *requirements]
+    what = f"downloading linux/{arch} wheels (pip download --only-binary=:all:)"
+    stream(python, args, step="wheels", what=what, on_line=on_line, timeout_s=timeout_s)
+
+
 # --- host pip configuration -----------------------------------------------------------------------------
 
 
@@ -588,7 +631,7 @@ def host_pip_options(config: Mapping[str, str], build: Path) -> tuple[dict[str, 
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def _copy_own_packages(dest: Path) -> None:
+def copy_own_packages(dest: Path) -> None:
     """Our ``flops`` and ``flops_utils`` packages, without caches, for the base image's ``src/``."""
     for name in OWN_PACKAGES:
         shutil.copytree(own_packages_dir() / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

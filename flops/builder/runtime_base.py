@@ -32,6 +32,10 @@ DEFAULT_RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     # What our own runtime modules import (flops.runtime.*, flops.data.client).
     "structlog>=24.1",
     "pydantic>=2.7",
+    # The aggregator logs to MLflow when the project is tracked (flops.runtime.tracking); system metrics.
+    "mlflow-skinny>=3.1,<4",
+    "skops<1",  # MLflow's safe format for scikit-learn models
+    "psutil>=5.9",
 )
 OWN_PACKAGES = ("flops", "flops_utils")
 READY = "ready.json"

@@ -38,6 +38,7 @@ from typing import Any
 
 import structlog
 
+from flops.runtime import tracking
 from flops.runtime.cluster_link import spawn_root_link
 from flops.runtime.flower_env import FAST_POLL_INTERVAL, dial_address, flower_bin, flower_env, split_address
 from flops.runtime.flower_project import write_app, write_cli_config
@@ -50,7 +51,7 @@ from flops.runtime.reports import (
     decode_report,
 )
 from flops.runtime.training import STRATEGIES, TrainingError, parse_strategy_params
-from flops.supervisor import OWNER_PID_ENV, ChildGroup, install_sigterm_exit
+from flops.supervisor import OWNER_PID_ENV, ChildGroup, exit_with_owner, install_sigterm_exit
 
 CONNECTION = "flops"
 TERMINAL_RUN_STATUSES = ("finished",)
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     args = parse_args(argv)
     install_sigterm_exit()
-    reports = ReportWriter.open(args.report_fd)
+    exit_with_owner()  # in a container: gone with the `podman run` that started it
+    reports = tracking.wrap(ReportWriter.open(args.report_fd), os.environ, args)
     try:
         return run(args, reports)
     except SystemExit:

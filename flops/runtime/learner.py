@@ -39,7 +39,7 @@ from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env,
 from flops.runtime.flower_tls import new_supernode_key, supernode_args
 from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
 from flops.runtime.reports import LEARNER_FAILED, LEARNER_READY, ReportWriter
-from flops.supervisor import ChildGroup, install_sigterm_exit, stop_groups
+from flops.supervisor import ChildGroup, exit_with_owner, install_sigterm_exit, stop_groups
 from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV, parse_tags
 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     args = parse_args(argv)
     install_sigterm_exit()
+    exit_with_owner()  # in a container: gone with the `podman run` that started it
     return run(args, ReportWriter.open(args.report_fd))
 
 

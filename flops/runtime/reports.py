@@ -11,8 +11,11 @@ Kinds and payloads:
 - ``round.completed`` {round, loss, accuracy, examples, duration_s}
 - ``training.succeeded`` {best_round, loss, accuracy, model_ref}
 - ``training.failed`` {reason}
+- ``model.built`` {image_ref} (``flops.builder.model_image``)
 - ``model.served`` {url}
 - ``model.failed`` {reason, log_tail}
+- ``tracking.logged`` {url, experiment_id, round, run_id, model_uri, registered_model, model_version,
+  warning} (``flops.runtime.tracking``)
 - ``build.started`` {}, ``build.succeeded`` {artifact, cached, warnings, duration_s},
   ``build.failed`` {reason, log_tail} (``flops.builder.worker``)
 """
@@ -31,11 +34,13 @@ AGGREGATOR_STARTED: Final = "aggregator.started"
 ROUND_COMPLETED: Final = "round.completed"
 TRAINING_SUCCEEDED: Final = "training.succeeded"
 TRAINING_FAILED: Final = "training.failed"
+MODEL_BUILT: Final = "model.built"
 MODEL_SERVED: Final = "model.served"
 MODEL_FAILED: Final = "model.failed"
 BUILD_STARTED: Final = "build.started"
 BUILD_SUCCEEDED: Final = "build.succeeded"
 BUILD_FAILED: Final = "build.failed"
+TRACKING_LOGGED: Final = "tracking.logged"
 
 REPORT_KINDS: Final = frozenset(
     {
@@ -45,11 +50,13 @@ REPORT_KINDS: Final = frozenset(
         ROUND_COMPLETED,
         TRAINING_SUCCEEDED,
         TRAINING_FAILED,
+        MODEL_BUILT,
         MODEL_SERVED,
         MODEL_FAILED,
         BUILD_STARTED,
         BUILD_SUCCEEDED,
         BUILD_FAILED,
+        TRACKING_LOGGED,
     }
 )
 

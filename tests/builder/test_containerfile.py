@@ -13,6 +13,7 @@ from flops.builder.containerfile import (
     VENV,
     actor_containerfile,
     base_containerfile,
+    deps_containerfile,
     pip_conf,
     requirements_txt,
     runtime_containerfile,
@@ -39,12 +40,21 @@ def test_runtime_builds_a_venv_on_the_configurable_debian_base() -> None:
     assert any(s.startswith("ENV ") and f"PATH={VENV}/bin:" in s for s in steps)
 
 
-def test_base_resolves_the_repo_with_the_runtime_and_adds_our_packages() -> None:
-    steps = instructions(base_containerfile({"org.opencontainers.image.revision": "abc"}))
+def test_deps_resolve_the_repo_with_the_runtime() -> None:
+    steps = instructions(deps_containerfile({"org.flops.role": "deps"}))
     assert steps[:2] == ["ARG FLOPS_RUNTIME", "FROM ${FLOPS_RUNTIME}"]
+    run = next(s for s in steps if s.startswith("RUN"))
+    assert f"--mount=type=bind,source=build,target={BUILD_MOUNT}" in run
+    assert f"-r {BUILD_MOUNT}/runtime-requirements.txt -r {BUILD_MOUNT}/requirements.txt" in run
+    assert not any(s.startswith("COPY") for s in steps)  # nothing of the commit: a new one reuses the layer
+
+
+def test_base_adds_our_packages_to_the_deps_and_smoke_imports() -> None:
+    steps = instructions(base_containerfile({"org.opencontainers.image.revision": "abc"}))
+    assert steps[:2] == ["ARG FLOPS_DEPS", "FROM ${FLOPS_DEPS}"]
     assert "COPY src/ /opt/flops/src/" in steps
     run = next(s for s in steps if s.startswith("RUN"))
-    assert f"-r {BUILD_MOUNT}/runtime-requirements.txt -r {BUILD_MOUNT}/requirements.txt" in run
+    assert "pip install" not in run
     assert "_flops_src.pth" in run
     assert "import flops, flops_utils, flwr, sklearn" in run
     assert 'LABEL org.opencontainers.image.revision="abc"' in steps

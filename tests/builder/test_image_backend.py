@@ -1,22 +1,17 @@
 """The image backend with real buildah, Debian's docker-registry, skopeo and podman.
 
-One module-scoped build of the example repo (linux/amd64) is shared by every test: the Debian root
-(debootstrap) and the runtime image are cached on the machine across runs, as the uv cache is for the
-environment backend, so a warm run pays for the repo's base, learner and aggregator and the push only.
-The arm64 build (QEMU user emulation, ~5+ min here) runs only with ``FLOPS_TEST_ARM64=1``.
+One build of the example repo (linux/amd64, ``tests.image_support.built``) is shared by every image test of
+the run; the arm64 build runs under QEMU user emulation (~5 min cold on 2 cores, its runtime cached after).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -25,70 +20,11 @@ import pytest
 from flops.builder import BuildFailure, BuildResult
 from flops.builder import image_backend as backend
 from flops.builder.image_backend import ImageBuilder, ImageBuilderSettings
-from flops.builder.images import image_names, platform_suffix
-from flops.demo import example_repo
-from flops.ports import free_port
-from flops.registry import RunningRegistry, start_registry
+from flops.builder.images import image_names
 from tests.builder.conftest import DATA_MANAGER, MODEL_MANAGER, GitRepo
+from tests.image_support import PODMAN, PODMAN_RUN, Built, buildah, inspect_raw
 
-# Not in CI yet: a cold run builds a Debian base and the runtime image (~6 min on 2 cores) before the repo's
-# images; issue 8 (images end to end) is open. Run with FLOPS_TEST_IMAGES=1.
-pytestmark = [
-    pytest.mark.skipif(os.environ.get("FLOPS_TEST_IMAGES") != "1", reason="image builds run with FLOPS_TEST_IMAGES=1"),
-    pytest.mark.skipif(sys.platform != "linux", reason="buildah and docker-registry are Linux tools"),
-    pytest.mark.timeout(1800),
-]
-TOOLS = ("buildah", "skopeo", "podman", "docker-registry", "debootstrap")
-PODMAN = ("podman", "--storage-driver", "vfs", "--runtime", "/usr/sbin/runc")
-PODMAN_RUN = ("run", "--rm", "--tls-verify=false", "--network", "host")
-PODMAN_RUN += ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096")
-
-
-@dataclass
-class Built:
-    registry: RunningRegistry
-    builder: ImageBuilder
-    workdir: Path
-    repo_url: str
-    result: BuildResult | BuildFailure
-    lines: list[tuple[str, str]] = field(default_factory=list)
-    refs: list[str] = field(default_factory=list)  # local images to remove afterwards
-
-
-def buildah(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["buildah", "--storage-driver", "vfs", *args], check=check, capture_output=True, text=True)
-
-
-def forget_local(refs: list[str], platforms: tuple[str, ...]) -> None:
-    """Remove a test's repo images from local storage (vfs keeps a full copy per image); the Debian base and
-    the runtime image stay cached for the next run."""
-    for ref in refs:
-        buildah("manifest", "rm", ref)
-        buildah("rmi", ref)  # what podman pulled
-        for platform in platforms:
-            buildah("rmi", f"{ref}-{platform_suffix(platform)}")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run bash scripts/test.sh, which installs them")
-    tmp = tmp_path_factory.mktemp("images")
-    registry = start_registry(tmp / "registry", port=free_port())
-    lines: list[tuple[str, str]] = []
-    builder = ImageBuilder(ImageBuilderSettings(registry=registry.address), on_line=lambda s, ln: lines.append((s, ln)))
-    repo_url = example_repo(tmp)
-    spec = {"repo_url": repo_url, "flavor": "sklearn", "platforms": ["linux/amd64"]}
-    result = builder.build(spec, tmp / "builds")
-    state = Built(registry, builder, tmp / "builds", repo_url, result, lines)
-    if isinstance(result, BuildResult):
-        state.refs = list(result.artifact.images.values())  # type: ignore[union-attr]
-    try:
-        yield state
-    finally:
-        registry.stop()
-        forget_local(state.refs, ("linux/amd64", "linux/arm64"))
+pytestmark = [pytest.mark.timeout(1800)]
 
 
 def is_buildah_bud(proc: psutil.Process) -> bool:
@@ -99,19 +35,7 @@ def is_buildah_bud(proc: psutil.Process) -> bool:
 
 
 def ok(built: Built) -> BuildResult:
-    assert isinstance(built.result, BuildResult), built.result
-    return built.result
-
-
-def inspect_raw(ref: str) -> dict:
-    out = subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return json.loads(out.stdout)
+    return built.ok()
 
 
 def test_the_build_pushes_three_manifest_lists_with_linux_amd64(built: Built) -> None:
@@ -242,7 +166,6 @@ def test_stopping_the_build_worker_stops_buildah(built: Built, make_repo: GitRep
                 buildah("rm", ctr["id"])
 
 
-@pytest.mark.skipif(not os.environ.get("FLOPS_TEST_ARM64"), reason="arm64 under QEMU takes 5+ min: FLOPS_TEST_ARM64=1")
 def test_two_platforms_make_one_manifest_list_with_both(built: Built) -> None:
     first = ok(built)
     spec = {"repo_url": built.repo_url, "commit": first.artifact.commit, "platforms": ["linux/arm64", "linux/amd64"]}
