@@ -31,8 +31,9 @@ def start(project: Project, ctx: StageContext) -> None:
     ctx.event(project, "report.accepted", f"tracking in MLflow at {uri} as {experiment_name(project.project_id)!r}")
 
 
-def aggregator_spec(project: Project) -> dict[str, Any] | None:
-    """What the aggregator needs to log (None: tracking off)."""
+def aggregator_spec(project: Project, unit: str = "round") -> dict[str, Any] | None:
+    """What the aggregator needs to log (None: tracking off); ``unit`` names its runs (``cycle`` for the root
+    aggregator of hierarchical mode, whose rounds are the cycles)."""
     tracking = project.ctx.get("tracking")
     if not tracking:
         return None
@@ -42,6 +43,7 @@ def aggregator_spec(project: Project) -> dict[str, Any] | None:
         "project_id": project.project_id,
         "flavor": project.sla.ml_model_flavor.value,
         "registered_model": f"flops-{project.project_id}",
+        "unit": unit,
     }
 
 
