@@ -144,6 +144,9 @@ def test_with_tracking_only_the_root_aggregator_gets_a_tracking_spec(tmp_path: P
     }
     others = [c for c in aggregators if "cluster" in c.spec] + h.commands(project_id, "run_learner")
     assert len(others) == 6 and not any(c.spec.get("tracking") for c in others)
+    h.report(root, "tracking.logged", round=1, run_id="run-1")
+    assert h.state(project_id).tracking["run_ids"] == {"1": "run-1"}
+    assert any(e.message == "cycle 1 logged to MLflow run run-1" for e in h.events(project_id))
 
 
 def test_cycles_and_cluster_rounds_become_events_and_progress(h: EngineHarness) -> None:

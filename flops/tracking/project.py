@@ -10,6 +10,7 @@ from typing import Any
 from flops.hooks import Decision, StageContext
 from flops.lifecycle import Project
 from flops.messages import TrackingLogged
+from flops.sla import TrainingMode
 
 ENV = "FLOPS_TRACKING"
 """The aggregator's environment variable carrying its tracking spec (JSON)."""
@@ -86,10 +87,11 @@ def note(project: Project, report: TrackingLogged, ctx: StageContext) -> Decisio
         )
     elif report.round is not None and report.run_id:
         tracking.setdefault("run_ids", {})[str(report.round)] = report.run_id
+        unit = "cycle" if project.sla.training_configuration.mode is TrainingMode.HIERARCHICAL else "round"
         ctx.event(
             project,
             "report.accepted",
-            f"round {report.round} logged to MLflow run {report.run_id}",
+            f"{unit} {report.round} logged to MLflow run {report.run_id}",
             round=report.round,
             run_id=report.run_id,
         )
