@@ -35,6 +35,7 @@ from flops.messages import (
     TrainingSucceeded,
 )
 from flops.sla import Strategy, TrainingConfiguration, TrainingMode
+from flops.tracking.project import aggregator_spec
 
 
 def is_hierarchical(project: Project) -> bool:
@@ -169,6 +170,8 @@ def start_aggregators(project: Project, ctx: StageContext, timeouts: dict[str, f
             "learners": n,
             "supernode_keys": [],
             **timeouts,
+            # Only the root logs to MLflow (one run per cycle); cluster aggregators and learners never do.
+            "tracking": aggregator_spec(project, unit="cycle"),
         },
     )
     commands: dict[str, str] = {}

@@ -3,14 +3,18 @@
 ``west``, two each), scikit-learn's digits pushed as four IID partitions, real builds and real Flower at both
 levels. The original ``hierarchical_mnist_sklearn_small`` semantics (2 cycles x 3 rounds, 2 learners per
 cluster, both post-training steps) run to completion; failures end in the documented terminal state with
-nothing left running."""
+nothing left running. The manager tracks every project in MLflow (``flops tracking`` on loopback, when the
+tracking extra is installed): the root aggregator logs one run per cycle, and the web view draws each
+cluster's rounds."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +22,13 @@ from typing import Any
 
 import pytest
 
+from flops.broker import free_port
 from flops.data.ops import mock
 from flops.demo import example_repo
 from flops.messages import ProjectState
 from flops.settings import BrokerAddress
+from flops.tracking.project import experiment_name
+from flops.tracking.server import TrackingServer, start_tracking
 from tests.base_support import (
     ProjectFeed,
     example_model,
@@ -32,6 +39,8 @@ from tests.base_support import (
 )
 from tests.fleet_support import CLEANUP_TIMEOUT, clear_retained
 from tests.support import AgentProc, ManagerProcess, wait_until
+from tests.ui.conftest import browser, page  # noqa: F401  (fixtures: the web view's headless Chromium)
+from tests.ui.support import UiProc
 
 ROOT = Path(__file__).resolve().parents[1]
 HIERARCHICAL_SLA = ROOT / "examples" / "projects" / "digits_hierarchical.json"
@@ -47,6 +56,9 @@ class HFleet:
     feed: ProjectFeed
     agents: dict[str, AgentProc]
     repo_url: str
+    broker: BrokerAddress
+    tmp: Path
+    tracking: TrackingServer | None
 
     def sla(self, **training: Any) -> dict[str, Any]:
         body = json.loads(HIERARCHICAL_SLA.read_text())
@@ -69,6 +81,9 @@ def hfleet(broker: BrokerAddress, tmp_path_factory: pytest.TempPathFactory) -> I
     tmp = tmp_path_factory.mktemp("hierarchical")
     feed = ProjectFeed(broker)
     env = {"FLOPS_AGGREGATOR_PORTS": json.dumps(free_port_range()), "FLOPS_AGENT_GRACE_S": "3"}
+    tracking = start_tracking(tmp / "mlflow", port=free_port()) if importlib.util.find_spec("mlflow") else None
+    if tracking is not None:
+        env["FLOPS_TRACKING_URI"] = tracking.url
     manager = ManagerProcess(broker, tmp / "manager", env)
     agents = {"root": AgentProc("root", tmp / "agents" / "root", "builder,aggregator,serve", broker)}
     for agent_id, cluster in LEARNERS.items():
@@ -87,11 +102,13 @@ def hfleet(broker: BrokerAddress, tmp_path_factory: pytest.TempPathFactory) -> I
             tokens=[agents[a].data_token() for a in LEARNERS],
         )
         feed.wait_agents(list(LEARNERS), tag="digits")
-        yield HFleet(feed, agents, example_repo(tmp))
+        yield HFleet(feed, agents, example_repo(tmp), broker, tmp, tracking)
     finally:
         for agent in agents.values():
             agent.stop()
         manager.stop()
+        if tracking is not None:
+            tracking.stop()
         with contextlib.suppress(Exception):
             clear_retained(broker, list(agents))
         feed.close()
@@ -148,6 +165,66 @@ def test_small_original_semantics_complete_and_match_classic_accuracy(hfleet: HF
     assert abs(hierarchical - classic) <= 0.02
     wait_no_processes(classic_id, timeout=CLEANUP_TIMEOUT)
     assert len(wait_no_processes(project_id, allow=("flops.runtime.serve",), timeout=CLEANUP_TIMEOUT)) == 1
+
+
+@pytest.mark.timeout(900)
+def test_tracked_root_logs_a_run_per_cycle_and_the_view_draws_each_cluster(
+    hfleet: HFleet,
+    page: Any,  # noqa: F811  (the imported fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if hfleet.tracking is None:
+        pytest.skip("the tracking extra installs mlflow-skinny")
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", hfleet.tracking.url)  # where models:/ URIs resolve
+    ui = UiProc(hfleet.tmp / "ui", {"FLOPS_BROKER_URL": hfleet.broker.url})
+    ui.home.mkdir(exist_ok=True)
+    ui.start()  # before the project: events are not retained
+    try:
+        project_id, state = hfleet.run(hfleet.sla(**SHORT), FIRST_TIMEOUT)
+        assert _outcome(hfleet, project_id, state) == "completed", state.reason
+        roots = [e.data for e in hfleet.feed.events(project_id, "round.completed") if e.data.get("level") == "root"]
+        assert [c["cycle"] for c in roots] == [1, 2]
+
+        # MLflow: one run per cycle (the root's), metrics as the cycle events, the best model registered.
+        client = mlflow.MlflowClient(tracking_uri=hfleet.tracking.url, registry_uri=hfleet.tracking.url)
+        experiment = client.get_experiment_by_name(experiment_name(project_id))
+        assert experiment is not None
+        runs = client.search_runs([experiment.experiment_id])
+        by_cycle = {int(r.data.tags["flops.cycle"]): r for r in runs}
+        assert len(runs) == 2 and sorted(by_cycle) == [1, 2]
+        for event in roots:
+            run = by_cycle[event["cycle"]]
+            assert run.info.run_name == f"cycle-{event['cycle']}" and run.data.tags["flops.kind"] == "cycle"
+            assert run.data.metrics["loss"] == pytest.approx(event["loss"])
+            assert run.data.metrics["accuracy"] == pytest.approx(event["accuracy"])
+            assert run.data.metrics["examples"] == event["examples"]
+            assert run.data.params["strategy"] == "fedavg" and run.data.params["rounds"] == "2"
+        tracked = state.tracking
+        assert tracked is not None and not tracked.get("warnings"), tracked
+        assert tracked["run_ids"] == {str(k): r.info.run_id for k, r in by_cycle.items()}
+        versions = client.search_model_versions(f"name = 'flops-{project_id}'")
+        assert [v.version for v in versions] == ["1"] and tracked["model_version"] == "1"
+        assert tracked["run_id"] in {r.info.run_id for r in runs}
+        assert mlflow.sklearn.load_model(f"models:/flops-{project_id}/1") is not None
+
+        # The web view: one series per cluster, every cluster round and cycle in its table.
+        with urllib.request.urlopen(f"{ui.url}/api/projects/{project_id}", timeout=10) as response:
+            shown = json.loads(response.read())["hierarchical"]
+        assert sorted(shown["clusters_seen"]) == ["east", "west"]
+        for points in shown["clusters_seen"].values():
+            assert [(p["cycle"], p["round"], p["step"]) for p in points] == [(1, 1, 1), (2, 1, 2)]
+        page.goto(f"{ui.url}/projects/{project_id}")
+        page.wait_for_selector("#plot g.series[data-cluster='west'] circle", timeout=20_000)
+        for cluster in ("east", "west"):
+            assert page.locator(f"#plot g.series[data-cluster='{cluster}'] circle").count() == 4  # 2 x acc + loss
+            assert page.locator(f".legend .key[data-cluster='{cluster}']").inner_text().strip() == f"cluster {cluster}"
+        assert page.locator("#plot rect.root").count() == 2
+        assert page.locator("#rounds tbody tr").count() == 6  # 2 clusters x 2 cycles + 2 global models
+    finally:
+        ui.stop()
+    wait_no_processes(project_id, timeout=CLEANUP_TIMEOUT)
 
 
 def test_a_cluster_below_its_minimum_is_refused_by_name(hfleet: HFleet, broker: BrokerAddress, tmp_path: Path) -> None:

@@ -129,6 +129,26 @@ def test_aggregation_starts_a_root_and_one_aggregator_per_cluster(h: EngineHarne
     assert len(set(ports)) == 3  # one agent may host several aggregators
 
 
+def test_with_tracking_only_the_root_aggregator_gets_a_tracking_spec(tmp_path: Path) -> None:
+    h = EngineHarness(tmp_path, tracking_uri="http://127.0.0.1:5005")
+    project_id = _to_aggregation(h)
+    aggregators = h.commands(project_id, "run_aggregator")
+    (root,) = [c for c in aggregators if "cluster" not in c.spec]
+    assert root.spec["tracking"] == {
+        "url": "http://127.0.0.1:5005",
+        "experiment": f"FLOps Project {project_id}",
+        "project_id": project_id,
+        "flavor": "sklearn",
+        "registered_model": f"flops-{project_id}",
+        "unit": "cycle",
+    }
+    others = [c for c in aggregators if "cluster" in c.spec] + h.commands(project_id, "run_learner")
+    assert len(others) == 6 and not any(c.spec.get("tracking") for c in others)
+    h.report(root, "tracking.logged", round=1, run_id="run-1")
+    assert h.state(project_id).tracking["run_ids"] == {"1": "run-1"}
+    assert any(e.message == "cycle 1 logged to MLflow run run-1" for e in h.events(project_id))
+
+
 def test_cycles_and_cluster_rounds_become_events_and_progress(h: EngineHarness) -> None:
     project_id = _to_aggregation(h)
     aggregators = h.commands(project_id, "run_aggregator")

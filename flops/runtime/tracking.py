@@ -1,6 +1,7 @@
-"""The aggregator's MLflow logging: experiment ``FLOps Project <id>``, one run per round (the strategy's
-parameters, the round's loss, accuracy and example count, a sample of the aggregator host's system
-metrics), and the best round's model logged with its flavor and registered (one version per project).
+"""The aggregator's MLflow logging: experiment ``FLOps Project <id>``, one run per round (per cycle for the
+root aggregator of hierarchical mode; cluster aggregators are never given a spec) with the strategy's
+parameters, the round's loss, accuracy and example count and a sample of the aggregator host's system
+metrics, and the best round's model logged with its flavor and registered (one version per project).
 
 Only the aggregator logs (learners never: their data stays private). It wraps the aggregator's
 :class:`~flops.runtime.reports.ReportWriter`: every report goes on to the agent at once; rounds are logged
@@ -40,6 +41,7 @@ class TrackingSpec:
     project_id: str
     flavor: str
     registered_model: str
+    unit: str = "round"  # "cycle" for the root aggregator of hierarchical mode
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | os._Environ[str]) -> TrackingSpec | None:
@@ -47,7 +49,7 @@ class TrackingSpec:
         if not raw:
             return None
         data = json.loads(raw)
-        return cls(**{k: str(data[k]) for k in cls.__dataclass_fields__})
+        return cls(**{k: str(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -139,8 +141,11 @@ class TrackedReports(ReportWriter):
         rnd = int(item["round"])
         if rnd in self._state.run_ids:
             return self._state.run_ids[rnd]
-        tags = {"flops.project_id": self.spec.project_id, "flops.round": str(rnd), "flops.kind": "round"}
-        run = client.create_run(experiment_id, run_name=f"round-{rnd}", tags=tags)
+        unit = self.spec.unit
+        tags = {"flops.project_id": self.spec.project_id, "flops.round": str(rnd), "flops.kind": unit}
+        if unit != "round":
+            tags[f"flops.{unit}"] = str(rnd)
+        run = client.create_run(experiment_id, run_name=f"{unit}-{rnd}", tags=tags)
         run_id = run.info.run_id
         stamp = int(float(item["ts"]) * 1000)
         values = {k: item.get(k) for k in ("loss", "accuracy", "examples", "duration_s")}

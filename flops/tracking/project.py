@@ -10,6 +10,7 @@ from typing import Any
 from flops.hooks import Decision, StageContext
 from flops.lifecycle import Project
 from flops.messages import TrackingLogged
+from flops.sla import TrainingMode
 
 ENV = "FLOPS_TRACKING"
 """The aggregator's environment variable carrying its tracking spec (JSON)."""
@@ -31,8 +32,9 @@ def start(project: Project, ctx: StageContext) -> None:
     ctx.event(project, "report.accepted", f"tracking in MLflow at {uri} as {experiment_name(project.project_id)!r}")
 
 
-def aggregator_spec(project: Project) -> dict[str, Any] | None:
-    """What the aggregator needs to log (None: tracking off)."""
+def aggregator_spec(project: Project, unit: str = "round") -> dict[str, Any] | None:
+    """What the aggregator needs to log (None: tracking off); ``unit`` names its runs (``cycle`` for the root
+    aggregator of hierarchical mode, whose rounds are the cycles)."""
     tracking = project.ctx.get("tracking")
     if not tracking:
         return None
@@ -42,6 +44,7 @@ def aggregator_spec(project: Project) -> dict[str, Any] | None:
         "project_id": project.project_id,
         "flavor": project.sla.ml_model_flavor.value,
         "registered_model": f"flops-{project.project_id}",
+        "unit": unit,
     }
 
 
@@ -84,10 +87,11 @@ def note(project: Project, report: TrackingLogged, ctx: StageContext) -> Decisio
         )
     elif report.round is not None and report.run_id:
         tracking.setdefault("run_ids", {})[str(report.round)] = report.run_id
+        unit = "cycle" if project.sla.training_configuration.mode is TrainingMode.HIERARCHICAL else "round"
         ctx.event(
             project,
             "report.accepted",
-            f"round {report.round} logged to MLflow run {report.run_id}",
+            f"{unit} {report.round} logged to MLflow run {report.run_id}",
             round=report.round,
             run_id=report.run_id,
         )

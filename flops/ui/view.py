@@ -40,6 +40,9 @@ class ProjectView:
     events: deque[ProjectEvent] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     seqs: set[int] = field(default_factory=set)
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Hierarchical mode: (cluster, cycle, round) -> a cluster's round; cycle -> the root's global model.
+    cluster_rounds: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
+    cycles: dict[int, dict[str, Any]] = field(default_factory=dict)
     # agent id -> roles it was given (from the "<kind> sent to <agent>" events)
     roles: dict[str, set[str]] = field(default_factory=dict)
     # agent id -> examples, for learners that reported ready
@@ -100,12 +103,8 @@ class Observed:
             view.customer = view.customer or customer
             view.events.append(event)
             data = event.data
-            if event.kind == "round.completed" and isinstance(data.get("round"), int):
-                view.rounds[data["round"]] = {
-                    "round": data["round"],
-                    **{k: data.get(k) for k in ("loss", "accuracy", "examples", "duration_s")},
-                    "ts": event.ts,
-                }
+            if event.kind == "round.completed":
+                _fold_round(view, data, event.ts)
             agent = data.get("agent_id")
             command = data.get("command")
             if isinstance(agent, str) and command in ROLE_OF_COMMAND:
@@ -158,6 +157,36 @@ class Observed:
             return _detail(view, dict(self._agents), now)
 
 
+def _fold_round(view: ProjectView, data: dict[str, Any], ts: float) -> None:
+    """A ``round.completed`` event: a classic round, a cluster's round of a cycle, or a root cycle."""
+    values = {k: data.get(k) for k in ("loss", "accuracy", "examples", "duration_s")}
+    cluster, cycle, rnd = data.get("cluster"), data.get("cycle"), data.get("round")
+    if isinstance(cluster, str) and isinstance(cycle, int) and isinstance(rnd, int):
+        view.cluster_rounds[(cluster, cycle, rnd)] = {"cycle": cycle, "round": rnd, **values, "ts": ts}
+    elif data.get("level") == "root" and isinstance(cycle, int):
+        view.cycles[cycle] = {"cycle": cycle, **values, "ts": ts}
+    elif isinstance(rnd, int):
+        view.rounds[rnd] = {"round": rnd, **values, "ts": ts}
+
+
+def _hierarchical(view: ProjectView) -> dict[str, Any]:
+    """Hierarchical mode's series: each cluster's rounds in cycle order (``step`` counts its rounds across
+    cycles, the plot's x), and the root's cycles."""
+    progress = view.state.progress if view.state is not None else None
+    per_cycle = max([c.rounds for c in progress.clusters.values()] if progress else [], default=0)
+    per_cycle = max([per_cycle, *(r for _, _, r in view.cluster_rounds)], default=0)
+    clusters: dict[str, list[dict[str, Any]]] = {}
+    for cluster, cycle, rnd in sorted(view.cluster_rounds):
+        point = view.cluster_rounds[(cluster, cycle, rnd)]
+        clusters.setdefault(cluster, []).append({**point, "step": (cycle - 1) * per_cycle + rnd})
+    return {
+        "cycles": progress.cycles if progress else 0,
+        "rounds_per_cycle": per_cycle,
+        "clusters_seen": clusters,
+        "cycles_seen": [view.cycles[k] for k in sorted(view.cycles)],
+    }
+
+
 def _summary(view: ProjectView, now: float) -> dict[str, Any]:
     state = view.state
     assert state is not None
@@ -191,6 +220,7 @@ def _detail(view: ProjectView, agents: dict[str, AgentStatus], now: float) -> di
         **_summary(view, now),
         "timeline": timeline(state, now),
         "rounds_seen": rounds,
+        "hierarchical": _hierarchical(view) if view.cluster_rounds or view.cycles or state.progress.cycles else None,
         "failure": (
             {"reason": reason, "stage": state.failed_stage.value if state.failed_stage else None, "log_tail": log_tail}
             if state.outcome is not None and state.outcome.value == "failed"

@@ -77,3 +77,29 @@ def test_rounds_agents_and_failure_come_from_events_and_state() -> None:
     assert len(changes) == 7  # the repeated event changed nothing; the stale state neither
     seen.forget_project("p-1")
     assert seen.detail("p-1") is None and seen.summaries() == []
+
+
+def test_hierarchical_rounds_become_one_series_per_cluster_and_the_root_cycles() -> None:
+    seen = Observed(clock=lambda: 200.0)
+    progress = Progress(round=2, rounds=4, cycle=1, cycles=2, clusters={"east": {"rounds": 2}, "west": {"rounds": 2}})
+    seen.apply_state("alice", _state(1, Stage.AGGREGATION, progress=progress))
+    seq = 0
+    for cycle in (1, 2):
+        for cluster in ("west", "east"):
+            for rnd in (1, 2):
+                seq += 1
+                data = {"cycle": cycle, "round": rnd, "cluster": cluster, "level": "cluster", "loss": 1.0 / seq}
+                seen.apply_event("alice", ProjectEvent(project_id="p-1", seq=seq, kind="round.completed", data=data))
+        seq += 1
+        root = {"cycle": cycle, "level": "root", "loss": 0.2, "accuracy": 0.9, "examples": 400}
+        seen.apply_event("alice", ProjectEvent(project_id="p-1", seq=seq, kind="round.completed", data=root))
+    detail = seen.detail("p-1")
+    assert detail is not None
+    assert detail["rounds_seen"] == []  # no classic rounds: cluster rounds do not overwrite one another
+    h = detail["hierarchical"]
+    assert (h["cycles"], h["rounds_per_cycle"]) == (2, 2)
+    assert sorted(h["clusters_seen"]) == ["east", "west"]
+    for points in h["clusters_seen"].values():
+        assert [(p["cycle"], p["round"], p["step"]) for p in points] == [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]
+    assert h["clusters_seen"]["east"][0]["loss"] == 1.0 / 3
+    assert [(c["cycle"], c["accuracy"]) for c in h["cycles_seen"]] == [(1, 0.9), (2, 0.9)]

@@ -95,8 +95,8 @@ function renderProject(main, p, receivedAt) {
     el("h2", { text: "Stages" }),
     timeline(p, receivedAt),
     el("h2", { text: "Training" }),
-    plot(p),
-    roundsTable(p),
+    p.hierarchical ? clusterPlot(p) : plot(p),
+    p.hierarchical ? clusterTable(p) : roundsTable(p),
     el("h2", { text: "Agents" }),
     agentsTable(p),
     el("h2", { text: "Events" }),
@@ -213,6 +213,83 @@ function plot(p) {
   const legend = el("p", { class: "legend" }, el("span", { class: "key acc", text: "accuracy (left axis)" }), " ",
     el("span", { class: "key loss", text: "loss (right axis)" }));
   return el("figure", { class: "chart" }, svg, legend);
+}
+
+// Hierarchical mode: one colour per cluster (accuracy solid, loss dashed) and the root's global model per cycle.
+const CLUSTER_COLOURS = ["#0b5cad", "#b35900", "#1a7f37", "#8250df", "#b42318", "#57606a"];
+
+function clusterPlot(p) {
+  const h = p.hierarchical;
+  const names = Object.keys(h.clusters_seen).sort();
+  const perCycle = Math.max(h.rounds_per_cycle || 0, 1);
+  const all = names.flatMap((c) => h.clusters_seen[c]);
+  const W = 640, H = 260, L = 48, R = 48, T = 16, B = 36;
+  const n = Math.max((h.cycles || 0) * perCycle, ...all.map((r) => r.step), 1);
+  const losses = [...all, ...h.cycles_seen].map((r) => r.loss).filter((x) => x !== null && x !== undefined);
+  const maxLoss = Math.max(1e-9, ...losses) * 1.1;
+  const x = (k) => L + ((W - L - R) * (n === 1 ? 0.5 : (k - 1) / (n - 1)));
+  const yAcc = (a) => T + (H - T - B) * (1 - a);
+  const yLoss = (l) => T + (H - T - B) * (1 - l / maxLoss);
+  const svg = el("svg", {
+    id: "plot", viewBox: `0 0 ${W} ${H}`, role: "img", class: "plot",
+    "aria-label": `accuracy and loss per cluster round, ${names.length} cluster(s), ${h.cycles_seen.length} of ${h.cycles} cycle(s) done; the table below lists every point`,
+  });
+  const axes = el("g", { class: "axes" });
+  axes.append(el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B }), el("line", { x1: L, y1: T, x2: L, y2: H - B }),
+    el("line", { x1: W - R, y1: T, x2: W - R, y2: H - B }));
+  for (const a of [0, 0.5, 1]) axes.append(el("text", { x: L - 6, y: yAcc(a) + 4, class: "tick acc", "text-anchor": "end", text: a.toFixed(1) }));
+  for (const f of [0, 0.5, 1]) axes.append(el("text", { x: W - R + 6, y: yLoss(f * maxLoss) + 4, class: "tick loss", text: (f * maxLoss).toFixed(2) }));
+  for (let k = 1; k <= n; k++) {
+    const cycle = Math.ceil(k / perCycle), rnd = k - (cycle - 1) * perCycle;
+    axes.append(el("text", { x: x(k), y: H - B + 16, class: "tick", "text-anchor": "middle", text: `${cycle}.${rnd}` }));
+  }
+  axes.append(el("text", { x: (L + W - R) / 2, y: H - 4, class: "label", "text-anchor": "middle", text: "cycle.round" }));
+  svg.append(axes);
+  const legend = el("p", { class: "legend" });
+  names.forEach((name, i) => {
+    const colour = CLUSTER_COLOURS[i % CLUSTER_COLOURS.length];
+    const pts = h.clusters_seen[name];
+    const g = el("g", { class: "series", "data-cluster": name });
+    for (const [get, y, what, dash] of [[(r) => r.accuracy, yAcc, "accuracy", null], [(r) => r.loss, yLoss, "loss", "5 3"]]) {
+      const some = pts.filter((r) => get(r) !== null && get(r) !== undefined);
+      g.append(el("polyline", { class: "line", stroke: colour, "stroke-dasharray": dash, points: some.map((r) => `${x(r.step)},${y(get(r))}`).join(" ") }));
+      for (const r of some) {
+        g.append(el("circle", { class: "pt", fill: colour, cx: x(r.step), cy: y(get(r)), r: 3.5, "data-cycle": r.cycle, "data-round": r.round },
+          el("title", { text: `cluster ${name}, cycle ${r.cycle} round ${r.round}: ${what} ${num(get(r))}` })));
+      }
+    }
+    svg.append(g);
+    legend.append(el("span", { class: "key cluster", "data-cluster": name },
+      el("svg", { width: 22, height: 8, "aria-hidden": "true" }, el("line", { x1: 0, y1: 4, x2: 22, y2: 4, stroke: colour, "stroke-width": 3 })),
+      ` cluster ${name} `));
+  });
+  for (const c of h.cycles_seen) {
+    if (c.accuracy === null || c.accuracy === undefined) continue;
+    svg.append(el("rect", { class: "root", x: x(c.cycle * perCycle) - 4, y: yAcc(c.accuracy) - 4, width: 8, height: 8, "data-cycle": c.cycle },
+      el("title", { text: `cycle ${c.cycle}: global model accuracy ${num(c.accuracy)}, loss ${num(c.loss)}` })));
+  }
+  legend.append(el("span", { class: "key plain" }, "— accuracy (left axis), - - loss (right axis), ",
+    el("span", { class: "root-key", "aria-hidden": "true", text: "■" }), " global model after each cycle"));
+  return el("figure", { class: "chart" }, svg, legend);
+}
+
+function clusterTable(p) {
+  const h = p.hierarchical;
+  const rows = [];
+  for (const c of h.cycles_seen) rows.push({ who: "global model", ...c, round: "", step: c.cycle * h.rounds_per_cycle + 0.5 });
+  for (const [name, pts] of Object.entries(h.clusters_seen)) for (const r of pts) rows.push({ who: `cluster ${name}`, ...r });
+  if (!rows.length) return el("p", { id: "no-rounds", text: "No rounds yet." });
+  rows.sort((a, b) => a.step - b.step || a.who.localeCompare(b.who));
+  return el(
+    "table",
+    { id: "rounds", class: "grid" },
+    el("caption", { text: "Cluster rounds and cycles seen by this view" }),
+    el("thead", {}, el("tr", {}, ...["Cycle", "Round", "Series", "Accuracy", "Loss", "Examples", "At"].map((h2) => el("th", { scope: "col", text: h2 })))),
+    el("tbody", {}, ...rows.map((r) =>
+      el("tr", { "data-cycle": r.cycle, "data-round": r.round, "data-of": r.who },
+        el("td", { text: r.cycle }), el("td", { text: r.round }), el("th", { scope: "row", text: r.who }),
+        el("td", { text: num(r.accuracy) }), el("td", { text: num(r.loss) }), el("td", { text: r.examples ?? "" }), el("td", { text: clock(r.ts) })))),
+  );
 }
 
 function roundsTable(p) {
