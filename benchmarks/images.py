@@ -40,6 +40,12 @@ from flops.registry import start_registry
 from flops.settings import Settings
 
 
+def note(results: dict[str, object], key: str, value: object) -> None:
+    """Keep a figure and show it at once (a long run that fails later still says what it measured)."""
+    results[key] = value
+    print(f"{key}: {value}", flush=True)
+
+
 def timed(argv: list[str]) -> float:
     started = time.monotonic()
     subprocess.run(argv, check=True, capture_output=True, timeout=1800)
@@ -77,35 +83,35 @@ def main() -> None:
         spec = {"repo_url": example_repo(work / "repo"), "flavor": "sklearn", "platforms": ["linux/amd64"]}
         started = time.monotonic()
         cold = builder.build(spec, work / "builds")
-        results["cold_build_s"] = round(time.monotonic() - started, 1)
+        note(results, "cold_build_s", round(time.monotonic() - started, 1))
         assert cold.kind == "build.succeeded", cold
         started = time.monotonic()
         warm = builder.build(spec, work / "builds")
-        results["warm_build_s"] = round(time.monotonic() - started, 2)
+        note(results, "warm_build_s", round(time.monotonic() - started, 2))
         assert warm.kind == "build.succeeded" and warm.cached, warm
         learner = cold.artifact.images["learner"]  # type: ignore[union-attr]
         podman = Podman(PodmanSettings(root=work / "podman"), "bench")
         pull = [*podman.global_args(), "pull", "--tls-verify=false", learner]
-        results["pull_s"] = round(timed(pull), 1)
+        note(results, "pull_s", round(timed(pull), 1))
         copy = f"{registry.address}/bench/learner:copy"
         push = [*podman.global_args(), "push", "--tls-verify=false", learner, f"docker://{copy}"]
-        results["push_s"] = round(timed(push), 1)
+        note(results, "push_s", round(timed(push), 1))
         run = [*podman.global_args(), "run", "--rm", "--network", "host", "--entrypoint", "python"]
         run += ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096", learner, "-c", "pass"]
-        results["container_start_s"] = round(statistics.median(timed(run) for _ in range(3)), 1)
+        note(results, "container_start_s", round(statistics.median(timed(run) for _ in range(3)), 1))
         size = subprocess.run(
             [*podman.global_args(), "image", "inspect", "--format", "{{.Size}}", learner],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
-        results["learner_image_mb"] = round(int(size) / 1e6)
+        note(results, "learner_image_mb", round(int(size) / 1e6))
         if not args.quick:
-            results["demo_env"] = demo(work / "env", images=False)
-            results["demo_images"] = demo(work / "images", images=True)
+            note(results, "demo_env", demo(work / "env", images=False))
+            note(results, "demo_images", demo(work / "images", images=True))
             env_s = results["demo_env"]["total_s"]  # type: ignore[index]
             img_s = results["demo_images"]["total_s"]  # type: ignore[index]
-            results["demo_ratio"] = round(img_s / env_s, 2)
+            note(results, "demo_ratio", round(img_s / env_s, 2))
     finally:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
