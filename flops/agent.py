@@ -16,6 +16,7 @@ import queue
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -522,6 +523,7 @@ class Agent:
 
     def _build_model_image(self, cmd: Command) -> None:
         from flops.builder import package_model
+        from flops.builder.model_package import DEFAULT_ENTRY_MODULE, MLFLOW_ENTRY_MODULE, MLFLOW_MODEL_DIR
 
         if cmd.spec.get("artifact", {}).get("details", {}).get("kind") == "image":
             # A supervised child like a build: stop_project stops it; it reports model.built / model.failed.
@@ -537,9 +539,17 @@ class Agent:
             out = self._workdir(cmd) / "package"
             if out.exists():
                 shutil.rmtree(out)
+            tracking = cmd.spec.get("tracking") or {}
+            tracked = bool(tracking.get("model_uri") and tracking.get("url"))
             package = package_model(
-                model_ref.parent if model_ref.is_file() else model_ref, artifact, Path(artifact["repo_dir"]), out
+                model_ref.parent if model_ref.is_file() else model_ref,
+                artifact,
+                Path(artifact["repo_dir"]),
+                out,
+                entry_module=MLFLOW_ENTRY_MODULE if tracked else DEFAULT_ENTRY_MODULE,
             )
+            if tracked:  # served by MLflow's scoring server, as the model the aggregator logged
+                self._mlflow_model(artifact, model_ref, tracking, package.path / MLFLOW_MODEL_DIR)
             self._report(cmd, "model.built", image_ref=f"dir://{package.path}")
         except _Stopped:
             pass
@@ -547,6 +557,17 @@ class Agent:
             self._report(cmd, "model.failed", reason=f"packaging failed: {type(exc).__name__}: {exc}")
         finally:
             self._forget_running({cmd.command_id})
+
+    def _mlflow_model(self, artifact: dict[str, Any], model_ref: Path, tracking: dict[str, Any], out: Path) -> None:
+        """The logged MLflow model (or, when it cannot be fetched, the saved parameters in MLflow's format) at
+        ``out``, made by the project environment's own Python (which has MLflow and the repo's packages)."""
+        argv = [artifact["python"], "-m", "flops.runtime.mlflow_model", "--repo", artifact["repo_dir"]]
+        argv += ["--params", str(model_ref if model_ref.is_file() else model_ref / "model.npz")]
+        argv += ["--flavor", str(artifact.get("flavor") or "sklearn"), "--out", str(out)]
+        argv += ["--model-uri", str(tracking["model_uri"]), "--tracking-uri", str(tracking["url"])]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the MLflow model could not be made: {done.stderr.strip()[-1500:]}")
 
     def _serve_model(self, cmd: Command, *, port: int = 0, restart: int = 0) -> Child | None:
         if cmd.spec["image_ref"].startswith("image://"):

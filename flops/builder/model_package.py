@@ -23,6 +23,8 @@ from flops.builder.result import ArtifactRef
 MANIFEST = "manifest.json"
 PACKAGE_FORMAT = "flops-model-package/1"
 DEFAULT_ENTRY_MODULE = "flops.runtime.serve"
+MLFLOW_ENTRY_MODULE = "flops.runtime.mlflow_serve"  # a tracked project's package: MLflow's scoring server
+MLFLOW_MODEL_DIR = "mlflow-model"  # where such a package keeps the model the aggregator logged to MLflow
 # The aggregator saves the best round's parameters under this name (flops.runtime.training).
 DEFAULT_MODEL_FILE = "model.npz"
 # Not model code: VCS data, caches, and local datasets that must never leave the node.

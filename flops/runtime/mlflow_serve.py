@@ -1,6 +1,6 @@
 """MLflow's own scoring server for the trained-model image, behind the project's bearer token.
 
-``python -m flops.runtime.mlflow_serve --model DIR [--host H] [--port P] [--advertise-host H]
+``python -m flops.runtime.mlflow_serve --model DIR|--package DIR [--host H] [--port P] [--advertise-host H]
 [--token-file F] [--report-fd FD]`` loads the MLflow model at DIR (``mlflow.pyfunc.load_model``), builds
 MLflow's scoring application (``mlflow.pyfunc.scoring_server.init``: ``/ping``, ``/health``, ``/version``,
 ``/invocations`` with MLflow's request formats) and serves it with uvicorn. The only thing added is access
@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from flops.builder.model_package import MLFLOW_MODEL_DIR
 from flops.runtime.reports import MODEL_FAILED, MODEL_SERVED, ReportWriter
 from flops.runtime.serve import advertised_url, load_token
 from flops.supervisor import exit_with_owner
@@ -96,13 +97,17 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flops.runtime.mlflow_serve", description=__doc__)
-    p.add_argument("--model", type=Path, required=True, help="an MLflow model directory")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", type=Path, help="an MLflow model directory")
+    where.add_argument("--package", type=Path, help="a model package (flops.builder.model_package) with one")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--advertise-host", default=None)
     p.add_argument("--token-file", type=Path, default=None)
     p.add_argument("--report-fd", type=int, default=None)
     args = p.parse_args(argv)
+    if args.package is not None:
+        args.model = args.package / MLFLOW_MODEL_DIR
     exit_with_owner()  # uvicorn turns SIGTERM into a graceful stop itself
     return run(args, ReportWriter.open(args.report_fd))
 

@@ -1,7 +1,8 @@
 """MLflow tracking with every part real: ``flops tracking``'s server on loopback (SQLite, artifacts under its
 directory), a manager with ``FLOPS_TRACKING_URI``, three agents and real Flower rounds. After a project the
 experiment holds one run per round whose metrics are the round events', the best model is logged with its
-flavor, registered and loads, and the state carries the run ids; a tracking server stopped mid-training
+flavor, registered and loads, the inference server serves that logged model with MLflow's own scoring server,
+and the state carries the run ids; a tracking server stopped mid-training
 costs a warning, not the project."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flops.lifecycle_stages import Outcome
 from flops.settings import BrokerAddress
 from flops.tracking.project import experiment_name
 from flops.tracking.server import TrackingServer, start_tracking
+from tests.base_support import invoke_model
 from tests.fleet_support import Fleet, running_fleet
 from tests.support import cli
 from tests.ui.support import UiProc
@@ -48,7 +50,7 @@ def test_each_round_is_a_run_and_the_best_model_is_registered(
     fleet: Fleet, tracking: TrackingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.url)  # where models:/ URIs resolve
-    project_id, state = fleet.run(fleet.sla(training_rounds=3), timeout=FIRST_PROJECT_TIMEOUT)
+    project_id, state = fleet.run(fleet.sla(training_rounds=3, post_training=True), timeout=FIRST_PROJECT_TIMEOUT)
     assert state.outcome is Outcome.COMPLETED, fleet.feed.messages(project_id)
     client = mlflow.MlflowClient(tracking_uri=tracking.url, registry_uri=tracking.url)
     experiment = client.get_experiment_by_name(experiment_name(project_id))
@@ -83,6 +85,16 @@ def test_each_round_is_a_run_and_the_best_model_is_registered(
     images = np.asarray(digits.column("image").to_pylist(), dtype=float).reshape(len(digits), -1) / 16.0
     labels = np.asarray(digits.column("label").to_pylist())
     assert (model.predict(images) == labels).mean() > 0.8
+
+    # The served model is the logged one, answered by MLflow's own scoring server behind the project's token.
+    assert state.model_url and state.model_token
+    version = urllib.request.Request(
+        state.model_url.rstrip("/") + "/version", headers={"Authorization": f"Bearer {state.model_token}"}
+    )
+    with urllib.request.urlopen(version, timeout=10) as response:
+        assert response.read().decode().strip() == mlflow.__version__
+    served = invoke_model(state.model_url, images, state.model_token)
+    assert (served == model.predict(images)).all()
 
     # The web view (another subscriber) links the best run.
     ui = UiProc(fleet.tmp, {"FLOPS_BROKER_URL": fleet.broker.url}).start()
