@@ -25,6 +25,17 @@ from flops.settings import BrokerAddress
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a test's process, SIGKILL it when it has not exited 10 s later."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition", *, interval: float = 0.01
 ) -> Any:
@@ -249,13 +260,7 @@ class ManagerProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
     def log_tail(self, n: int = 4000) -> str:
         logs = sorted(self.data_dir.glob("manager-*.log"))

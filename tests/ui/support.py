@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.support import REPO_ROOT, wait_until
+from tests.support import REPO_ROOT, terminate, wait_until
 
 
 def free_port() -> int:
@@ -48,13 +48,7 @@ class UiProc:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
     def log_tail(self, n: int = 3000) -> str:
         path = self.home / "ui.log"
