@@ -31,6 +31,8 @@ from pathlib import Path
 
 import structlog
 
+from flops.supervisor import OWNER_PID_ENV
+
 log = structlog.get_logger(__name__)
 
 REPORT_FD = 3  # the first descriptor podman's --preserve-fds hands on
@@ -58,7 +60,6 @@ class PodmanSettings:
     registry_ca_dir: Path | None = None  # a directory of CA certificates for the registry (podman --cert-dir)
     nofile: int = 20_000
     nproc: int = 4_096
-    pull_timeout_s: float = 1800.0
 
 
 class Podman:
@@ -96,7 +97,6 @@ class Podman:
         command_id: str,
         env_names: Iterable[str] = (),
         mounts: Iterable[Path] = (),
-        platform: str | None = None,
         entrypoint: str | None = None,
     ) -> list[str]:
         """``podman run`` of ``image`` with ``args`` (after the image's entrypoint), removed when it exits.
@@ -112,12 +112,10 @@ class Podman:
         labels = {LABEL_AGENT: self.agent_id, LABEL_PROJECT: project_id, LABEL_COMMAND: command_id}
         for key, value in labels.items():
             argv += ["--label", f"{key}={value}"]
-        for env_name in ("FLOPS_OWNER_PID", "PYTHONUNBUFFERED", *env_names):
+        for env_name in (OWNER_PID_ENV, "PYTHONUNBUFFERED", *env_names):
             argv += ["--env", env_name]
         for path in dict.fromkeys(Path(m).resolve() for m in mounts):
             argv += ["--volume", f"{path}:{path}:{'rw' if path.is_dir() else 'ro'}"]
-        if platform:
-            argv += ["--platform", platform]
         if entrypoint:
             argv += ["--entrypoint", entrypoint]
         return [*argv, image, *args]
@@ -137,18 +135,14 @@ class Podman:
             return []
         return [name for row in rows for name in (row.get("Names") or [])]
 
-    def has_image(self, ref: str) -> bool:
-        return self._quiet(["image", "exists", ref], check=True) is not None
-
-    def _quiet(self, args: list[str], *, check: bool = False) -> str | None:
+    def _quiet(self, args: list[str]) -> str | None:
         try:
             done = subprocess.run([*self.global_args(), *args], capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("podman failed", args=args[:2], error=str(exc))
             return None
         if done.returncode != 0:
-            if not check:
-                log.warning("podman failed", args=args[:2], stderr=done.stderr.strip()[-500:])
+            log.warning("podman failed", args=args[:2], stderr=done.stderr.strip()[-500:])
             return None
         return done.stdout
 

@@ -61,6 +61,8 @@ class ModelImageSpec:
 
 
 class ModelImageBuilder:
+    """Builds and pushes one trained-model image with buildah (``build``)."""
+
     def __init__(
         self, registry: str, workdir: Path, *, registry_tls: bool = False, storage_driver: str = "vfs"
     ) -> None:
