@@ -164,7 +164,9 @@ def test_small_original_semantics_complete_and_match_classic_accuracy(hfleet: HF
     assert hierarchical >= 0.85
     assert abs(hierarchical - classic) <= 0.02
     wait_no_processes(classic_id, timeout=CLEANUP_TIMEOUT)
-    assert len(wait_no_processes(project_id, allow=("flops.runtime.serve",), timeout=CLEANUP_TIMEOUT)) == 1
+    # The model server stays: MLflow's scoring server when the fleet is tracked (the logged model), ours if not.
+    server = "flops.runtime.mlflow_serve" if hfleet.tracking is not None else "flops.runtime.serve"
+    assert len(wait_no_processes(project_id, allow=(server,), timeout=CLEANUP_TIMEOUT)) == 1
 
 
 @pytest.mark.timeout(900)
