@@ -39,7 +39,6 @@ from tests.base_support import (
 )
 from tests.fleet_support import CLEANUP_TIMEOUT, clear_retained
 from tests.support import AgentProc, ManagerProcess, wait_until
-from tests.ui.conftest import browser, page  # noqa: F401  (fixtures: the web view's headless Chromium)
 from tests.ui.support import UiProc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +171,7 @@ def test_small_original_semantics_complete_and_match_classic_accuracy(hfleet: HF
 @pytest.mark.timeout(900)
 def test_tracked_root_logs_a_run_per_cycle_and_the_view_draws_each_cluster(
     hfleet: HFleet,
-    page: Any,  # noqa: F811  (the imported fixture)
+    page: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if hfleet.tracking is None:
