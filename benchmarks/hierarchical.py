@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet_logs, record, table
 
 from flops.client import Client
-from flops.data.mock import load_dataset, push_partitions, split_iid
+from flops.data.mock import load_dataset
 from flops.demo import example_repo, running_system
 from flops.demo_hierarchical import HIERARCHICAL_SLA, ClusteredFleet
 from flops.messages import ProjectEvent, ProjectState
@@ -96,16 +96,9 @@ def main() -> None:
     try:
         settings = Settings(data_dir=work / "data")
         repo_url = example_repo(work)
-        with running_system(settings, work, 5, ClusteredFleet) as (address, fleet):
+        with running_system(settings, work, 5, fleet_class=ClusteredFleet) as (address, fleet):
             assert isinstance(fleet, ClusteredFleet)
-            statuses = fleet.wait_online()
-            partitions = split_iid(load_dataset("digits", split="train"), len(fleet.learners), seed=0)
-            push_partitions(
-                partitions,
-                [statuses[a].data_server for a in fleet.learners],
-                "digits",
-                tokens=[fleet.data_token(a) for a in fleet.learners],
-            )
+            fleet.push_digits(fleet.wait_online(), fleet.learners)
             with Client(address) as client:
                 for cycles, rounds in shapes:
                     for mode in ("hierarchical", "classic"):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from rich.console import Console
@@ -128,6 +129,22 @@ class Fleet:
                         seen[status.agent_id] = status
         return seen
 
+    def push_digits(
+        self, statuses: dict[str, AgentStatus], learners: list[str], ca_file: Path | None = None
+    ) -> list[Any]:
+        """IID partitions of digits' train split pushed to ``learners``' data servers; returns the partitions."""
+        from flops.data.mock import load_dataset, push_partitions, split_iid
+
+        partitions = split_iid(load_dataset("digits", split="train"), len(learners), seed=0)
+        push_partitions(
+            partitions,
+            [statuses[a].data_server for a in learners],
+            "digits",
+            tokens=[self.data_token(a) for a in learners],
+            ca_file=ca_file,
+        )
+        return partitions
+
     def data_token(self, agent_id: str) -> str:
         """The agent's data admin token (written before it announces its data server, so after wait_online)."""
         from flops.data.server import ADMIN_TOKEN_FILE
@@ -232,7 +249,6 @@ def _run_demo(
     ui_port: int | None,
 ) -> DemoResult:
     from flops.client import Client
-    from flops.data.mock import load_dataset, push_partitions, split_iid
 
     started = time.monotonic()
     repo_url = example_repo(work)
@@ -244,14 +260,7 @@ def _run_demo(
         console.print(f"[bold]FLOps demo[/]: broker {address.url}, manager, {agents} agents ({work})")
         ui_url = extras.enter_context(_web_view(settings, address, ui_port, console)) if ui_port else None
         statuses = fleet.wait_online()
-        partitions = split_iid(load_dataset("digits", split="train"), agents, seed=0)
-        push_partitions(
-            partitions,
-            [statuses[a].data_server for a in fleet.ids],
-            "digits",
-            tokens=[fleet.data_token(a) for a in fleet.ids],
-            ca_file=settings.tls_ca_file,
-        )
+        partitions = fleet.push_digits(statuses, fleet.ids, settings.tls_ca_file)
         shares = ", ".join(f"{a}: {p.num_rows} rows" for a, p in zip(fleet.ids, partitions, strict=True))
         console.print(f"data: digits train split → {shares}")
         body = json.loads(EXAMPLE_SLA.read_text())

@@ -66,7 +66,6 @@ class ClusteredFleet(Fleet):
 
 def run_hierarchical_demo(settings: Settings, work: Path, console: Console, *, timeout: float = 900.0) -> DemoResult:
     from flops.client import Client
-    from flops.data.mock import load_dataset, push_partitions, split_iid
 
     started = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
@@ -78,14 +77,7 @@ def run_hierarchical_demo(settings: Settings, work: Path, console: Console, *, t
             f"(east-0, east-1) and west (west-0, west-1) ({work})"
         )
         statuses = fleet.wait_online()
-        partitions = split_iid(load_dataset("digits", split="train"), len(fleet.learners), seed=0)
-        push_partitions(
-            partitions,
-            [statuses[a].data_server for a in fleet.learners],
-            "digits",
-            tokens=[fleet.data_token(a) for a in fleet.learners],
-            ca_file=settings.tls_ca_file,
-        )
+        fleet.push_digits(statuses, fleet.learners, settings.tls_ca_file)
         body = json.loads(HIERARCHICAL_SLA.read_text())
         body["ml_repo_url"] = repo_url
         sla = ProjectSLA.model_validate(body)
