@@ -7,7 +7,6 @@ costs a warning, not the project."""
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from collections.abc import Iterator
 
@@ -99,8 +98,7 @@ def test_each_round_is_a_run_and_the_best_model_is_registered(
     # The web view (another subscriber) links the best run.
     ui = UiProc(fleet.tmp, {"FLOPS_BROKER_URL": fleet.broker.url}).start()
     try:
-        with urllib.request.urlopen(f"{ui.url}/api/projects/{project_id}", timeout=10) as response:
-            assert json.loads(response.read())["tracking"]["run_url"] == tracked["run_url"]
+        assert ui.known(f"/api/projects/{project_id}")["tracking"]["run_url"] == tracked["run_url"]
     finally:
         ui.stop()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -46,6 +48,21 @@ class UiProc:
                 return response.status == 200
         except OSError:
             return False
+
+    def known(self, path: str, timeout: float = 30.0) -> dict:
+        """The JSON at ``path`` once the view has it: a view started after a project learns its retained state
+        a moment after ``/healthz`` answers (404 until then)."""
+
+        def fetch() -> dict | None:
+            try:
+                with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:
+                    raise
+                return None
+
+        return wait_until(fetch, timeout, f"{path} on the web view", interval=0.2)
 
     def stop(self) -> None:
         terminate(self.proc)
