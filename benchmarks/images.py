@@ -79,7 +79,10 @@ def main() -> None:
         builder = ImageBuilder(settings)
         if args.cold_base:
             for name in ("localhost/flops/debian:bookworm-linux-amd64",):
-                subprocess.run(["buildah", "--storage-driver", "vfs", "rmi", "--force", name], capture_output=True)
+                subprocess.run(
+                    ["buildah", "--storage-driver", settings.storage_driver, "rmi", "--force", name],
+                    capture_output=True,
+                )
         spec = {"repo_url": example_repo(work / "repo"), "flavor": "sklearn", "platforms": ["linux/amd64"]}
         started = time.monotonic()
         cold = builder.build(spec, work / "builds")

@@ -302,6 +302,7 @@ class Agent:
         argv = [BUILD_WORKER, "--spec", json.dumps(spec), "--workdir", str(self.dirs["builds"])]
         if spec.get("backend") == "image":
             argv += ["--backend", "image", "--registry", self.config.registry]
+            argv += ["--storage-driver", self.config.podman.storage_driver]
             argv += ["--registry-tls"] if self.config.registry_tls else []
             argv += ["--base-image", self.config.base_image] if self.config.base_image else []
         return argv
@@ -528,7 +529,8 @@ class Agent:
         if cmd.spec.get("artifact", {}).get("details", {}).get("kind") == "image":
             # A supervised child like a build: stop_project stops it; it reports model.built / model.failed.
             argv = [MODEL_IMAGE_WORKER, "--spec", json.dumps(cmd.spec), "--workdir", str(self.dirs["builds"])]
-            argv += ["--registry", self.config.registry, *(["--registry-tls"] if self.config.registry_tls else [])]
+            argv += ["--registry", self.config.registry, "--storage-driver", self.config.podman.storage_driver]
+            argv += ["--registry-tls"] if self.config.registry_tls else []
             child = self._spawn(cmd, argv, {"python": sys.executable})
             if child is None:
                 self._forget_running({cmd.command_id})

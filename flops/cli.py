@@ -196,6 +196,7 @@ def agent(
         base_image=settings.base_image,
         podman=PodmanSettings(
             root=settings.container_storage,
+            storage_driver=settings.container_storage_driver,
             registry_tls=settings.registry_tls,
             registry_ca_dir=cert_dir(settings.tls_ca_file, data_dir) if settings.registry_tls else None,
         ),

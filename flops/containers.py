@@ -11,7 +11,7 @@ behind is covered three ways:
   exits when it is gone, e.g. when the kernel SIGKILLed it because the agent died;
 - an agent that starts removes every container labelled with its id (left by a previous life).
 
-Settings measured on these hosts (``../shared/MEASURED.md``): runc rather than crun, vfs storage, explicit
+Settings measured on these hosts (``../shared/MEASURED.md``): runc rather than crun, overlay storage, explicit
 ulimits no higher than the host's hard limits, host network (learners reach the node's data server and the
 aggregator by the addresses the manager hands out).
 """
@@ -54,7 +54,7 @@ class PodmanSettings:
 
     podman: str = "podman"
     runtime: str | None = RUNC  # None = podman's default (crun fails on these hosts' rlimits)
-    storage_driver: str = "vfs"
+    storage_driver: str = "overlay"
     root: Path | None = None  # image storage; None = podman's default (shared by every agent of this host)
     registry_tls: bool = False
     registry_ca_dir: Path | None = None  # a directory of CA certificates for the registry (podman --cert-dir)

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     artifacts: Literal["env", "image"] = Field("env", description="Build environments or container images")
     # An agent's podman image storage; unset = podman's default (shared by the agents of one host).
     container_storage: Path | None = None
+    # buildah's and podman's storage driver: overlay shares layers between images and containers (a container
+    # starts in ~1 s); vfs copies every layer in full (~20 s per start, GBs per image) but runs anywhere.
+    container_storage_driver: Literal["overlay", "vfs"] = Field(
+        "overlay", description="Storage driver of buildah and podman (vfs where overlay is unavailable)"
+    )
     # MLflow tracking (optional extra): aggregators log each project's rounds and best model there.
     tracking_uri: str | None = Field(None, description="MLflow tracking server URL; unset = tracking off")
     # flops ui: a login (MQTT username + password) is required when "required", or with "auto" when the broker

@@ -24,7 +24,8 @@ from flops.ports import free_port
 from flops.registry import RunningRegistry, start_registry
 
 TOOLS = ("buildah", "skopeo", "podman", "docker-registry", "debootstrap")
-PODMAN = ("podman", "--storage-driver", "vfs", "--runtime", "/usr/sbin/runc")
+DRIVER = "overlay"  # what the product uses by default (Settings.container_storage_driver)
+PODMAN = ("podman", "--storage-driver", DRIVER, "--runtime", "/usr/sbin/runc")
 PODMAN_RUN = ("run", "--rm", "--tls-verify=false", "--network", "host")
 PODMAN_RUN += ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096")
 
@@ -45,12 +46,12 @@ class Built:
 
 
 def buildah(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["buildah", "--storage-driver", "vfs", *args], check=check, capture_output=True, text=True)
+    return subprocess.run(["buildah", "--storage-driver", DRIVER, *args], check=check, capture_output=True, text=True)
 
 
 def forget_local(refs: list[str], platforms: tuple[str, ...]) -> None:
-    """Remove a test's repo images from local storage (vfs keeps a full copy per image); the Debian base and
-    the runtime image stay cached for the next run."""
+    """Remove a test's repo images from local storage (they are the run's, nobody reuses them); the Debian base
+    and the runtime image stay cached for the next run."""
     for ref in refs:
         buildah("manifest", "rm", ref)
         buildah("rmi", ref)  # what podman pulled

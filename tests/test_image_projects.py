@@ -25,7 +25,7 @@ from tests.image_support import PODMAN, Built, inspect_raw
 from tests.support import make_git_repo, wait_until
 
 pytestmark = [pytest.mark.timeout(1800)]
-IMAGE_PROJECT_TIMEOUT = 900.0  # pulls into an empty vfs storage and the trained-model image's build
+IMAGE_PROJECT_TIMEOUT = 900.0  # pulls into an empty storage and the trained-model image's build
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,13 @@ def fleet(broker: BrokerAddress, built: Built, tmp_path_factory: pytest.TempPath
         "node-2": registry,
     }
     manager_env = {"FLOPS_ARTIFACTS": "image", "FLOPS_AGENT_GRACE_S": "3"}
-    with running_fleet(broker, tmp, manager_env, agent_env=agent_env, repo_url=built.repo_url) as fleet:
-        yield fleet
+    try:
+        with running_fleet(broker, tmp, manager_env, agent_env=agent_env, repo_url=built.repo_url) as fleet:
+            yield fleet
+    finally:
+        # node-1's storage holds the images it pulled (GBs); the agents are gone, so nothing is mounted.
+        storage = Podman(PodmanSettings(root=tmp / "node-1-containers"), "test").global_args()
+        subprocess.run([*storage, "system", "reset", "--force"], capture_output=True, timeout=300)
 
 
 def containers(*filters: str) -> list[dict]:

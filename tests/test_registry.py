@@ -29,7 +29,7 @@ from flops.registry import (
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="docker-registry and buildah are Linux tools")
-BUILDAH = ("buildah", "--storage-driver", "vfs")
+BUILDAH = ("buildah", "--storage-driver", "overlay")
 
 
 def need(tool: str) -> None:

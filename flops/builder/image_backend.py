@@ -87,7 +87,7 @@ class ImageBuilderSettings:
     python_version: str = "3.11.2"  # of the base image's python3 (contract check, wheelhouse tags)
     runtime_requirements: tuple[str, ...] = DEFAULT_RUNTIME_REQUIREMENTS
     host_python: str = field(default_factory=lambda: sys.executable)  # its pip's config and downloads
-    storage_driver: str = "vfs"
+    storage_driver: str = "overlay"
     isolation: str = "chroot"
     git_timeout_s: float = 300.0
     debootstrap_timeout_s: float = 1800.0
@@ -172,9 +172,11 @@ class ImageBuilder:
                     self._progress("images", f"{platform} built in {time.monotonic() - step_started:.1f} s")
                 digests = {role: self._push_manifest(names.ref(role), images) for role, images in built.items()}
             finally:
-                # Pushed or failed: local copies of the repo's images only cost disk (vfs keeps full copies);
-                # the Debian base and the runtime image stay, they are the cache.
-                self._forget_local(names, platforms)
+                # Pushed or failed: with vfs local copies of the repo's images cost GBs (full copies), so only
+                # the Debian base and the runtime image stay; overlay shares their layers, so an agent on this
+                # host starts them without a pull.
+                if self.settings.storage_driver == "vfs":
+                    self._forget_local(names, platforms)
             record = {"dependency_file": contract.dependency_file, "requirements": list(contract.requirements)}
             record["warnings"] = list(contract.warnings)
             _write_json(self._record_path(workdir, names), record)

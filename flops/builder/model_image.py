@@ -64,11 +64,12 @@ class ModelImageBuilder:
     """Builds and pushes one trained-model image with buildah (``build``)."""
 
     def __init__(
-        self, registry: str, workdir: Path, *, registry_tls: bool = False, storage_driver: str = "vfs"
+        self, registry: str, workdir: Path, *, registry_tls: bool = False, storage_driver: str = "overlay"
     ) -> None:
         self.registry = registry
         self.workdir = workdir
         self.tls = [] if registry_tls else ["--tls-verify=false"]
+        self.storage_driver = storage_driver
         self.storage = ["--storage-driver", storage_driver]
 
     def build(self, spec: ModelImageSpec) -> str:
@@ -113,7 +114,8 @@ class ModelImageBuilder:
         try:
             self._buildah("push", f"pushing {ref}", ["push", *self.tls, ref, f"docker://{ref}"])
         finally:
-            succeeds("buildah", [*self.storage, "rmi", ref])  # the registry has it; vfs copies cost disk
+            if self.storage_driver == "vfs":
+                succeeds("buildah", [*self.storage, "rmi", ref])  # the registry has it; vfs copies cost GBs
         return ref
 
     def _wheels(self) -> Path:
@@ -164,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registry", default="127.0.0.1:5000")
     p.add_argument("--registry-tls", action="store_true")
     p.add_argument("--report-fd", type=int, default=None)
+    p.add_argument("--storage-driver", default="overlay", help="buildah's storage driver (overlay or vfs)")
     args = p.parse_args(argv)
     reports = ReportWriter.open(args.report_fd)
     started = time.monotonic()
     try:
         spec = parse_spec(json.loads(args.spec))
-        ref = ModelImageBuilder(args.registry, args.workdir, registry_tls=args.registry_tls).build(spec)
+        ref = ModelImageBuilder(
+            args.registry, args.workdir, registry_tls=args.registry_tls, storage_driver=args.storage_driver
+        ).build(spec)
     except StepFailed as exc:
         reports.emit(MODEL_FAILED, reason=f"trained-model image: {exc.reason}", log_tail=exc.log_tail[-4000:])
         return 1

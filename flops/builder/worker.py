@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("env", "image"), default="env", help="environment (default) or images")
     p.add_argument("--registry", default="127.0.0.1:5000", help="image backend: host:port of the FLOps registry")
     p.add_argument("--registry-tls", action="store_true", help="image backend: the registry speaks HTTPS")
+    p.add_argument("--storage-driver", default="overlay", help="image backend: buildah's storage driver")
     p.add_argument("--base-image", default=None, help="image backend: base image (default: debootstrap'ed Debian)")
     return p.parse_args(argv)
 
@@ -39,7 +40,10 @@ def make_builder(args: argparse.Namespace) -> Builder:
         from flops.builder.image_backend import ImageBuilder, ImageBuilderSettings
 
         settings = ImageBuilderSettings(
-            registry=args.registry, registry_tls=args.registry_tls, base_image=args.base_image
+            registry=args.registry,
+            registry_tls=args.registry_tls,
+            base_image=args.base_image,
+            storage_driver=args.storage_driver,
         )
         log = structlog.get_logger("flops.builder.worker")
         return ImageBuilder(settings, on_line=lambda step, line: log.info(line, step=step))
