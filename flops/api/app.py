@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from flops.api import actions
 from flops.api.actions import Answer, ApiConfig, parse_json, refused
-from flops.api.original import CustomerQuery
+from flops.api.original import CustomerQuery, Login
 from flops.api.tokens import Principal
 from flops.messages import field_errors
 
@@ -73,10 +73,18 @@ def create_app(config: ApiConfig) -> Starlette:
         # The token decides who is an administrator; the body's customerID (the oak CLI's "Admin") does not.
         return await asyncio.to_thread(actions.reset_database, config, principal)
 
+    async def login(request: Request) -> Response:
+        """The oak CLI's login (Oakestra's ``/api/auth/login``), for customers with a password in the tokens file."""
+        raw = await _body(request, body_limit)
+        answer = raw if isinstance(raw, Answer) else _login(config, raw)
+        log.info("api.login", status=answer.status)
+        return JSONResponse(answer.body, status_code=answer.status)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
     routes = [Route("/healthz", healthz)]
+    routes += [Route(p, login, methods=["POST"]) for p in ("/api/auth/login", "/api/auth/login/")]
     for path, handler, method in (
         ("/api/flops/projects", projects, "POST"),
         ("/api/flops/mocks", mocks, "POST"),
@@ -86,6 +94,20 @@ def create_app(config: ApiConfig) -> Starlette:
         endpoint = authenticated(handler)
         routes += [Route(path, endpoint, methods=[method]), Route(f"{path}/", endpoint, methods=[method])]
     return Starlette(routes=routes)
+
+
+def _login(config: ApiConfig, raw: bytes) -> Answer:
+    data, bad = parse_json(raw)
+    if bad is not None:
+        return bad
+    try:
+        asked = Login.model_validate(data)
+    except ValidationError as exc:
+        return refused(422, "invalid login", field_errors(exc))
+    token = config.tokens.login(asked.username, asked.password)
+    if token is None:
+        return refused(401, "wrong username or password")
+    return Answer(200, {"token": token})
 
 
 def _principal(request: Request, config: ApiConfig) -> Principal | Answer:

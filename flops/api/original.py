@@ -5,8 +5,9 @@ files). ``POST /api/flops/mocks`` carries a mock-data SLA, modelled here after t
 ``MockDataProvider``: ``{"customerID", "mock_data_configuration": {"dataset_name", "number_of_partitions",
 "data_tag"}}`` with the original's defaults (``mnist``, 1, the dataset's name). ``GET /api/flops/tracking``
 and ``DELETE /api/flops/database`` carry ``{"customerID"}`` (the current oak CLI sends the tracking one as a
-query parameter). Every SLA file of the oak CLI names ``"customerID": "Admin"``, its default: here that
-means "the token's customer".
+query parameter). Before each of them the oak CLI logs in (``POST /api/auth/login`` with ``{"username",
+"password"}`` at Oakestra's system manager) and sends the token it gets back. Every SLA file of the oak CLI
+names ``"customerID": "Admin"``, its default: here that means "the token's customer".
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class MockDataSLA(BaseModel):
 
     customerID: Annotated[str, Field(min_length=1, max_length=128)] = ORIGINAL_DEFAULT_CUSTOMER
     mock_data_configuration: MockDataConfiguration = MockDataConfiguration()
+
+
+class Login(BaseModel):
+    """``POST /api/auth/login``: what the oak CLI sends Oakestra's system manager for a token."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    username: Annotated[str, Field(min_length=1, max_length=128)]
+    password: Annotated[str, Field(min_length=1, max_length=1024)]
 
 
 class CustomerQuery(BaseModel):

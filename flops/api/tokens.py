@@ -5,13 +5,15 @@ production``)::
 
     {"customers": {
         "alice": {"token": "…at least 16 characters…", "env_file": "env/alice.env"},
-        "ops":   {"token": "…", "admin": true, "env_file": "env/ops.env"}}}
+        "ops":   {"token": "…", "admin": true, "env_file": "env/ops.env", "password": "…"}}}
 
 ``env_file`` (relative to the tokens file) is the identity's env file that ``flops setup production`` wrote:
 its ``FLOPS_BROKER_USERNAME``/``PASSWORD``/``CLIENT_CERT``/``CLIENT_KEY`` are what the API connects with
 when it acts for that customer, so the broker's ACL decides what the customer may touch. Without it the
 API's own broker settings are used (development: an anonymous broker). ``admin`` allows the
-administrators' endpoints (mock data, database reset). Tokens are compared in constant time.
+administrators' endpoints (mock data, database reset). ``password`` lets the oak CLI log in as that customer
+(``POST /api/auth/login``, what it asks Oakestra's system manager for a token), answered with the token.
+Tokens and passwords are compared in constant time.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class _Entry(BaseModel):
     token: str = Field(min_length=16)
     admin: bool = False
     env_file: Path | None = None
+    password: str | None = Field(None, min_length=1)
 
 
 class _File(BaseModel):
@@ -67,8 +70,9 @@ class Principal:
 
 
 class Tokens:
-    def __init__(self, principals: dict[str, Principal]) -> None:
+    def __init__(self, principals: dict[str, Principal], passwords: dict[str, tuple[str, str]] | None = None) -> None:
         self._principals = principals
+        self._passwords = passwords or {}  # customer -> (password, token)
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
@@ -82,12 +86,15 @@ class Tokens:
             raise ConfigError(f"tokens file {path}: {where}: {first['msg']}") from exc
         seen: set[str] = set()
         principals: dict[str, Principal] = {}
+        passwords: dict[str, tuple[str, str]] = {}
         for name, entry in parsed.customers.items():
             if entry.token in seen:
                 raise ConfigError(f"tokens file {path}: customers.{name}.token is another customer's token too")
             seen.add(entry.token)
             principals[entry.token] = _principal(name, entry, path.parent)
-        return cls(principals)
+            if entry.password is not None:
+                passwords[name] = (entry.password, entry.token)
+        return cls(principals, passwords)
 
     def __len__(self) -> int:
         return len(self._principals)
@@ -99,6 +106,12 @@ class Tokens:
             if hmac.compare_digest(known.encode(), token.encode()):
                 found = principal
         return found
+
+    def login(self, username: str, password: str) -> str | None:
+        """The token of ``username`` when ``password`` is its password (entries without one cannot log in)."""
+        stored, token = self._passwords.get(username, ("", ""))
+        matches = hmac.compare_digest(stored.encode(), password.encode())
+        return token if stored and matches else None
 
 
 def _principal(name: str, entry: _Entry, base: Path) -> Principal:
