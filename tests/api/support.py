@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -36,11 +37,14 @@ class Answer:
 
 
 class ApiProc:
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    """With ``ca_file``, the API serves HTTPS (``FLOPS_TLS_CERT_FILE`` in ``env``) and is checked against it."""
+
+    def __init__(self, home: Path, env: dict[str, str], ca_file: Path | None = None) -> None:
         self.home = home
         self.env = env
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
+        self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> ApiProc:
@@ -60,7 +64,7 @@ class ApiProc:
     def _up(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, f"flops api exited: {self.log_tail()}"
         try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2, context=self.context) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -114,7 +118,7 @@ class ApiProc:
             f"{self.url}{path}", data=data, headers={"User-Agent": user_agent, **headers}, method=method
         )
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=60, context=self.context) as response:
                 return Answer(response.status, json.loads(response.read()), _lower(response.headers.items()))
         except urllib.error.HTTPError as exc:
             return Answer(exc.code, json.loads(exc.read()), _lower(exc.headers.items()))
