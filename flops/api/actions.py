@@ -267,7 +267,7 @@ def reset_database(config: ApiConfig, principal: Principal) -> Answer:
     try:
         # Connected first: when the broker is out of reach nothing is forgotten.
         with Client(config.address, **config.tls_files) as client:
-            store = SQLiteStore(config.store_path, config.sqlite_synchronous)  # type: ignore[arg-type]
+            store = SQLiteStore(config.store_path, config.sqlite_synchronous)
             try:
                 while True:
                     with store.batch():
