@@ -286,6 +286,22 @@ def ui(
     running.server.run()
 
 
+@app.command()
+def api(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (the oak CLI calls 5072)")] = 5072,
+) -> None:
+    """Serve the HTTP API the oak CLI speaks (oak addon flops project|mock-data|tracking|reset-database),
+    as each customer of FLOPS_API_TOKENS_FILE on the broker."""
+    from flops.api.serve import build
+
+    with _errors():
+        running = build(_settings(ctx), host, port)
+    Console(stderr=True).print(f"FLOps API on {running.url} (Ctrl-C stops it)")
+    running.server.run()
+
+
 # --- projects --------------------------------------------------------------------------------------
 
 

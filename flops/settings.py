@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     # speaks TLS (production); each person then sees what their broker identity may read.
     ui_login: Literal["auto", "required", "off"] = "auto"
     ui_session_idle_s: float = Field(3600.0, gt=0, description="A web view session ends after this long idle")
+    # flops api (the HTTP surface of `oak addon flops`): bearer tokens -> customers and their broker identities,
+    # the agent directories whose data admin tokens mock data is pushed with, how long to wait for the manager.
+    api_tokens_file: Path | None = Field(None, description="JSON file of customers, their tokens and env files")
+    api_agent_dirs: list[Path] | None = Field(None, description="Agent directories; unset = DATA_DIR and subdirs")
+    api_reply_timeout_s: float = Field(15.0, gt=0, description="How long flops api waits for the manager's reply")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
