@@ -292,7 +292,10 @@ class FakeSystemManager:
         return f"http://{host}:{port}"
 
     def start(self) -> FakeSystemManager:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="fake-oakestra", daemon=True)
+        # A short poll interval: stop() waits for the serving loop to notice, once per test.
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-oakestra", daemon=True
+        )
         self._thread.start()
         return self
 
