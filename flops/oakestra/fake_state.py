@@ -77,6 +77,7 @@ class FakeInstance:
     script: Script
     cluster: dict[str, Any] | None
     step: int = -1  # -1: REQUESTED, not yet in instance_list
+    shown: bool = False  # in instance_list once placed; stays there through redeploys (REQUESTED again)
 
     @property
     def status(self) -> str:
@@ -289,6 +290,7 @@ class FakeState:
                     instance.script = Script(("NoActiveClusterWithCapacity",))
                     instance.step = 0
                     status = instance.status
+                instance.shown = instance.shown or status not in st.NEGATIVE | {st.REQUESTED}
                 self._record(service, status)
 
     def _record(self, service: FakeService, status: str) -> None:
@@ -300,7 +302,7 @@ class FakeState:
             service.status_detail = "Waiting for scheduling decision"
 
     def visible(self, service: FakeService) -> list[FakeInstance]:
-        return [i for i in service.instances if i.step >= 0 and i.status not in st.NEGATIVE]
+        return [i for i in service.instances if i.shown and i.status not in st.NEGATIVE]
 
     def tick(self, n: int) -> None:
         for service in self.services.values():
