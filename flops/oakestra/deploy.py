@@ -24,7 +24,8 @@ from typing import Protocol
 
 import structlog
 
-from flops.oakestra.client import ServiceRejected, ServiceSpec, SystemManager
+from flops.errors import TimedOut
+from flops.oakestra.client import ServiceRejected, ServiceSpec, SystemManager, SystemManagerError
 from flops.oakestra.models import Application, Cluster, Service
 from flops.oakestra.watch import ActorEvent, ActorState, EventKind, Phase, Timing, observe
 
@@ -149,6 +150,7 @@ class Placement:
         self.application: Application | None = None
         self.actors: dict[str, ActorState] = {}
         self._clusters: dict[str, str] = {}  # cluster id -> name, for events
+        self._undelivered: list[ActorEvent] = []  # seen before an error cut a call short
         self.log = log.bind(project_id=project_id, application=self.name)
 
     # --- lifecycle --------------------------------------------------------------------------------------------
@@ -161,57 +163,84 @@ class Placement:
 
     def deploy(self, spec: ActorSpec) -> list[ActorEvent]:
         """Create the actor's service and its instances, one at a time, each awaited until Oakestra shows it on a
-        cluster (or the actor fails). Returns the events so far; an actor already known is left alone."""
-        known = self.actors.get(spec.actor)
-        if known is not None and not known.done:
-            return []
-        app = self.open()
-        actor = self.actors[spec.actor] = ActorState(spec.actor, spec.one_shot)
-        cluster = spec.cluster or self._choose(spec)
-        if cluster is None:
-            reason = f"{spec.actor}: no active Oakestra cluster offers {spec.addon or 'room'} for {spec.vcpus} vCPU, "
-            return self._give_up(actor, reason + f"{spec.memory} MB")
+        cluster (or the actor fails). Returns the events so far.
+
+        Again for an actor already known: creates only what is missing (after an error or an adoption), so a
+        caller may retry after a :class:`~flops.oakestra.client.SystemManagerError`; the events gathered before
+        the error come with the next call's."""
+        events = self._undelivered
+        self._undelivered = []
         try:
-            actor.service_id = self.sm.create_service(app, spec.service(cluster, self.namespace))
-        except ServiceRejected as exc:
-            return self._give_up(actor, f"{spec.actor}: {exc}")
-        events = [ActorEvent(spec.actor, EventKind.CREATED, actor.service_id, cluster=cluster)]
-        self.log.info("oakestra actor created", actor=spec.actor, service_id=actor.service_id, cluster=cluster)
-        for _ in range(spec.instances):
-            before = len(actor.instances)
-            self.sm.deploy_instance(actor.service_id)
-            actor.requested += 1
-            actor.requested_at = self.clock.monotonic()
-            # The next instance only once this one is on a cluster: concurrent scheduling loses instances.
-            while True:
-                events += self._look(actor)
-                if actor.done or len(actor.instances) > before:
-                    break
-                self.clock.sleep(self.timing.poll_interval)
-            if actor.done:
-                break
+            self._deploy(spec, events)
+        except SystemManagerError:
+            self._undelivered = events
+            raise
         return events
 
-    def poll(self) -> list[ActorEvent]:
-        """One look at every actor not yet completed or failed (running ones too: they may crash)."""
-        events: list[ActorEvent] = []
-        for actor in list(self.actors.values()):
-            if not actor.done:
+    def _deploy(self, spec: ActorSpec, events: list[ActorEvent]) -> None:
+        actor = self.actors.get(spec.actor)
+        if actor is None or actor.done:
+            actor = self.actors[spec.actor] = ActorState(spec.actor, spec.one_shot)
+        if actor.service_id is None:
+            app = self.open()
+            cluster = spec.cluster or self._choose(spec)
+            if cluster is None:
+                offer = spec.addon or "room"
+                reason = (
+                    f"{spec.actor}: no active Oakestra cluster offers {offer} for {spec.vcpus} vCPU, {spec.memory} MB"
+                )
+                events += self._give_up(actor, reason)
+                return
+            try:
+                actor.service_id = self.sm.create_service(app, spec.service(cluster, self.namespace))
+            except ServiceRejected as exc:
+                events += self._give_up(actor, f"{spec.actor}: {exc}")
+                return
+            events.append(ActorEvent(spec.actor, EventKind.CREATED, actor.service_id, cluster=cluster))
+            self.log.info("oakestra actor created", actor=spec.actor, service_id=actor.service_id, cluster=cluster)
+        # The next instance only once the last one is on a cluster: concurrent scheduling loses instances.
+        while not actor.done:
+            if len(actor.instances) < actor.requested:
                 events += self._look(actor)
+                if not actor.done and len(actor.instances) < actor.requested:
+                    self.clock.sleep(self.timing.poll_interval)
+            elif actor.requested < spec.instances:
+                self.sm.deploy_instance(actor.service_id)
+                actor.requested += 1
+                actor.requested_at = self.clock.monotonic()
+            else:
+                return
+
+    def poll(self) -> list[ActorEvent]:
+        """One look at every actor not yet completed or failed (running ones too: they may crash). On a
+        :class:`~flops.oakestra.client.SystemManagerError` the events seen so far come with the next call."""
+        events = self._undelivered
+        self._undelivered = []
+        try:
+            for actor in list(self.actors.values()):
+                if not actor.done:
+                    events += self._look(actor)
+        except SystemManagerError:
+            self._undelivered = events
+            raise
         return events
 
     def pending(self) -> list[str]:
         """Actors not yet running, completed or failed."""
         return [a.name for a in self.actors.values() if not a.settled]
 
-    def follow(self, until: Callable[[], bool] | None = None) -> Iterator[ActorEvent]:
-        """Poll every ``poll_interval`` until ``until()`` (default: no actor is pending); the events as they
-        happen. Ends within the phase deadlines, since each one fails an actor that overstays."""
+    def follow(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> Iterator[ActorEvent]:
+        """Poll every ``poll_interval`` until ``until()`` (default: no actor is pending) or every actor is done;
+        the events as they happen. The phase deadlines end it for an actor that overstays; ``timeout`` bounds it
+        as a whole (:class:`~flops.errors.TimedOut`), e.g. for an actor that keeps restarting within them."""
         done = until or (lambda: not self.pending())
+        deadline = None if timeout is None else self.clock.monotonic() + timeout
         while True:
             yield from self.poll()
             if done() or all(a.done for a in self.actors.values()):
                 return
+            if deadline is not None and self.clock.monotonic() >= deadline:
+                raise TimedOut("Oakestra actors settling", timeout or 0.0)
             self.clock.sleep(self.timing.poll_interval)
 
     def remove(self, name: str) -> list[ActorEvent]:
@@ -222,12 +251,12 @@ class Placement:
     def close(self, why: str) -> list[ActorEvent]:
         """Delete the whole application (Oakestra deletes its services with it): at the end of the project,
         whatever its outcome (``why``: finished, failed, cancelled)."""
-        events = [ActorEvent(a.name, EventKind.DELETED, a.service_id) for a in self.actors.values() if not a.deleted]
-        for actor in self.actors.values():
-            actor.deleted = True
         app = self.application or self.sm.find_application(self.name, self.namespace)
         if app is not None:
             self.sm.delete_application(app.id)
+        events = [ActorEvent(a.name, EventKind.DELETED, a.service_id) for a in self.actors.values() if not a.deleted]
+        for actor in self.actors.values():
+            actor.deleted = True
         self.log.info("oakestra application closed", why=why, actors=len(events))
         self.application = None
         return events

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from flops.oakestra.client import SystemManager
+from flops.oakestra.client import SystemManager, SystemManagerError
 from flops.oakestra.deploy import ActorSpec, EventKind, Phase, Placement, Timing, application_name
 from flops.oakestra.fake import FakeSystemManager
 from flops.oakestra.watch import ActorEvent
 from tests.oakestra.support import FakeControl, VirtualClock, paths
 
 PROJECT = "p-1f3a5b7c9d0e2f4a"
+BOUND = 900.0  # virtual seconds: a test whose deployer never gives up fails instead of hanging
 TIMING = Timing(poll_interval=2.0, schedule_deadline=30, node_deadline=60, start_deadline=120, failure_grace=60)
 
 
@@ -52,7 +53,7 @@ def test_a_one_shot_builder_runs_to_completed_and_its_service_is_deleted(
     placement: Placement, control: FakeControl
 ) -> None:
     control.script("^builder", "oneshot_ok", polls_per_step=2)
-    events = placement.deploy(builder(addon="image-builder")) + list(placement.follow())
+    events = placement.deploy(builder(addon="image-builder")) + list(placement.follow(timeout=BOUND))
 
     assert kinds(events) == ["created", "scheduled", "placed", "running", "completed", "deleted"]
     assert events[1].cluster == "cluster1" and events[2].node == "cluster1-node1"
@@ -76,7 +77,7 @@ def test_learners_are_deployed_one_at_a_time_each_awaited_on_a_cluster(
     events: list[ActorEvent] = []
     for i in range(3):
         events += placement.deploy(learner(i, addon="FLOps-learner"))
-    events += placement.follow()
+    events += placement.follow(timeout=BOUND)
 
     assert placement.pending() == [] and {a.phase for a in placement.actors.values()} == {Phase.RUNNING}
     assert kinds(events, "flearner2") == ["created", "scheduled", "placed", "running"]
@@ -93,7 +94,7 @@ def test_learners_are_deployed_one_at_a_time_each_awaited_on_a_cluster(
 
 def test_instances_of_one_service_are_requested_one_at_a_time(placement: Placement, control: FakeControl) -> None:
     control.script("^flearner", "ok", polls_per_step=2)
-    events = placement.deploy(learner(0, instances=3)) + list(placement.follow())
+    events = placement.deploy(learner(0, instances=3)) + list(placement.follow(timeout=BOUND))
 
     assert [e.instance for e in events if e.kind is EventKind.RUNNING] == [0, 1, 2]
     calls = control.calls()
@@ -113,7 +114,7 @@ def test_no_cluster_with_capacity_fails_the_actor_with_the_reason_and_deletes_it
 ) -> None:
     control.script("^flearner", "sched_fail")
     start = clock.now
-    events = placement.deploy(learner(0)) + list(placement.follow())
+    events = placement.deploy(learner(0)) + list(placement.follow(timeout=BOUND))
 
     failed = [e for e in events if e.kind is EventKind.FAILED]
     assert len(failed) == 1 and "NoActiveClusterWithCapacity" in (failed[0].reason or "")
@@ -127,7 +128,7 @@ def test_stuck_in_cluster_scheduled_fails_within_the_deadline_and_is_deleted(
 ) -> None:
     control.script("^flearner", "stuck")
     start = clock.now
-    events = placement.deploy(learner(0)) + list(placement.follow())
+    events = placement.deploy(learner(0)) + list(placement.follow(timeout=BOUND))
 
     assert kinds(events) == ["created", "scheduled", "failed", "deleted"]
     assert events[2].reason == "flearner0 instance 0 still CLUSTER_SCHEDULED after 60 s"
@@ -155,7 +156,7 @@ def test_a_restart_loop_is_given_up_after_bounded_restarts_and_deleted(
 ) -> None:
     control.script("^flearner", script)
     actor_done = lambda: placement.actors["flearner0"].done  # noqa: E731  (a running learner is watched on)
-    events = placement.deploy(learner(0)) + list(placement.follow(until=actor_done))
+    events = placement.deploy(learner(0)) + list(placement.follow(until=actor_done, timeout=BOUND))
 
     assert kinds(events).count("restarted") == TIMING.max_restarts
     failed = [e for e in events if e.kind is EventKind.FAILED]
@@ -167,7 +168,7 @@ def test_a_restart_loop_is_given_up_after_bounded_restarts_and_deleted(
 
 def test_a_one_shot_that_exits_non_zero_fails_at_once(placement: Placement, control: FakeControl) -> None:
     control.script("^builder", "oneshot_fail")
-    events = placement.deploy(builder()) + list(placement.follow())
+    events = placement.deploy(builder()) + list(placement.follow(timeout=BOUND))
 
     assert "restarted" not in kinds(events) and kinds(events)[-2:] == ["failed", "deleted"]
     assert "DEAD: task exited with code 1" in (events[-2].reason or "")
@@ -178,7 +179,7 @@ def test_a_failure_that_lasts_is_given_up_although_no_restart_was_seen(
 ) -> None:
     # The root sees 15-s snapshots: a fast restart loop can look like FAILED at every poll.
     control.script("^flearner", steps=["CLUSTER_SCHEDULED", "FAILED"])
-    events = placement.deploy(learner(0)) + list(placement.follow())
+    events = placement.deploy(learner(0)) + list(placement.follow(timeout=BOUND))
 
     assert kinds(events) == ["created", "scheduled", "restarted", "failed", "deleted"]
     assert "still FAILED after 60 s: failed to pull image" in (events[3].reason or "")
@@ -245,7 +246,7 @@ def test_a_restarted_manager_adopts_what_the_previous_one_created(
         adopted = Placement.adopt(after, PROJECT, timing=TIMING, clock=clock)
         assert adopted is not None and adopted.open().id == app_id
         assert sorted(adopted.actors) == ["builder", "flearner0"]
-        events = list(adopted.follow())
+        events = list(adopted.follow(timeout=BOUND))
         assert kinds(events, "builder")[-2:] == ["completed", "deleted"]
         assert adopted.actors["flearner0"].phase is Phase.RUNNING
         assert adopted.deploy(learner(0)) == []  # already there: not created twice
@@ -253,3 +254,19 @@ def test_a_restarted_manager_adopts_what_the_previous_one_created(
     assert paths(control.calls())[-1] == f"DELETE /api/application/{app_id}"
     calls = paths(control.calls())  # the adopter created nothing: one application, the first manager's two services
     assert (calls.count("POST /api/application/"), calls.count("POST /api/service/")) == (1, 2)
+
+
+def test_a_deploy_cut_short_by_an_error_is_resumed_by_calling_it_again(
+    placement: Placement, control: FakeControl
+) -> None:
+    control.fault("GET", "/api/service/[0-9a-f]{24}", 503, {"code": 503, "status": "Service Unavailable"})
+    with pytest.raises(SystemManagerError) as cut:
+        placement.deploy(learner(0, instances=2))
+    assert cut.value.status == 503
+
+    events = placement.deploy(learner(0, instances=2))
+    assert kinds(events)[0] == "created"  # the first call's event is not lost
+    assert [e.instance for e in events if e.kind is EventKind.SCHEDULED] == [0, 1]
+    calls = paths(control.calls())
+    assert calls.count("POST /api/service/") == 1
+    assert sum(c.endswith("/instance") for c in calls) == 2
