@@ -9,6 +9,9 @@ regular expression on the service name; tests drive and inspect it through ``/__
 - ``POST /__fake/clusters [...]``, ``POST /__fake/tokens/expire``, ``POST /__fake/rr_conflicts {"times"}``
 - ``POST /__fake/config {"app_get_null"}``, ``GET /__fake/calls``
 
+With ``--run-podman`` each instance its script brings to RUNNING runs for real as a podman container
+(:mod:`flops.oakestra.fake_podman`), which then decides its status.
+
 Run it alone with ``python -m flops.oakestra.fake --port N``, or in-process with :class:`FakeSystemManager`.
 """
 
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +30,7 @@ from typing import Any
 import structlog
 
 from flops.logs import configure as configure_logs
+from flops.oakestra.fake_podman import PodmanRunner
 from flops.oakestra.fake_state import SCRIPTS, FakeState, Fault, Script, ScriptRule, cluster_doc
 
 log = structlog.get_logger(__name__)
@@ -304,6 +310,8 @@ class FakeSystemManager:
         self.server.server_close()
         if self._thread is not None:
             self._thread.join(5)
+        if self.state.runner is not None:
+            self.state.runner.stop_all()
 
     def __enter__(self) -> FakeSystemManager:
         return self.start()
@@ -316,9 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flops.oakestra.fake", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=10000)
+    parser.add_argument(
+        "--run-podman", action="store_true", help="run each RUNNING instance as a real podman container"
+    )
     args = parser.parse_args(argv)
     configure_logs()
-    fake = FakeSystemManager(args.host, args.port)
+    state = FakeState(runner=PodmanRunner() if args.run_podman else None)
+    fake = FakeSystemManager(args.host, args.port, state)
+    # SIGTERM ends it like Ctrl-C: through the finally below, which stops the containers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log.info("fake oakestra system manager listening", url=fake.url)
     try:
         fake.server.serve_forever()
@@ -326,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         fake.server.server_close()
+        if state.runner is not None:
+            state.runner.stop_all()
 
 
 if __name__ == "__main__":

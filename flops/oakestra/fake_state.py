@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flops.oakestra import statuses as st
+from flops.oakestra.fake_podman import Container, PodmanRunner
 
 RR_IP = re.compile(r"^10\.30\.(\d{1,3})\.(\d{1,3})$")
 TOKEN_LIFETIME = 600.0  # access tokens live 10 minutes
@@ -78,9 +79,13 @@ class FakeInstance:
     cluster: dict[str, Any] | None
     step: int = -1  # -1: REQUESTED, not yet in instance_list
     shown: bool = False  # in instance_list once placed; stays there through redeploys (REQUESTED again)
+    container: Container | None = None  # --run-podman: from RUNNING on, the real container says
+    reported: str = ""  # the status last folded into the service's
 
     @property
     def status(self) -> str:
+        if self.container is not None:
+            return self.container.status()
         return st.REQUESTED if self.step < 0 else self.script.status(self.step)
 
 
@@ -126,9 +131,16 @@ def cluster_doc(given: dict[str, Any], index: int) -> dict[str, Any]:
 class FakeState:
     """Everything the fake System Manager knows. ``clock`` is wall-clock seconds (token expiry, call log)."""
 
-    def __init__(self, *, users: dict[str, str] | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        users: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        runner: PodmanRunner | None = None,
+    ) -> None:
         self.users = users or {"Admin": "Admin"}
         self.clock = clock
+        self.runner = runner
         self._ids = itertools.count(1)
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (user, expiry)
         self.apps: dict[str, dict[str, Any]] = {}
@@ -290,11 +302,14 @@ class FakeState:
                     instance.script = Script(("NoActiveClusterWithCapacity",))
                     instance.step = 0
                     status = instance.status
+                if self.runner and status == st.RUNNING and instance.container is None:
+                    instance.container = self.runner.start(service.doc, instance.number)
                 instance.shown = instance.shown or status not in st.NEGATIVE | {st.REQUESTED}
-                self._record(service, status)
+                self._record(service, instance, status)
 
-    def _record(self, service: FakeService, status: str) -> None:
+    def _record(self, service: FakeService, instance: FakeInstance, status: str) -> None:
         """Service status = the last instance event, but RUNNING only once every instance runs."""
+        instance.reported = status
         if status == st.RUNNING and any(i.status != st.RUNNING for i in self.visible(service)):
             return
         service.status = status
@@ -316,6 +331,9 @@ class FakeState:
             self.advance(service)
 
     def service_doc(self, service: FakeService) -> dict[str, Any]:
+        for inst in service.instances:  # containers change on their own: fold what they did since
+            if inst.container is not None and inst.status != inst.reported:
+                self._record(service, inst, inst.status)
         instances = []
         for inst in self.visible(service):
             cluster = inst.cluster or {}
@@ -324,8 +342,10 @@ class FakeState:
                 "cluster_id": cluster.get("_id"),
                 "cluster_location": cluster.get("cluster_location"),
                 "status": inst.status,
-                "status_detail": _detail(inst.status, service.doc),
+                "status_detail": inst.container.detail() if inst.container else _detail(inst.status, service.doc),
             }
+            if inst.container is not None:
+                entry["logs"] = inst.container.logs()[-1000:]
             if inst.status != st.CLUSTER_SCHEDULED:
                 entry.update(
                     worker_id=f"{cluster.get('cluster_name', 'c')}-node1",
@@ -344,12 +364,18 @@ class FakeState:
     def delete_instance(self, service_id: str, number: int) -> None:
         service = self.services.get(service_id)
         if service is not None:
+            for inst in service.instances:
+                if inst.number == number and inst.container is not None:
+                    inst.container.stop()
             service.instances = [i for i in service.instances if i.number != number]
 
     def delete_service(self, service_id: str) -> bool:
         service = self.services.pop(service_id, None)
         if service is None:
             return False
+        for inst in service.instances:
+            if inst.container is not None:
+                inst.container.stop()
         self.rr_ips = {ip: job for ip, job in self.rr_ips.items() if job != service.doc["job_name"]}
         app = self.apps.get(service.doc["applicationID"])
         if app is not None:
