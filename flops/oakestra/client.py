@@ -167,6 +167,7 @@ class SystemManager:
         self.rng = rng or random.Random()
         self._token: str | None = None
         self._token_at = 0.0
+        self._user_id: str | None = None  # the user's Mongo id, for listing applications without the Admin role
         # Redirects followed: /api/applications → 308 /api/applications/ keeps method and body.
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, follow_redirects=True, transport=transport)
         self.log = log.bind(system_manager=self.base_url, user=self.credentials.username)
@@ -234,8 +235,17 @@ class SystemManager:
     # --- applications -----------------------------------------------------------------------------------------
 
     def applications(self) -> list[Application]:
-        """Every application of the logged-in user (``GET /api/applications/``, which needs the Admin role)."""
-        answer = self._expect("GET", "/api/applications/")
+        """Every application of the logged-in user: ``GET /api/applications/`` for an Admin; for anyone else
+        (403 there) ``GET /api/applications/<their user id>``, the id read from ``GET /api/user/<name>``."""
+        status, answer = self.call("GET", "/api/applications/")
+        if status == 403:
+            if self._user_id is None:
+                user = self._expect("GET", f"/api/user/{self.credentials.username}")
+                oid = user.get("_id") if isinstance(user, dict) else None
+                self._user_id = str(oid.get("$oid") if isinstance(oid, dict) else oid)
+            answer = self._expect("GET", f"/api/applications/{self._user_id}")
+        elif status != 200:
+            raise SystemManagerError("GET", "/api/applications/", status, answer)
         return [Application.model_validate(doc) for doc in answer or []]
 
     def find_application(self, name: str, namespace: str = "flops") -> Application | None:

@@ -92,6 +92,14 @@ class FakeApi:
                 msg = "Token has expired" if verdict == "expired" else "Missing Authorization Header"
                 return Answer(401, {"msg": msg})
             return self.applications(method, path, user, body)
+        m = re.fullmatch(r"/api/user/([^/]+)", path)
+        if m and method == "GET":
+            if user is None:
+                return Answer(401, {"message": "Missing authentication token"})
+            if m[1] != user:
+                return abort(403)
+            roles = ["Admin"] if user in self.state.admins else ["Application_Provider"]
+            return Answer(200, {"_id": {"$oid": self.state.user_ids[user]}, "name": user, "roles": roles}, dj=True)
         if path.startswith(("/api/service", "/api/services")):
             if user is None:  # Oakestra's @jwt_auth_required: one body for every cause
                 return Answer(401, {"message": "Missing authentication token"})
@@ -103,6 +111,13 @@ class FakeApi:
     def applications(self, method: str, path: str, user: str, body: Any) -> Answer:
         s = self.state
         if path == "/api/applications/" and method == "GET":
+            if user not in s.admins:
+                return Answer(403, {"message": "You have not enough permissions!"})
+            return Answer(200, s.user_apps(user), dj=True)
+        m = re.fullmatch(r"/api/applications/([^/]+)", path)
+        if m and method == "GET":
+            if m[1] != s.user_ids.get(user):
+                return abort(401)
             return Answer(200, s.user_apps(user), dj=True)
         if path == "/api/application/" and method == "POST":
             apps = _sla_apps(body)

@@ -137,8 +137,11 @@ class FakeState:
         users: dict[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         runner: PodmanRunner | None = None,
+        admins: frozenset[str] = frozenset({"Admin"}),
     ) -> None:
         self.users = users or {"Admin": "Admin"}
+        self.admins = admins  # may list their applications at GET /api/applications/
+        self.user_ids = {name: f"5e5e{n:020x}" for n, name in enumerate(self.users)}  # their Mongo ids
         self.clock = clock
         self.runner = runner
         self._ids = itertools.count(1)

@@ -18,6 +18,7 @@ from flops.oakestra.client import (
     SystemManagerError,
 )
 from flops.oakestra.fake import FakeSystemManager
+from flops.oakestra.fake_state import FakeState
 from flops.ports import free_port
 from tests.oakestra.support import FakeControl, VirtualClock, paths
 
@@ -192,3 +193,18 @@ def test_active_clusters_are_read_from_a_text_html_answer(
     clusters = sm.active_clusters()
     assert [(c.name, c.supported_addons) for c in clusters] == [("edge1", ["FLOps-learner", "FLOps-learner"])]
     assert len(clusters[0].id) == 24
+
+
+def test_a_user_without_the_admin_role_finds_their_applications_by_user_id() -> None:
+    state = FakeState(users={"Admin": "Admin", "alice": "pw"})
+    with FakeSystemManager(state=state) as fake, SystemManager(fake.url, Credentials("alice", "pw")) as alice:
+        control = FakeControl(fake.url)
+        with SystemManager(fake.url) as admin:
+            admin.create_application("projabc")  # the same name, someone else's: not alice's to reuse
+        created = alice.create_application("projabc")
+        reused = alice.create_application("projabc")
+        assert reused.id == created.id
+        calls = control.calls()
+        assert [c["status"] for c in calls if c["path"] == "/api/applications/"] == [403]
+        assert paths(calls)[-2:] == ["GET /api/user/alice", f"GET /api/applications/{state.user_ids['alice']}"]
+        control.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from flops.errors import TimedOut
 from flops.oakestra.client import SystemManager, SystemManagerError
 from flops.oakestra.deploy import ActorSpec, EventKind, Phase, Placement, Timing, application_name
 from flops.oakestra.fake import FakeSystemManager
@@ -270,3 +271,15 @@ def test_a_deploy_cut_short_by_an_error_is_resumed_by_calling_it_again(
     calls = paths(control.calls())
     assert calls.count("POST /api/service/") == 1
     assert sum(c.endswith("/instance") for c in calls) == 2
+
+
+def test_follow_is_bounded_by_its_timeout_when_an_actor_keeps_restarting(
+    sm: SystemManager, control: FakeControl, clock: VirtualClock
+) -> None:
+    control.script("^flearner", "crash")
+    patient = Placement(sm, PROJECT, timing=Timing(poll_interval=2.0, max_restarts=1000), clock=clock)
+    patient.deploy(learner(0))
+    start = clock.now
+    with pytest.raises(TimedOut):
+        list(patient.follow(until=lambda: patient.actors["flearner0"].done, timeout=60))
+    assert 60 <= clock.now - start <= 62
