@@ -226,7 +226,7 @@ class Placement:
         return events
 
     def pending(self) -> list[str]:
-        """Actors not yet running, completed or failed."""
+        """Actors not yet settled: not running, completed or failed (a one-shot: not completed or failed)."""
         return [a.name for a in self.actors.values() if not a.settled]
 
     def follow(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> Iterator[ActorEvent]:

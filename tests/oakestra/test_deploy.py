@@ -283,3 +283,18 @@ def test_follow_is_bounded_by_its_timeout_when_an_actor_keeps_restarting(
     with pytest.raises(TimedOut):
         list(patient.follow(until=lambda: patient.actors["flearner0"].done, timeout=60))
     assert 60 <= clock.now - start <= 62
+
+
+def test_a_service_deleted_behind_the_deployers_back_fails_the_actor(
+    placement: Placement, control: FakeControl, fake: FakeSystemManager
+) -> None:
+    control.script("^flearner", "ok")
+    placement.deploy(learner(0))
+    service_id = placement.actors["flearner0"].service_id
+    with SystemManager(fake.url) as operator:
+        assert service_id is not None and operator.delete_service(service_id)
+    events = placement.poll()
+
+    assert kinds(events) == ["failed"]
+    assert events[0].reason == f"flearner0: its Oakestra service {service_id} no longer exists"
+    assert placement.poll() == []
