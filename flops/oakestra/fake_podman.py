@@ -92,13 +92,15 @@ class Container:
 
 
 class PodmanRunner:
-    """Starts and stops the containers of the fake's instances; their logs in a temporary directory."""
+    """Starts and stops the containers of the fake's instances; their logs in ``log_dir`` (by default a
+    temporary directory, removed by :meth:`stop_all`)."""
 
-    def __init__(self, options: PodmanOptions | None = None) -> None:
+    def __init__(self, options: PodmanOptions | None = None, log_dir: Path | None = None) -> None:
         self.options = options or PodmanOptions()
         if shutil.which(self.options.podman) is None:
             raise FileNotFoundError(f"{self.options.podman} not found")
-        self.log_dir = Path(tempfile.mkdtemp(prefix="fake-oakestra-"))
+        self._own_dir = log_dir is None
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="fake-oakestra-"))
         self.containers: list[Container] = []
 
     def start(self, doc: dict[str, Any], number: int) -> Container:
@@ -122,3 +124,5 @@ class PodmanRunner:
         for container in self.containers:
             container.stop()
         self.containers.clear()
+        if self._own_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
