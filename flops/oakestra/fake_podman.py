@@ -1,0 +1,128 @@
+"""Real containers behind the fake System Manager (``--run-podman``): an instance that its script brings to
+RUNNING is started as ``podman run --rm --network host`` of the service's image, command and environment, and
+from then on reports what the container really does: RUNNING while it runs, COMPLETED when a one-shot exits 0,
+DEAD when it exits otherwise, FAILED when podman could not start it (image pull, missing command).
+
+Unlike Oakestra, a container that ended is not restarted: the deployer's give-up logic is what gets exercised.
+Podman flags as ``flops.containers`` uses them on these hosts (runc, ulimits within the hard limits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from flops.oakestra import statuses as st
+
+log = structlog.get_logger(__name__)
+
+PODMAN_ERRORS = {125, 126, 127}  # podman itself failed, or the command could not be run: no container ran
+
+
+@dataclass(frozen=True)
+class PodmanOptions:
+    podman: str = "podman"
+    runtime: str | None = "/usr/sbin/runc"  # crun fails on these hosts' rlimits
+    storage_driver: str | None = None  # None: podman's default storage (where the host's images are)
+    nofile: int = 20_000
+    nproc: int = 4_096
+
+    def global_args(self) -> list[str]:
+        args = [self.podman]
+        if self.storage_driver:
+            args += ["--storage-driver", self.storage_driver]
+        if self.runtime and Path(self.runtime).exists():
+            args += ["--runtime", self.runtime]
+        return args
+
+
+def _limit(which: int, wanted: int) -> int:
+    _, hard = resource.getrlimit(which)  # podman refuses to raise a limit past the host's hard one
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+class Container:
+    """One ``podman run`` in the foreground: its exit status is the container's, its output a log file."""
+
+    def __init__(self, argv: list[str], name: str, one_shot: bool, log_path: Path, options: PodmanOptions) -> None:
+        self.name, self.one_shot, self.log_path, self.options = name, one_shot, log_path, options
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def status(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return st.RUNNING
+        if code == 0 and self.one_shot:
+            return st.COMPLETED
+        return st.FAILED if code in PODMAN_ERRORS else st.DEAD
+
+    def detail(self) -> str:
+        code = self.proc.poll()
+        last = self.logs().strip().splitlines()[-1:] or [""]
+        return "No extra information" if code is None else f"exit code {code}: {last[0][-300:]}"
+
+    def logs(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # podman rm stops the container; `podman run` then returns with it.
+            subprocess.run(
+                [*self.options.global_args(), "rm", "--force", "--ignore", "--time", "2", self.name],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class PodmanRunner:
+    """Starts and stops the containers of the fake's instances; their logs in ``log_dir`` (by default a
+    temporary directory, removed by :meth:`stop_all`)."""
+
+    def __init__(self, options: PodmanOptions | None = None, log_dir: Path | None = None) -> None:
+        self.options = options or PodmanOptions()
+        if shutil.which(self.options.podman) is None:
+            raise FileNotFoundError(f"{self.options.podman} not found")
+        self._own_dir = log_dir is None
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="fake-oakestra-"))
+        self.containers: list[Container] = []
+
+    def start(self, doc: dict[str, Any], number: int) -> Container:
+        o = self.options
+        name = f"fakeoak-{doc['microserviceID']}-{number}"
+        nofile, nproc = _limit(resource.RLIMIT_NOFILE, o.nofile), _limit(resource.RLIMIT_NPROC, o.nproc)
+        argv = [*o.global_args(), "run", "--rm", "--name", name, "--network", "host", "--pull", "missing"]
+        argv += ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+        for pair in [f"HOSTNAME=instance-{number}", *(doc.get("environment") or [])]:
+            argv += ["--env", pair]
+        cmd = list(doc.get("cmd") or [])
+        if cmd:  # Oakestra's cmd is the whole argv, the image's entrypoint overridden
+            argv += ["--entrypoint", cmd[0]]
+        argv += [str(doc.get("code")), *cmd[1:]]
+        log.info("fake oakestra starts a container", name=name, image=doc.get("code"), cmd=cmd)
+        container = Container(argv, name, bool(doc.get("one_shot")), self.log_dir / f"{name}.log", o)
+        self.containers.append(container)
+        return container
+
+    def stop_all(self) -> None:
+        for container in self.containers:
+            container.stop()
+        self.containers.clear()
+        if self._own_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)

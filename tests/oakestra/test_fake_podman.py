@@ -1,0 +1,80 @@
+"""The fake System Manager with real podman containers (``--run-podman``) under the deployer: a one-shot that
+exits 0 completes, one that exits non-zero or cannot start fails with the container's own words, a running
+service's container is stopped when the application is closed.
+
+Needs podman and the FLOps Debian image the image tests build (skipped without them); real time, short polls.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from flops.oakestra.client import SystemManager
+from flops.oakestra.deploy import ActorSpec, EventKind, Phase, Placement, SystemClock, Timing
+from flops.oakestra.fake import FakeSystemManager
+from flops.oakestra.fake_podman import PodmanRunner
+from flops.oakestra.fake_state import FakeState
+
+IMAGE = "localhost/flops/debian:bookworm-linux-amd64"
+PROJECT = "p-00000000podman0"
+TIMING = Timing(poll_interval=0.1, schedule_deadline=10, node_deadline=10, start_deadline=60, max_restarts=0)
+
+
+def _image_present() -> bool:
+    if shutil.which("podman") is None:
+        return False
+    done = subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True, timeout=60, check=False)
+    return done.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _image_present(), reason=f"needs podman and {IMAGE} (built by the image tests)")
+
+
+def running_names(prefix: str) -> list[str]:
+    done = subprocess.run(
+        ["podman", "ps", "--filter", f"name={prefix}", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+@pytest.fixture
+def placement() -> Iterator[Placement]:
+    with (
+        FakeSystemManager(state=FakeState(runner=PodmanRunner())) as fake,
+        SystemManager(fake.url) as sm,
+    ):
+        yield Placement(sm, PROJECT, timing=TIMING, clock=SystemClock())
+
+
+def actor(name: str, script: str, *, one_shot: bool = True, image: str = IMAGE) -> ActorSpec:
+    return ActorSpec(PROJECT, name, image, ["sh", "-c", script], {"MSG": "hello"}, 100, 1, one_shot)
+
+
+def test_containers_decide_completed_failed_and_running(placement: Placement) -> None:
+    placement.deploy(actor("builder", 'test "$MSG" = hello && echo built'))  # the environment reaches it
+    placement.deploy(actor("broken", "echo 'no such file: data.csv'; exit 3"))
+    placement.deploy(actor("missing", "true", image="localhost/flops/no-such-image:none"))
+    placement.deploy(actor("flearner0", "sleep 300", one_shot=False))
+    events = list(placement.follow(timeout=120))
+
+    actors = placement.actors
+    assert actors["builder"].phase is Phase.COMPLETED
+    assert actors["broken"].phase is Phase.FAILED and "exit code 3: no such file: data.csv" in (
+        actors["broken"].reason or ""
+    )
+    assert actors["missing"].phase is Phase.FAILED and "FAILED: exit code 125" in (actors["missing"].reason or "")
+    assert actors["flearner0"].phase is Phase.RUNNING
+    assert {e.actor for e in events if e.kind is EventKind.DELETED} == {"builder", "broken", "missing"}
+
+    learner_id = actors["flearner0"].service_id
+    assert running_names(f"fakeoak-{learner_id}") == [f"fakeoak-{learner_id}-0"]
+    placement.close("cancelled")
+    assert running_names(f"fakeoak-{learner_id}") == []
