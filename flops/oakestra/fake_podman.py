@@ -31,7 +31,7 @@ PODMAN_ERRORS = {125, 126, 127}  # podman itself failed, or the command could no
 class PodmanOptions:
     podman: str = "podman"
     runtime: str | None = "/usr/sbin/runc"  # crun fails on these hosts' rlimits
-    storage_driver: str | None = None  # None: podman's default storage (where the host's images are)
+    storage_driver: str | None = "overlay"  # as flops.containers; None: podman's configured default
     nofile: int = 20_000
     nproc: int = 4_096
 

@@ -2,7 +2,8 @@
 exits 0 completes, one that exits non-zero or cannot start fails with the container's own words, a running
 service's container is stopped when the application is closed.
 
-Needs podman and the FLOps Debian image the image tests build (skipped without them); real time, short polls.
+Uses the FLOps Debian image that the run's shared image build (``tests.image_support.built``) leaves in local
+storage; real time, short polls.
 """
 
 from __future__ import annotations
@@ -16,27 +17,31 @@ import pytest
 from flops.oakestra.client import SystemManager
 from flops.oakestra.deploy import ActorSpec, EventKind, Phase, Placement, SystemClock, Timing
 from flops.oakestra.fake import FakeSystemManager
-from flops.oakestra.fake_podman import PodmanRunner
+from flops.oakestra.fake_podman import PodmanOptions, PodmanRunner
 from flops.oakestra.fake_state import FakeState
+from tests.image_support import DRIVER, Built
 
 IMAGE = "localhost/flops/debian:bookworm-linux-amd64"
 PROJECT = "p-00000000podman0"
 TIMING = Timing(poll_interval=0.1, schedule_deadline=10, node_deadline=10, start_deadline=60, max_restarts=0)
 
 
-def _image_present() -> bool:
-    if shutil.which("podman") is None:
-        return False
-    done = subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True, timeout=60, check=False)
-    return done.returncode == 0
-
-
-pytestmark = pytest.mark.skipif(not _image_present(), reason=f"needs podman and {IMAGE} (built by the image tests)")
+@pytest.fixture(autouse=True)
+def _base_image(built: Built) -> None:
+    """The run's shared image build leaves the FLOps Debian image in local storage: our container image."""
+    assert shutil.which("podman"), "podman is not installed: run bash scripts/test.sh, which installs it"
 
 
 def running_names(prefix: str) -> list[str]:
     done = subprocess.run(
-        ["podman", "ps", "--filter", f"name={prefix}", "--format", "{{.Names}}"],
+        [
+            *PodmanOptions(storage_driver=DRIVER).global_args(),
+            "ps",
+            "--filter",
+            f"name={prefix}",
+            "--format",
+            "{{.Names}}",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -48,7 +53,7 @@ def running_names(prefix: str) -> list[str]:
 @pytest.fixture
 def placement() -> Iterator[Placement]:
     with (
-        FakeSystemManager(state=FakeState(runner=PodmanRunner())) as fake,
+        FakeSystemManager(state=FakeState(runner=PodmanRunner(PodmanOptions(storage_driver=DRIVER)))) as fake,
         SystemManager(fake.url) as sm,
     ):
         yield Placement(sm, PROJECT, timing=TIMING, clock=SystemClock())
