@@ -1,26 +1,17 @@
-"""Running the API: uvicorn around :func:`flops.api.app.create_app`, HTTPS when this node has a certificate
-(``FLOPS_TLS_CERT_FILE``/``FLOPS_TLS_KEY_FILE``), as the web view does."""
+"""Running the API: :mod:`flops.webserver` around :func:`flops.api.app.create_app` (HTTPS when this node has a
+certificate, as the web view)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-import uvicorn
 
 from flops.api.actions import ApiConfig
 from flops.api.app import create_app
 from flops.api.tokens import Tokens
 from flops.errors import ConfigError
 from flops.settings import Settings
+from flops.webserver import WebServer, web_server
 
 DEFAULT_PORT = 5072
 """The original FLOps manager's port, which the oak CLI calls (``http://<SYSTEM_MANAGER_IP>:5072``)."""
-
-
-@dataclass
-class ApiServer:
-    server: uvicorn.Server
-    url: str
 
 
 def config_from(settings: Settings) -> ApiConfig:
@@ -46,19 +37,6 @@ def config_from(settings: Settings) -> ApiConfig:
     )
 
 
-def build(settings: Settings, host: str, port: int) -> ApiServer:
+def build(settings: Settings, host: str, port: int) -> WebServer:
     """The server, not started."""
-    tls = settings.tls_cert_file is not None and settings.tls_key_file is not None
-    uv = uvicorn.Config(
-        create_app(config_from(settings)),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
-        ssl_certfile=str(settings.tls_cert_file) if tls else None,
-        ssl_keyfile=str(settings.tls_key_file) if tls else None,
-    )
-    shown = f"[{host}]" if ":" in host else host
-    return ApiServer(uvicorn.Server(uv), f"{'https' if tls else 'http'}://{shown}:{port}")
+    return web_server(create_app(config_from(settings)), settings, host, port, lifespan="off")

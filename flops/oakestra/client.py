@@ -286,13 +286,7 @@ class SystemManager:
 
     def delete_application(self, application_id: str) -> bool:
         """Delete an application and, by cascade, its services. False when it was already gone (501)."""
-        status, answer = self.call("DELETE", f"/api/application/{application_id}")
-        if status in (404, 501):
-            return False
-        if status != 200:
-            raise SystemManagerError("DELETE", f"/api/application/{application_id}", status, answer)
-        self.log.info("oakestra application deleted", application_id=application_id)
-        return True
+        return self._delete(f"/api/application/{application_id}", (404, 501), application_id=application_id)
 
     # --- services ---------------------------------------------------------------------------------------------
 
@@ -351,12 +345,17 @@ class SystemManager:
 
     def delete_service(self, service_id: str) -> bool:
         """Undeploy every instance and delete the service. False when it was already gone (500)."""
-        status, answer = self.call("DELETE", f"/api/service/{service_id}")
-        if status in (404, 500):
+        return self._delete(f"/api/service/{service_id}", (404, 500), service_id=service_id)
+
+    def _delete(self, path: str, gone: tuple[int, ...], **ident: str) -> bool:
+        """DELETE ``path``: True when deleted, False when the System Manager says it was already gone (its
+        ``gone`` codes differ per resource), SystemManagerError otherwise."""
+        status, answer = self.call("DELETE", path)
+        if status in gone:
             return False
         if status != 200:
-            raise SystemManagerError("DELETE", f"/api/service/{service_id}", status, answer)
-        self.log.info("oakestra service deleted", service_id=service_id)
+            raise SystemManagerError("DELETE", path, status, answer)
+        self.log.info("oakestra resource deleted", path=path, **ident)
         return True
 
     # --- clusters ---------------------------------------------------------------------------------------------

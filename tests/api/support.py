@@ -11,20 +11,14 @@ send the token they get back.
 from __future__ import annotations
 
 import json
-import os
-import ssl
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tests.support import REPO_ROOT, terminate, wait_until
-from tests.ui.support import free_port
+from tests.web_support import CliServer
 
 GO_USER_AGENT = "Go-http-client/1.1"
 
@@ -36,45 +30,8 @@ class Answer:
     headers: dict[str, str]
 
 
-class ApiProc:
-    """With ``ca_file``, the API serves HTTPS (``FLOPS_TLS_CERT_FILE`` in ``env``) and is checked against it."""
-
-    def __init__(self, home: Path, env: dict[str, str], ca_file: Path | None = None) -> None:
-        self.home = home
-        self.env = env
-        self.port = free_port()
-        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
-        self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> ApiProc:
-        self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "FLOPS_LOG_FORMAT": "json", **self.env}
-        with (self.home / "api.log").open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "flops.cli", "api", "--port", str(self.port)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-            )
-        wait_until(self._up, timeout, f"flops api on {self.url}")
-        return self
-
-    def _up(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, f"flops api exited: {self.log_tail()}"
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2, context=self.context) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        terminate(self.proc)
-
-    def log_tail(self, n: int = 3000) -> str:
-        path = self.home / "api.log"
-        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+class ApiProc(CliServer):
+    command = "api"
 
     # --- the oak CLI's requests ---
 
