@@ -48,7 +48,7 @@ def api_files(directory: Path) -> list[str]:
     tokens_file = directory / "tokens.json"
     if not tokens_file.is_file():
         raise SystemExit(f"render: write {tokens_file} first (flops api's customers, see README.md)")
-    names = ["ca.crt", "env/manager.env", "certs/manager.crt", "certs/manager.key", "tokens.json"]
+    names = ["ca.crt", "env/manager.env", "certs/manager.crt", "certs/manager.key", "agents.json", "tokens.json"]
     for name, entry in json.loads(tokens_file.read_text())["customers"].items():
         env_file = entry.get("env_file")
         if env_file:
@@ -82,7 +82,7 @@ def values(directory: Path, image: str, cluster: str, node: str, node_agent: str
         "FLOPS_BUNDLE_MANAGER": bundle(
             directory, ["env/manager.env", "ca.crt", "certs/manager.crt", "certs/manager.key", "agents.json"]
         ),
-        "FLOPS_BUNDLE_REGISTRY": bundle(directory, ["ca.crt", *node_cert]),
+        "FLOPS_BUNDLE_REGISTRY": bundle(directory, node_cert),
         "FLOPS_BUNDLE_API": bundle(directory, [*api_files(directory), *node_cert]),
     }
 
@@ -95,7 +95,7 @@ def render(template: str, given: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: json.dumps(given[m[1]])[1:-1], template)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="the directory of flops setup production")
     parser.add_argument("--image", required=True, help="the control-plane image, as Oakestra workers pull it")
@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node", required=True, help="worker hostname for the registry and the API")
     parser.add_argument("--node-agent", required=True, help="the FLOps agent of that worker (its node certificate)")
     parser.add_argument("--template", type=Path, default=TEMPLATE)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     directory = args.dir.resolve()
     text = render(args.template.read_text(), values(directory, args.image, args.cluster, args.node, args.node_agent))
     json.loads(text)  # still one JSON document
