@@ -1,0 +1,118 @@
+"""Fill deploy/oakestra/flops-control.sla.json with a deployment's values and secrets; print the SLA to deploy.
+
+Run on the machine that ran ``flops setup production`` (standard library only):
+
+    python3 deploy/oakestra/render.py --dir /etc/flops --image REGISTRY/flops-control:TAG \\
+        --cluster cluster1 --node worker-1 --node-agent node-1 > /tmp/flops-control.json
+
+Each service gets ``FLOPS_BUNDLE``: base64 of a tar.gz of only the files of DIR it needs, at their absolute paths
+(the env files name absolute paths into DIR); the image's entry point unpacks it. The output holds private keys
+and passwords: write it where only you can read it, deploy it, delete it (see README.md, "Secrets").
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import ipaddress
+import json
+import re
+import sys
+import tarfile
+from pathlib import Path
+
+TEMPLATE = Path(__file__).with_name("flops-control.sla.json")
+PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
+
+
+def bundle(directory: Path, names: list[str]) -> str:
+    """base64 of a tar.gz of ``names`` (relative to ``directory``), stored under their absolute paths."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in names:
+            path = directory / name
+            if not path.is_file():
+                raise SystemExit(f"render: {path} is missing (flops setup production --dir {directory} ...?)")
+            info = tar.gettarinfo(str(path), arcname=str(path).lstrip("/"))
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mode = 0o600 if name.endswith((".key", ".env", "passwd", "tokens.json")) else 0o644
+            with path.open("rb") as handle:
+                tar.addfile(info, handle)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def api_files(directory: Path) -> list[str]:
+    """The API's files: the manager's identity, the tokens file and every customer's env file and certificate."""
+    tokens_file = directory / "tokens.json"
+    if not tokens_file.is_file():
+        raise SystemExit(f"render: write {tokens_file} first (flops api's customers, see README.md)")
+    names = ["ca.crt", "env/manager.env", "certs/manager.crt", "certs/manager.key", "agents.json", "tokens.json"]
+    for name, entry in json.loads(tokens_file.read_text())["customers"].items():
+        env_file = entry.get("env_file")
+        if env_file:
+            rel = (directory / env_file).resolve().relative_to(directory)
+            names += [str(rel), f"certs/{name}.crt", f"certs/{name}.key"]
+    return list(dict.fromkeys(names))
+
+
+def values(directory: Path, image: str, cluster: str, node: str, node_agent: str) -> dict[str, str]:
+    setup = json.loads((directory / "setup.json").read_text())
+    host = setup["host"]
+    try:
+        broker_ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        broker_ip = None
+    if broker_ip is None or broker_ip not in ipaddress.IPv4Network("10.30.0.0/16"):
+        raise SystemExit(f"render: the broker's --host {host!r} must be its Oakestra round-robin IP (10.30.x.y)")
+    if node_agent not in setup["agents"]:
+        raise SystemExit(f"render: --node-agent {node_agent!r} is not an agent of {directory}")
+    node_cert = [f"certs/{node_agent}-node.crt", f"certs/{node_agent}-node.key"]
+    return {
+        "FLOPS_CONTROL_IMAGE": image,
+        "FLOPS_DIR": str(directory),
+        "FLOPS_BROKER_RR_IP": str(broker_ip),
+        "FLOPS_OAK_CLUSTER": cluster,
+        "FLOPS_OAK_NODE": node,
+        "FLOPS_NODE_AGENT": node_agent,
+        "FLOPS_BUNDLE_BROKER": bundle(
+            directory, ["mosquitto.conf", "ca.crt", "broker.crt", "broker.key", "passwd", "acl"]
+        ),
+        "FLOPS_BUNDLE_MANAGER": bundle(
+            directory, ["env/manager.env", "ca.crt", "certs/manager.crt", "certs/manager.key", "agents.json"]
+        ),
+        "FLOPS_BUNDLE_REGISTRY": bundle(directory, node_cert),
+        "FLOPS_BUNDLE_API": bundle(directory, [*api_files(directory), *node_cert]),
+    }
+
+
+def render(template: str, given: dict[str, str]) -> str:
+    missing = sorted({m for m in PLACEHOLDER.findall(template) if m not in given})
+    if missing:
+        raise SystemExit(f"render: no value for {', '.join(missing)}")
+    # Values go in as JSON string contents, so a quote or backslash cannot break the document.
+    return PLACEHOLDER.sub(lambda m: json.dumps(given[m[1]])[1:-1], template)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="the directory of flops setup production")
+    parser.add_argument("--image", required=True, help="the control-plane image, as Oakestra workers pull it")
+    parser.add_argument("--cluster", required=True, help="Oakestra cluster name for every service")
+    parser.add_argument("--node", required=True, help="worker hostname for the registry and the API")
+    parser.add_argument("--node-agent", required=True, help="the FLOps agent of that worker (its node certificate)")
+    parser.add_argument("--template", type=Path, default=TEMPLATE)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    directory = args.dir.resolve()
+    text = render(args.template.read_text(), values(directory, args.image, args.cluster, args.node, args.node_agent))
+    json.loads(text)  # still one JSON document
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
