@@ -239,7 +239,9 @@ def demo(
     with _errors():
         if hierarchical:
             work = work_dir or settings.data_dir / "demo-hierarchical"
-            result = run_hierarchical_demo(settings, work, console, timeout=max(timeout or 900.0, 900.0))
+            result = run_hierarchical_demo(
+                settings, work, console, timeout=max(timeout or 900.0, 1800.0 if images else 900.0), images=images
+            )
         else:
             result = run_demo(
                 settings,

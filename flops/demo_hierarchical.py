@@ -9,6 +9,7 @@ both levels: the root aggregator, one cluster aggregator per cluster, the learne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flops.demo import SOURCE_ROOT, DemoResult, Fleet, ask_model, example_repo, follow, running_system
+from flops.demo import (
+    SOURCE_ROOT,
+    DemoResult,
+    Fleet,
+    ask_model,
+    example_repo,
+    follow,
+    image_registry,
+    running_system,
+)
 from flops.errors import FlopsError
 from flops.lifecycle_stages import Stage
 from flops.messages import AgentStatus, ProjectState
@@ -64,13 +74,28 @@ class ClusteredFleet(Fleet):
                 )
 
 
-def run_hierarchical_demo(settings: Settings, work: Path, console: Console, *, timeout: float = 900.0) -> DemoResult:
+def run_hierarchical_demo(
+    settings: Settings, work: Path, console: Console, *, timeout: float = 900.0, images: bool = False
+) -> DemoResult:
+    """The hierarchical demo; with ``images`` its artifacts are container images (registry, buildah, podman)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        agent_env: dict[str, str] = {}
+        if images:
+            registry = stack.enter_context(image_registry(work, console))
+            settings = settings.model_copy(update={"artifacts": "image", "registry": registry})
+            agent_env = {"FLOPS_REGISTRY": registry}
+        return _run_hierarchical_demo(settings, work, console, timeout, agent_env)
+
+
+def _run_hierarchical_demo(
+    settings: Settings, work: Path, console: Console, timeout: float, agent_env: dict[str, str]
+) -> DemoResult:
     from flops.client import Client
 
     started = time.monotonic()
-    work.mkdir(parents=True, exist_ok=True)
     repo_url = example_repo(work)
-    with running_system(settings, work, len(AGENTS), fleet_class=ClusteredFleet) as (address, fleet):
+    with running_system(settings, work, len(AGENTS), agent_env, fleet_class=ClusteredFleet) as (address, fleet):
         assert isinstance(fleet, ClusteredFleet)
         console.print(
             f"[bold]FLOps hierarchical demo[/]: broker {address.url}, manager, root agent, clusters east "
