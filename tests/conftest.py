@@ -7,14 +7,31 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
 from flops.broker import MosquittoBroker
 from flops.settings import BrokerAddress
 from tests.browser_support import browser, page  # noqa: F401  (one headless Chromium per run)
 from tests.image_support import built  # noqa: F401  (one image build per run, shared by the image tests)
 from tests.support import FakeWorkers, ManagerProcess
+
+
+@pytest.fixture(scope="session")
+def _structlog_defaults() -> dict[str, Any]:
+    return dict(structlog.get_config())
+
+
+@pytest.fixture(autouse=True)
+def _structlog_restored(_structlog_defaults: dict[str, Any]) -> Iterator[None]:
+    """A test or module fixture that runs the CLI in-process (typer's CliRunner) configures structlog for the
+    whole process, caching loggers on first use with its processor list: a later ``capture_logs`` (which
+    edits the current list) would miss what they log. Every test ends with the configuration the run began
+    with (session scope: a module fixture's change happens before a test's own fixtures start)."""
+    yield
+    structlog.configure(**_structlog_defaults)
 
 
 def _docker_broker() -> contextlib.AbstractContextManager[BrokerAddress] | None:
