@@ -28,7 +28,7 @@ from flops.engine import Engine, Result
 from flops.errors import PublishFailed, StoreError
 from flops.hooks import Internal
 from flops.intake import FairIntake
-from flops.messages import CommandReceipt, ErrorEvent, FieldError, ReportAck, describe
+from flops.messages import CommandReceipt, ErrorEvent, FieldError, ReportAck, describe, new_id
 from flops.provisioning import AgentPolicy
 from flops.settings import BrokerAddress, Settings
 from flops.store import OutboxItem, Store
@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 BATCH_MAX = 512
 # Finished projects past the retention are forgotten in rounds (at most 1,000 per round) this often.
 PRUNE_EVERY_S = 300.0
+# How long after a (re)connect the manager holds reports back waiting for its end-of-retained marker (the
+# agents' retained statuses come first); a broker that never echoes it delays work by this much, no more.
+AGENT_SYNC_TIMEOUT_S = 10.0
 SUBSCRIPTIONS = [
     topics.ALL_REQUESTS,
     topics.ALL_CANCELS,
@@ -62,13 +65,20 @@ class Manager:
     ) -> None:
         self.settings = settings
         self.store = store
+        # After every (re)connect: reports, requests and deadlines wait until the agents' retained statuses are
+        # in (our marker came back), so a report queued in our session cannot move a project into a stage
+        # that picks agents from an empty registry.
+        self._sync_topic = f"{topics.client_scratch(address.username or client_id)}/sync"
+        self._sync_marker: bytes | None = b""  # holding from the start: the first connection's marker is not out
+        self._sync_deadline = float("inf")  # start() sets it
+        self._held: list[object] = []
         policy = AgentPolicy.load(settings.agents_file) if settings.agents_file else None
         self.engine = Engine(store, settings, resolver=self._resolve, policy=policy)
         self.bus = Bus(
             address,
             BusOptions(
                 client_id=client_id,
-                subscriptions=list(SUBSCRIPTIONS),
+                subscriptions=[*SUBSCRIPTIONS, self._sync_topic],
                 clean_start=False,
                 session_expiry_s=settings.session_expiry_s,
                 manual_ack=True,
@@ -101,6 +111,7 @@ class Manager:
         # of one fsync per resumed project.
         with self.store.batch():
             self._unsent_at_boot = self.engine.boot()
+        self._sync_deadline = time.monotonic() + AGENT_SYNC_TIMEOUT_S
         self.bus.connect()
         self._thread = threading.Thread(target=self._run, name="manager", daemon=True)
         self._thread.start()
@@ -130,8 +141,8 @@ class Manager:
     def _run(self) -> None:
         next_tick = 0.0
         while not self._stop.is_set():
-            batch = self.intake.take(self.settings.deadline_check_interval_s, BATCH_MAX)
-            tick = time.monotonic() >= next_tick
+            batch = self._synced(self.intake.take(self.settings.deadline_check_interval_s, BATCH_MAX))
+            tick = self._sync_marker is None and time.monotonic() >= next_tick
             if tick:
                 next_tick = time.monotonic() + self.settings.deadline_check_interval_s
             handled = self._commit(batch, tick)
@@ -149,6 +160,43 @@ class Manager:
                     self._on_reconnected(item)
             if tick:
                 self._resend_commands()
+
+    def _synced(self, batch: list[object]) -> list[object]:
+        """``batch`` as the worker may handle it now: agent statuses and reconnects at once; everything else
+        held back from a (re)connect until our end-of-retained marker arrives (or its deadline passes)."""
+        now: list[object] = []
+        for item in batch:
+            if isinstance(item, Reconnected):
+                self._begin_sync()
+                now.append(item)
+            elif isinstance(item, Inbound) and item.topic == self._sync_topic:
+                self.bus.ack(item)
+                if item.payload == self._sync_marker:
+                    self._end_sync("marker")
+            elif isinstance(item, Inbound) and topics.parse(item.topic).kind == "agent_status":
+                now.append(item)
+            elif self._sync_marker is not None:
+                self._held.append(item)
+            else:
+                now.append(item)
+        if self._sync_marker is not None and time.monotonic() >= self._sync_deadline:
+            log.warning("agent statuses not confirmed in time; going on", timeout_s=AGENT_SYNC_TIMEOUT_S)
+            self._end_sync("deadline")
+        if self._sync_marker is None and self._held:
+            now, self._held = [*now, *self._held], []
+        return now
+
+    def _begin_sync(self) -> None:
+        self._sync_marker = new_id("sync").encode()
+        self._sync_deadline = time.monotonic() + AGENT_SYNC_TIMEOUT_S
+        try:
+            self.bus.publish(self._sync_topic, self._sync_marker, qos=1)
+        except PublishFailed:
+            log.warning("could not publish the agent sync marker; waiting for the deadline")
+
+    def _end_sync(self, why: str) -> None:
+        log.debug("agent statuses in", held=len(self._held), via=why)
+        self._sync_marker = None
 
     def _commit(self, batch: list[object], tick: bool) -> tuple[list[OutboxItem], dict[str, list[str]]] | None:
         """Handle ``batch`` in one durable commit, retrying with backoff while the store fails.
