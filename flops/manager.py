@@ -173,6 +173,7 @@ class Manager:
                 self.bus.ack(item)
                 if item.payload == self._sync_marker:
                     self._end_sync("marker")
+                    now, self._held = [*now, *self._held], []  # before what arrived after the marker
             elif isinstance(item, Inbound) and topics.parse(item.topic).kind == "agent_status":
                 now.append(item)
             elif self._sync_marker is not None:

@@ -3,14 +3,33 @@ entered twice, and every command reaches its worker at least once and is acted o
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flops.client import Client
+from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
 from tests.support import FakeWorkers, ManagerProcess, StateWatcher, make_git_repo, sla, transitions_of
+
+
+@contextlib.contextmanager
+def running(broker: BrokerAddress, tmp_path: Path) -> Iterator[tuple[ManagerProcess, FakeWorkers, StateWatcher]]:
+    """A manager process, auto-answering workers and a state watcher, all stopped afterwards."""
+    manager = ManagerProcess(broker, tmp_path / "manager")
+    manager.start()
+    workers = FakeWorkers(broker, auto=True)
+    watcher = StateWatcher(broker)
+    try:
+        yield manager, workers, watcher
+    finally:
+        watcher.close()
+        workers.close()
+        manager.stop()
+
 
 EXPECTED_KINDS = sorted(["run_learner", "run_learner", "run_aggregator", "build_model_image", "serve_model"])
 
@@ -111,11 +130,7 @@ def test_a_report_queued_while_the_manager_was_down_waits_for_the_agents_statuse
     nobody known ("only 0 of 2 learner agents"); the restarted manager first learns who is online. The race
     needs the report's batch to close before the statuses arrive: seen under CI load (in the repeated kill -9
     test), not reproducible on demand on a quiet machine."""
-    manager = ManagerProcess(broker, tmp_path / "manager")
-    manager.start()
-    workers = FakeWorkers(broker, auto=True)
-    watcher = StateWatcher(broker)
-    try:
+    with running(broker, tmp_path) as (manager, workers, watcher):
         workers.hold.add("build")
         workers.fleet(2)
         with Client(broker) as client:
@@ -131,7 +146,3 @@ def test_a_report_queued_while_the_manager_was_down_waits_for_the_agents_statuse
         state = watcher.wait_stage(project_id, "finished", timeout=60)
         assert state.outcome is not None and state.outcome.value == "completed", state.reason
         _check_project(workers, tmp_path / "manager" / "manager.sqlite3", project_id)
-    finally:
-        watcher.close()
-        workers.close()
-        manager.stop()
