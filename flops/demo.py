@@ -187,6 +187,19 @@ def image_registry(work: Path, console: Console) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def artifacts(
+    settings: Settings, work: Path, console: Console, images: bool
+) -> Iterator[tuple[Settings, dict[str, str]]]:
+    """The demo's settings and agents' environment: as given, or with ``images`` a registry (running while the
+    block runs) that the manager builds images into and the agents pull from."""
+    if not images:
+        yield settings, {}
+        return
+    with image_registry(work, console) as registry:
+        yield settings.model_copy(update={"artifacts": "image", "registry": registry}), {"FLOPS_REGISTRY": registry}
+
+
+@contextlib.contextmanager
 def running_system(
     settings: Settings,
     work: Path,
@@ -230,12 +243,7 @@ def run_demo(
 ) -> DemoResult:
     """The demo; with ``images`` its artifacts are container images (registry, buildah, podman)."""
     work.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        agent_env: dict[str, str] = {}
-        if images:
-            registry = stack.enter_context(image_registry(work, console))
-            settings = settings.model_copy(update={"artifacts": "image", "registry": registry})
-            agent_env = {"FLOPS_REGISTRY": registry}
+    with artifacts(settings, work, console, images) as (settings, agent_env):
         return _run_demo(settings, work, console, agents, timeout, agent_env, ui_port)
 
 

@@ -9,7 +9,6 @@ both levels: the root aggregator, one cluster aggregator per cluster, the learne
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,10 +23,10 @@ from flops.demo import (
     SOURCE_ROOT,
     DemoResult,
     Fleet,
+    artifacts,
     ask_model,
     example_repo,
     follow,
-    image_registry,
     running_system,
 )
 from flops.errors import FlopsError
@@ -79,12 +78,7 @@ def run_hierarchical_demo(
 ) -> DemoResult:
     """The hierarchical demo; with ``images`` its artifacts are container images (registry, buildah, podman)."""
     work.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        agent_env: dict[str, str] = {}
-        if images:
-            registry = stack.enter_context(image_registry(work, console))
-            settings = settings.model_copy(update={"artifacts": "image", "registry": registry})
-            agent_env = {"FLOPS_REGISTRY": registry}
+    with artifacts(settings, work, console, images) as (settings, agent_env):
         return _run_hierarchical_demo(settings, work, console, timeout, agent_env)
 
 
