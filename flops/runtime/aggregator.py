@@ -192,7 +192,7 @@ def follow_events(
     superlink: subprocess.Popen[str],
     deadline: float,
     status_every: float = 5.0,
-    root_link: subprocess.Popen[str] | None = None,
+    root_link: tuple[subprocess.Popen[str], subprocess.Popen[str]] | None = None,
     root_address: str | None = None,
 ) -> str:
     """Forward the ServerApp's report lines until a terminal one; return its kind."""
@@ -214,8 +214,13 @@ def follow_events(
         now = time.monotonic()
         if superlink.poll() is not None:
             raise AggregatorError(f"SuperLink exited with status {superlink.returncode} during training")
-        if root_link is not None and root_link.poll() is not None:
-            raise AggregatorError(f"lost the root aggregator at {root_address} (its SuperNode exited)")
+        if root_link is not None:
+            supernode, worker = root_link
+            if supernode.poll() is not None:
+                raise AggregatorError(f"lost the root aggregator at {root_address} (its SuperNode exited)")
+            if worker.poll() is not None:
+                status = worker.returncode
+                raise AggregatorError(f"the ClientApp worker of its link to the root exited with status {status}")
         if now >= deadline:
             raise AggregatorError("training did not finish before the aggregator deadline")
         if now >= next_status:

@@ -14,6 +14,7 @@ through the same Runtime API calls ``flwr-clientapp`` uses.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -69,11 +70,15 @@ def run_task(address: str, token: str) -> None:
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
-            push_task_output(client=client, context=context, sub_status=status, details=details)
         finally:
+            # Before the task output, which ends the task and its token: a heartbeat sent after that is
+            # refused (401), and Flower's retry code answers a 401 by sending this process SIGINT.
             if heartbeat.is_running:
                 heartbeat.stop()
-            client.close()
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            finally:
+                client.close()
 
 
 def serve(address: str, poll: float) -> None:
@@ -91,8 +96,17 @@ def serve(address: str, poll: float) -> None:
         acquirer.close()
 
 
+def ignore_sigint() -> None:
+    """Keep serving through SIGINT. Only Flower's own retry code sends it here (we lead our own process group
+    and are stopped with SIGTERM): on a 401 it assumes a one-task ``flwr-clientapp`` whose run is over. For a
+    worker serving every task that is one finished task, not a reason to stop."""
+    log = structlog.get_logger(__name__)
+    signal.signal(signal.SIGINT, lambda signum, frame: log.warning("clientapp.sigint_ignored"))
+
+
 def main(argv: list[str] | None = None) -> None:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    ignore_sigint()
     p = argparse.ArgumentParser(prog="python -m flops.runtime.clientapp_worker", description=__doc__.split("\n")[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between task polls when idle")

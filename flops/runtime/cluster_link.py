@@ -29,8 +29,9 @@ def spawn_root_link(
     connect_timeout: float,
     env: dict[str, str],
     work_dir: Path,
-) -> subprocess.Popen[str]:
-    """Start the SuperNode (returned: it exits when the root is gone for ``connect_timeout``) and its worker."""
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """Start the SuperNode and its worker; both returned, to be watched: the SuperNode exits when the root is
+    gone for ``connect_timeout``, and without the worker the root's messages would go unanswered."""
     runtime_port = free_port()
     node_env = dict(env, **{POLL_ENV: str(DEFAULT_POLL)})
     node_config = f"bridge={_quoted(str(bridge_dir))} bridge-timeout={float(bridge_timeout)}"
@@ -56,7 +57,7 @@ def spawn_root_link(
         cwd=work_dir,
         log_file=work_dir / "root-supernode.log",
     )
-    children.spawn(
+    worker = children.spawn(
         "root-clientapp-worker",
         [
             sys.executable,
@@ -71,4 +72,4 @@ def spawn_root_link(
         cwd=work_dir,
         log_file=work_dir / "root-clientapp-worker.log",
     )
-    return supernode
+    return supernode, worker

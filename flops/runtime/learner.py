@@ -11,7 +11,8 @@ aggregator's SuperLink (retrying until ``--connect-timeout``). ``learner.ready``
 as the repo and data are loaded: the manager starts the aggregator only after every learner is
 ready, so readiness cannot wait for the SuperLink. It then runs until the SuperNode exits (the SuperLink went
 away for longer than the timeout) or it receives SIGTERM; the SuperNode and its ClientApp
-processes are always stopped with it.
+processes are always stopped with it. A warm ClientApp worker that exits is reported as ``learner.failed``
+at once: without it the SuperNode would accept messages that never get an answer.
 
 With the fleet CA (``--tls-ca-file``) the SuperNode dials over TLS and authenticates with a key pair made
 for this project; its public key goes out in ``learner.ready`` for the aggregator to register (see
@@ -46,6 +47,7 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 # What Flower 1.42's SuperNode prints when the SuperLink does not know its public key (yet).
 _NOT_REGISTERED = "Failed to activate SuperNode"
 RESTART_PAUSE_S = 0.5
+CHILD_POLL_S = 0.2  # a child's exit has no event to wait on besides wait(), which watches only one
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,18 +97,28 @@ def node_config(args: argparse.Namespace) -> str:
     )
 
 
-class SupernodeWatch:
-    """Follows SuperNode output: remembers the node id once registered and a tail for error reports."""
+class OutputTail:
+    """A child's output: passed on to our stderr (the learner's log), its last lines kept for error reports."""
 
     def __init__(self) -> None:
-        self.registered = threading.Event()
-        self.node_id: int | None = None
-        self.refused = False
         self.tail: deque[str] = deque(maxlen=20)
 
     def on_line(self, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
         self.tail.append(line)
+
+
+class SupernodeWatch(OutputTail):
+    """Follows SuperNode output: remembers the node id once registered and a tail for error reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registered = threading.Event()
+        self.node_id: int | None = None
+        self.refused = False
+
+    def on_line(self, line: str) -> None:
+        super().on_line(line)
         if _NOT_REGISTERED in line:
             self.refused = True
         if not self.registered.is_set() and (match := _NODE_ID.search(line)):
@@ -158,6 +170,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         env["FLWR_HOME"] = str(args.work_dir / "flwr-home")
     watch = SupernodeWatch()
+    worker_output = OutputTail()
     runtime_port = free_port()
     isolation = ["--isolation", "process"] if args.isolation == "warm" else []
     supernode_argv = [
@@ -188,7 +201,9 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
             node = children.spawn("supernode", supernode_argv, env=env, cwd=args.work_dir, on_line=watch.on_line)
             worker = None
             if args.isolation == "warm":
-                worker = children.spawn("clientapp-worker", worker_argv, env=env, cwd=args.work_dir)
+                worker = children.spawn(
+                    "clientapp-worker", worker_argv, env=env, cwd=args.work_dir, on_line=worker_output.on_line
+                )
             return node, worker
 
         supernode, worker = start_node()
@@ -214,8 +229,15 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
                 reports.emit(LEARNER_FAILED, reason=reason + "\n" + "\n".join(watch.tail))
                 return 1
         log.info("connected to the aggregator", node_id=watch.node_id)
-        status = supernode.wait()
-        log.info("supernode.exited", status=status)
+        while supernode.poll() is None:
+            if worker is not None and worker.poll() is not None:
+                # The SuperNode would keep taking messages nobody runs: the round would wait its whole timeout.
+                reason = f"its ClientApp worker exited with status {worker.returncode}"
+                log.error("clientapp_worker.exited", status=worker.returncode)
+                reports.emit(LEARNER_FAILED, reason=reason + "\n" + "\n".join(worker_output.tail))
+                return 1
+            time.sleep(CHILD_POLL_S)
+        log.info("supernode.exited", status=supernode.returncode)
     return 0
 
 

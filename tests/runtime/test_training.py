@@ -6,6 +6,7 @@ import io
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -125,44 +126,77 @@ def _wait_no_processes(marker: str, timeout: float = 15.0) -> list[int]:
     return left
 
 
-@pytest.mark.timeout(300)
-def test_two_learners_three_rounds_fedavg(data_servers: list[str], tmp_path: Path) -> None:
-    marker = uuid.uuid4().hex
-    address = f"127.0.0.1:{free_port()}"
-    model_out = tmp_path / "model"
-    rounds = 3
-    started = time.monotonic()
-    aggregator = Worker(
-        "flops.runtime.aggregator",
-        [
-            "--repo", str(DIGITS_REPO), "--rounds", str(rounds), "--strategy", "fedavg",
-            "--min-available-clients", "2", "--min-fit-clients", "2", "--min-evaluate-clients", "2",
-            "--address", address, "--model-out", str(model_out), "--client-wait-timeout", "120",
-            "--work-dir", str(tmp_path / "aggregator"),
-        ],
-        marker,
-        tmp_path / "aggregator.log",
-    )  # fmt: skip
-    learners = [
-        Worker(
-            "flops.runtime.learner",
-            ["--repo", str(DIGITS_REPO), "--aggregator", address, "--data-server", location, "--data-tags", TAG],
-            marker,
-            tmp_path / f"learner{i}.log",
-        )
-        for i, location in enumerate(data_servers)
-    ]
-    try:
-        assert aggregator.next_report(60) == ("aggregator.started", {"address": address})
-        for learner in learners:
+class Training:
+    """An aggregator and one learner per data server, started as processes; reports arrive per process."""
+
+    def __init__(self, data_servers: list[str], tmp_path: Path, rounds: int) -> None:
+        self.marker = uuid.uuid4().hex
+        self.address = f"127.0.0.1:{free_port()}"
+        self.model_out = tmp_path / "model"
+        self.aggregator = Worker(
+            "flops.runtime.aggregator",
+            [
+                "--repo", str(DIGITS_REPO), "--rounds", str(rounds), "--strategy", "fedavg",
+                "--min-available-clients", "2", "--min-fit-clients", "2", "--min-evaluate-clients", "2",
+                "--address", self.address, "--model-out", str(self.model_out), "--client-wait-timeout", "120",
+                "--work-dir", str(tmp_path / "aggregator"),
+            ],
+            self.marker,
+            tmp_path / "aggregator.log",
+        )  # fmt: skip
+        self.learners = [
+            Worker(
+                "flops.runtime.learner",
+                [
+                    *("--repo", str(DIGITS_REPO), "--aggregator", self.address),
+                    *("--data-server", location, "--data-tags", TAG),
+                ],
+                self.marker,
+                tmp_path / f"learner{i}.log",
+            )
+            for i, location in enumerate(data_servers)
+        ]
+
+    def started(self) -> None:
+        assert self.aggregator.next_report(60) == ("aggregator.started", {"address": self.address})
+        for learner in self.learners:
             kind, payload = learner.next_report(120)
             assert kind == "learner.ready", payload
+
+    def rounds(self) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+        """Round reports until the aggregator's terminal one: (rounds, its kind, its payload)."""
         completed = []
         while True:
-            kind, payload = aggregator.next_report(120)
+            kind, payload = self.aggregator.next_report(120)
             if kind != "round.completed":
-                break
+                return completed, kind, payload
             completed.append(payload)
+
+    def worker_of(self, learner: Worker) -> int:
+        """The pid of a learner's warm ClientApp worker (its child)."""
+        for pid in _processes_with_marker(self.marker):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[1]) == learner.proc.pid and b"flops.runtime.clientapp_worker" in cmdline:
+                return pid
+        raise AssertionError(f"learner {learner.proc.pid} has no ClientApp worker")
+
+    def stop(self) -> None:
+        for worker in (self.aggregator, *self.learners):
+            worker.stop()
+        assert _wait_no_processes(self.marker) == []
+
+
+@pytest.mark.timeout(300)
+def test_two_learners_three_rounds_fedavg(data_servers: list[str], tmp_path: Path) -> None:
+    started = time.monotonic()
+    training = Training(data_servers, tmp_path, rounds=3)
+    try:
+        training.started()
+        completed, kind, payload = training.rounds()
         assert kind == "training.succeeded", payload
         assert [r["round"] for r in completed] == [1, 2, 3]
         assert all(r["examples"] > 0 and r["duration_s"] > 0 for r in completed)
@@ -170,14 +204,48 @@ def test_two_learners_three_rounds_fedavg(data_servers: list[str], tmp_path: Pat
         assert payload["best_round"] in {1, 2, 3}
         model = np.load(payload["model_ref"])
         assert [model[k].shape for k in model.files] == [(10, 64), (10,)]
-        metrics = json.loads((model_out / "metrics.json").read_text())
+        metrics = json.loads((training.model_out / "metrics.json").read_text())
         assert metrics["best_round"] == payload["best_round"]
-        assert aggregator.proc.wait(timeout=30) == 0
+        assert training.aggregator.proc.wait(timeout=30) == 0
         print(f"3 rounds x 2 learners: {time.monotonic() - started:.1f}s wall")
     finally:
-        for worker in (aggregator, *learners):
-            worker.stop()
-    assert _wait_no_processes(marker) == []
+        training.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_learner_whose_clientapp_worker_dies_reports_it_at_once(data_servers: list[str], tmp_path: Path) -> None:
+    # Before: the SuperNode kept taking the aggregator's messages with nobody to run them, and the round
+    # waited for its whole timeout (an hour by default); in CI a cluster's link hung a project that way.
+    training = Training(data_servers, tmp_path, rounds=50)
+    try:
+        training.started()
+        assert training.aggregator.next_report(120)[0] == "round.completed"
+        victim = training.learners[0]
+        os.kill(training.worker_of(victim), signal.SIGKILL)
+        kind, payload = victim.next_report(30)
+        assert kind == "learner.failed", payload
+        assert payload["reason"].startswith("its ClientApp worker exited with status -9"), payload
+        assert victim.proc.wait(timeout=30) != 0
+    finally:
+        training.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_sigint_to_a_learners_clientapp_worker_does_not_stop_training(
+    data_servers: list[str], tmp_path: Path
+) -> None:
+    # Flower's HTTP retry code sends its own process SIGINT when a heartbeat is refused (401): a heartbeat sent
+    # as a task ended killed the warm worker in CI. The worker serves every task, so it keeps going.
+    training = Training(data_servers, tmp_path, rounds=4)
+    try:
+        training.started()
+        assert training.aggregator.next_report(120)[0] == "round.completed"
+        os.kill(training.worker_of(training.learners[0]), signal.SIGINT)
+        completed, kind, payload = training.rounds()
+        assert kind == "training.succeeded", payload
+        assert [r["round"] for r in completed] == [2, 3, 4]
+    finally:
+        training.stop()
 
 
 @pytest.mark.timeout(120)
