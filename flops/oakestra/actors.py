@@ -2,10 +2,11 @@
 
 A FLOps agent turns ``build``, ``run_learner``, ``run_aggregator``, ``build_model_image`` and ``serve_model`` into
 child processes or containers (:mod:`flops.agent`); on Oakestra each becomes one service of the project's
-application running the artifact's image, with the actor's command line as ``cmd`` (the same modules and flags
-the agent uses) and what the actor needs to report over MQTT as ``environment``: the broker as actors reach it,
-the project, the command, the seat it reports as. Secrets (broker password, data token) go into the environment,
-never on a command line. Pure: no IO; :mod:`flops.oakestra.adapter` acts on the result.
+application running the artifact's image. Its ``cmd`` is the actor's command line (the modules and flags the agent
+uses) run by :mod:`flops.oakestra.shim`, which publishes the actor's report lines itself; its ``environment`` is
+what the shim needs for that: the broker as actors reach it, the project, the command, the seat it reports as.
+Secrets (broker password, data token) go into the environment, never on a command line. Pure: no IO;
+:mod:`flops.oakestra.adapter` acts on the result.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ ENV_BROKER_PASSWORD = "FLOPS_BROKER_PASSWORD"
 ENV_PROJECT = "FLOPS_PROJECT_ID"
 ENV_COMMAND = "FLOPS_COMMAND_ID"
 ENV_AGENT = "FLOPS_AGENT_ID"
+ENV_KIND = "FLOPS_COMMAND_KIND"
+SHIM = "flops.oakestra.shim"  # runs the actor and publishes its report lines (no agent forwards them)
 
 # Service names start with what the actor is (the fake System Manager's scripts match on it; a person reading
 # ``oak service list`` too) and end with a digest of the command, unique within the project.
@@ -93,6 +96,7 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
         ENV_BROKER_URL: config.broker_url,
         ENV_PROJECT: cmd.project_id,
         ENV_COMMAND: cmd.command_id,
+        ENV_KIND: cmd.kind,
         ENV_AGENT: seat.agent_id,
         "PYTHONUNBUFFERED": "1",
     }
@@ -114,7 +118,7 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
         project_id=cmd.project_id,
         actor=service_name(cmd),
         image=image,
-        cmd=("python", "-m", *argv),
+        cmd=("python", "-m", SHIM, *argv),
         env=env,
         memory=size.memory,
         vcpus=size.vcpus,

@@ -202,7 +202,10 @@ def test_a_command_is_receipted_and_deployed_as_exactly_one_service_on_its_seats
     service = created["body"]["applications"][0]["microservices"][0]
     assert created["body"]["applications"][0]["application_name"] == application_name(project)
     assert service["code"] == "reg/p-learner:abc"
-    assert service["cmd"][:3] == ["python", "-m", "flops.runtime.learner"] and "10.30.0.9:19100" in service["cmd"]
+    assert (
+        service["cmd"][:4] == ["python", "-m", "flops.oakestra.shim", "flops.runtime.learner"]
+        and "10.30.0.9:19100" in service["cmd"]
+    )
     env = dict(e.split("=", 1) for e in service["environment"])
     assert env["FLOPS_PROJECT_ID"] == project and env["FLOPS_COMMAND_ID"] == cmd.command_id
     assert env["FLOPS_AGENT_ID"] == seat and env["FLOPS_BROKER_URL"] == "mqtt://broker.example:1883"

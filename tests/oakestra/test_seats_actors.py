@@ -72,9 +72,10 @@ def test_a_learner_runs_the_artifacts_learner_image_on_its_seats_cluster_with_it
 
     assert spec.image == "reg/p-learner:abc"
     assert spec.cluster == "c1" and spec.addon == "FLOps-learner" and not spec.one_shot
-    assert spec.cmd[:3] == ("python", "-m", "flops.runtime.learner")
+    assert spec.cmd[:4] == ("python", "-m", "flops.oakestra.shim", "flops.runtime.learner")
     assert "--aggregator" in spec.cmd and "10.30.0.9:19100" in spec.cmd and "digits" in spec.cmd
     assert spec.env["FLOPS_DATA_TOKEN"] == "tok" and "tok" not in spec.cmd
+    assert spec.env["FLOPS_COMMAND_KIND"] == "run_learner"
     assert spec.env["FLOPS_BROKER_URL"] == "mqtt://broker:1883" and spec.env["FLOPS_BROKER_PASSWORD"] == "s3cret"
     assert (spec.env["FLOPS_PROJECT_ID"], spec.env["FLOPS_COMMAND_ID"], spec.env["FLOPS_AGENT_ID"]) == (
         "p-1",
@@ -89,7 +90,7 @@ def test_a_build_is_a_one_shot_of_the_builder_image_on_a_cluster_offering_image_
     spec = placed(command("build", repo_url="https://x/r.git", commit="a" * 40, backend="image"))
 
     assert spec.image == "reg/builder:1" and spec.one_shot and spec.addon == "image-builder"
-    assert spec.cmd[2] == "flops.builder.worker" and spec.cmd[spec.cmd.index("--backend") + 1] == "image"
+    assert spec.cmd[3] == "flops.builder.worker" and spec.cmd[spec.cmd.index("--backend") + 1] == "image"
     assert (spec.memory, spec.vcpus) == (2000, 1)
 
 
