@@ -7,7 +7,9 @@ the commands sent to its seats, turns each into an Oakestra service (:mod:`flops
 :class:`~flops.oakestra.deploy.Placement`: one application per project, the seat's cluster as ``direct``
 constraint), follows the services and reports an actor Oakestra could not run as the failure report of its
 command, like an agent whose child died. ``stop_project`` deletes what the project runs there (the application,
-unless a model server is kept). What the actors achieve they report themselves, over MQTT.
+unless a model server is kept). What the actors achieve they report themselves, over MQTT. A restarted adapter
+adopts the services an earlier one left (each service's environment names its project, command and seat), so
+an actor that fails after a manager restart is still reported.
 
 One worker thread does all the IO (MQTT callbacks only enqueue): commands in arrival order, every
 ``poll_interval`` one look at every project's services, every ``refresh_s`` the cluster list again. A deploy
@@ -34,6 +36,7 @@ from flops.agent_link import ReportOutbox
 from flops.bus import Bus, BusOptions, Inbound
 from flops.errors import PublishFailed
 from flops.messages import Command, CommandReceipt, ReportAck, decode_report
+from flops.oakestra import actors
 from flops.oakestra.actors import SERVICE_PREFIX, ActorConfig, Refusal, actor_spec, failure_report
 from flops.oakestra.client import Credentials, SystemManager, SystemManagerError
 from flops.oakestra.deploy import ActorEvent, Clock, EventKind, Placement, SystemClock, Timing
@@ -84,6 +87,7 @@ class OakestraAdapter:
         self._handled: dict[str, None] = {}
         self.outbox = ReportOutbox(config.state_dir / "oakestra-reports.sqlite3")
         self.announced = threading.Event()  # set once the first cluster list was announced
+        self.adopted = threading.Event()  # set once what an earlier adapter left on Oakestra is followed again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.log = log.bind(system_manager=sm.base_url, client_id=config.client_id)
@@ -136,6 +140,8 @@ class OakestraAdapter:
             try:
                 if now >= next_refresh:
                     self._refresh()
+                    if not self.adopted.is_set():
+                        self._adopt()
                     next_refresh = now + self.config.refresh_s
                 if now >= next_poll:
                     self._poll()
@@ -276,6 +282,32 @@ class OakestraAdapter:
             self.placements[project_id] = placement
         return placement
 
+    def _adopt(self) -> None:
+        """Follow again what an earlier adapter (a manager killed or restarted) left on Oakestra: every FLOps
+        application's services whose environment names the command they run. Retried at the next refresh while
+        the System Manager cannot be reached."""
+        namespace = "flops"
+        try:
+            projects = set()
+            for app in self.sm.applications():
+                if app.namespace != namespace:
+                    continue
+                for service in self.sm.services(app.id):
+                    started = _started_from(dict(e.split("=", 1) for e in service.environment if "=" in e), self)
+                    if started is not None:
+                        self._started[(started.command.project_id, service.name)] = started
+                        projects.add(started.command.project_id)
+            for project_id in sorted(projects - set(self.placements)):
+                placement = Placement.adopt(self.sm, project_id, timing=self.config.timing, clock=self.clock)
+                if placement is not None:
+                    self.placements[project_id] = placement
+        except SystemManagerError as exc:
+            self.log.warning("oakestra adoption failed; next refresh again", error=str(exc)[:300])
+            return
+        if projects:
+            self.log.info("oakestra projects adopted", projects=sorted(projects))
+        self.adopted.set()
+
     # --- following --------------------------------------------------------------------------------------------
 
     def _poll(self) -> None:
@@ -321,6 +353,22 @@ class OakestraAdapter:
         self.outbox.acked(ack.event_ids)
         if ack.resend:
             self._resend(everything=True)
+
+
+def _started_from(env: Mapping[str, str], adapter: OakestraAdapter) -> _Started | None:
+    """The command and seat a service was started for, from the environment the adapter gave it (None: no
+    FLOPS actor, or one made by a version that did not record them)."""
+    try:
+        command = Command(
+            command_id=env[actors.ENV_COMMAND],
+            project_id=env[actors.ENV_PROJECT],
+            kind=env[actors.ENV_KIND],  # type: ignore[arg-type]
+            agent_id=env[actors.ENV_AGENT],
+        )
+    except (KeyError, ValueError):
+        return None
+    seat = adapter.seats.get(command.agent_id) or adapter.gone.get(command.agent_id)
+    return _Started(command, seat or Seat(command.agent_id, "?", ()))
 
 
 def _kind_of(service_name: str) -> str | None:

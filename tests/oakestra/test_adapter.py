@@ -143,16 +143,27 @@ def adapter(
             {"cluster_name": names["core"], "supported_addons": []},
         ]
     )
+    running = start_adapter(broker, fake.url, tmp_path / "oakestra")
+    yield running
+    running.stop()
+
+
+def start_adapter(broker: BrokerAddress, url: str, state_dir: Path) -> OakestraAdapter:
     config = AdapterConfig(
         actors=ActorConfig(broker_url="mqtt://broker.example:1883", builder_image="reg/builder:1"),
-        state_dir=tmp_path / "oakestra",
+        state_dir=state_dir,
         data_tags={"digits": 100},
         timing=TIMING,
         client_id=new_id("test-oakestra"),
     )
-    running = OakestraAdapter(SystemManager(fake.url, timeout=5), broker, config).start()
-    yield running
-    running.stop()
+    return OakestraAdapter(SystemManager(url, timeout=5), broker, config).start()
+
+
+def run_aggregator(side: ManagerSide, seat: str, project: str) -> Command:
+    """A classic aggregator of one round for ``project``, sent to ``seat`` once it is announced."""
+    side.status(seat)
+    training = {"rounds": 1, "min_available_clients": 1, "min_fit_clients": 1, "min_evaluate_clients": 1}
+    return side.command(seat, project, "run_aggregator", artifact={"details": IMAGES}, port=19100, **training)
 
 
 def posted_services(control: FakeControl) -> list[dict[str, Any]]:
@@ -276,10 +287,8 @@ def test_stop_project_deletes_the_projects_application(
     adapter: OakestraAdapter, side: ManagerSide, control: FakeControl, names: dict[str, str], sm: SystemManager
 ) -> None:
     seat = f"oak-{names['core']}"
-    side.status(seat)
     project = new_id("p")
-    spec = {"artifact": {"details": IMAGES}, "port": 19100, "rounds": 1, "min_available_clients": 1}
-    cmd = side.command(seat, project, "run_aggregator", **spec, min_fit_clients=1, min_evaluate_clients=1)
+    cmd = run_aggregator(side, seat, project)
     side.receipt(seat, cmd.command_id)
     wait_until(lambda: sm.find_application(application_name(project)), WAIT, "the application")
 
@@ -300,3 +309,32 @@ def test_stopping_the_adapter_announces_its_seats_offline(
     adapter.stop()
 
     assert side.status(seat, online=False).cluster == names["core"]
+
+
+def test_a_restarted_adapter_adopts_what_an_earlier_one_left_and_reports_its_failure(
+    adapter: OakestraAdapter,
+    side: ManagerSide,
+    control: FakeControl,
+    names: dict[str, str],
+    sm: SystemManager,
+    broker: BrokerAddress,
+    fake: FakeSystemManager,
+    tmp_path: Path,
+) -> None:
+    seat = f"oak-{names['core']}"
+    project = new_id("p")
+    cmd = run_aggregator(side, seat, project)
+    wait_until(lambda: project in adapter.placements and not adapter.placements[project].pending(), WAIT, "running")
+    adapter.stop()  # the manager dies: its actors keep running on Oakestra
+
+    again = start_adapter(broker, fake.url, tmp_path / "oakestra-2")
+    try:
+        assert again.adopted.wait(WAIT) and project in again.placements
+        [created] = posted_services(control)
+        sm.delete_service(created["response"]["job_id"])  # the actor is lost while the new adapter follows it
+
+        failed = side.report(cmd.command_id, "training.failed")
+    finally:
+        again.stop()
+
+    assert "no longer exists" in failed["reason"] and failed["source"] == f"oakestra/{seat}"
