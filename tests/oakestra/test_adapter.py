@@ -166,6 +166,12 @@ def run_aggregator(side: ManagerSide, seat: str, project: str) -> Command:
     return side.command(seat, project, "run_aggregator", artifact={"details": IMAGES}, port=19100, **training)
 
 
+def running(adapter: OakestraAdapter, project: str) -> int:
+    """How many of the project's actors run (read while the adapter's worker may change them: a snapshot)."""
+    placement = adapter.placements.get(project)
+    return 0 if placement is None else sum(1 for a in list(placement.actors.values()) if a.settled and not a.done)
+
+
 def posted_services(control: FakeControl) -> list[dict[str, Any]]:
     return [c for c in control.calls() if c["method"] == "POST" and c["path"] == "/api/service/"]
 
@@ -298,6 +304,25 @@ def test_stop_project_deletes_the_projects_application(
     wait_until(lambda: sm.find_application(application_name(project)) is None, WAIT, "the application deleted")
     assert any(p.startswith("DELETE /api/application/") for p in paths(control.calls()))
     assert project not in adapter.placements
+
+
+def test_stop_project_keeping_the_model_server_deletes_every_other_service(
+    adapter: OakestraAdapter, side: ManagerSide, control: FakeControl, names: dict[str, str], sm: SystemManager
+) -> None:
+    seat = f"oak-{names['core']}"
+    project = new_id("p")
+    run_aggregator(side, seat, project)
+    side.command(seat, project, "serve_model", image_ref="image://reg/p-model:abc")
+    wait_until(lambda: running(adapter, project) == 2, WAIT, "the aggregator and the model server running")
+    ids = {s["body"]["applications"][0]["microservices"][0]["code"]: s["response"]["job_id"]
+           for s in posted_services(control)}  # fmt: skip
+
+    stop = side.command(seat, project, "stop_project", keep=["serve_model"])
+    side.receipt(seat, stop.command_id)
+
+    wait_until(lambda: f"DELETE /api/service/{ids['reg/p-aggregator:abc']}" in paths(control.calls()), WAIT, "deleted")
+    assert sm.service(ids["reg/p-model:abc"]) is not None
+    assert sm.find_application(application_name(project)) is not None
 
 
 def test_stopping_the_adapter_announces_its_seats_offline(
