@@ -21,7 +21,7 @@ from flops.agent import FAILURE_KIND
 from flops.builder import containerfile as cf
 from flops.messages import Command
 from flops.oakestra.deploy import ActorSpec
-from flops.oakestra.seats import BUILDER_ADDON, LEARNER_ADDON, Seat
+from flops.oakestra.seats import BUILDER_ADDON, HOST_SUFFIX, LEARNER_ADDON, Seat
 
 # What an actor on Oakestra reads to report for itself (see flops.oakestra.shim).
 ENV_BROKER_URL = "FLOPS_BROKER_URL"
@@ -31,6 +31,7 @@ ENV_PROJECT = "FLOPS_PROJECT_ID"
 ENV_COMMAND = "FLOPS_COMMAND_ID"
 ENV_AGENT = "FLOPS_AGENT_ID"
 ENV_KIND = "FLOPS_COMMAND_KIND"
+ENV_ADVERTISE_HOST = "FLOPS_ADVERTISE_HOST"  # the aggregator's service IP, for the address it reports
 SHIM = "flops.oakestra.shim"  # runs the actor and publishes its report lines (no agent forwards them)
 
 # Service names start with what the actor is (the fake System Manager's scripts match on it; a person reading
@@ -87,6 +88,22 @@ def service_name(cmd: Command) -> str:
     return f"{SERVICE_PREFIX[cmd.kind]}{digest}"
 
 
+def service_ip(project_id: str, seat_id: str, port: int) -> str:
+    """The service IP of the aggregator a project runs on a seat at a port: derived, so learners started before
+    it know where it will be (in 10.30/16, Oakestra's range for round-robin service IPs)."""
+    digest = hashlib.sha256(f"{project_id}|{seat_id}|{port}".encode()).digest()
+    return f"10.30.{digest[0]}.{digest[1] % 254 + 1}"
+
+
+def reachable(address: str, project_id: str) -> str:
+    """``host:port`` as a service on Oakestra reaches it: a seat's host name becomes the service IP of the
+    project's aggregator there; any other address stays what it is."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.endswith(HOST_SUFFIX) or not port.isdigit():
+        return address
+    return f"{service_ip(project_id, host.removesuffix(HOST_SUFFIX), int(port))}:{port}"
+
+
 def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Refusal:
     """The service that runs ``cmd`` on ``seat``'s cluster, or why there is none."""
     if cmd.kind not in SERVICE_PREFIX:
@@ -109,11 +126,15 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
         return size
     try:
         made = _command_line(cmd, config, env)
+        # An aggregator asks for the service IP its learners were told (reachable()), and reports it.
+        rr_ip = service_ip(cmd.project_id, seat.agent_id, int(spec["port"])) if cmd.kind == "run_aggregator" else None
     except KeyError as exc:  # the spec lacks what the actor needs: the user sees which field
         return Refusal(f"spec.{exc.args[0]}: required for {cmd.kind} on Oakestra")
     if isinstance(made, Refusal):
         return made
     image, argv, addon = made
+    if rr_ip:
+        env[ENV_ADVERTISE_HOST] = rr_ip
     return ActorSpec(
         project_id=cmd.project_id,
         actor=service_name(cmd),
@@ -125,6 +146,7 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
         one_shot=cmd.kind in ("build", "build_model_image"),
         addon=addon,
         cluster=seat.cluster,
+        rr_ip=rr_ip,
     )
 
 
@@ -159,13 +181,14 @@ def _command_line(
         if spec.get("data_token"):
             env[DATA_TOKEN_ENV] = str(spec["data_token"])
         tags = ",".join(spec.get("data_tags", []))
-        argv = ["flops.runtime.learner", "--repo", cf.REPO_DIR, "--aggregator", str(spec["aggregator_address"])]
+        aggregator = reachable(str(spec["aggregator_address"]), cmd.project_id)
+        argv = ["flops.runtime.learner", "--repo", cf.REPO_DIR, "--aggregator", aggregator]
         argv += ["--data-server", config.data_server, "--data-tags", tags, "--work-dir", WORKDIR]
         return image, argv, LEARNER_ADDON
-    return image, _aggregator_argv(spec), None
+    return image, _aggregator_argv(spec, cmd.project_id), None
 
 
-def _aggregator_argv(spec: Mapping[str, Any]) -> list[str]:
+def _aggregator_argv(spec: Mapping[str, Any], project_id: str) -> list[str]:
     argv = ["flops.runtime.aggregator", "--repo", cf.REPO_DIR, "--rounds", str(spec["rounds"])]
     for key in ("min_available_clients", "min_fit_clients", "min_evaluate_clients"):
         argv += ["--" + key.replace("_", "-"), str(spec[key])]
@@ -174,7 +197,7 @@ def _aggregator_argv(spec: Mapping[str, Any]) -> list[str]:
     flags = {"deadline_s": "--deadline", "round_timeout_s": "--round-timeout", "client_wait_s": "--client-wait-timeout"}
     argv += [arg for key, flag in flags.items() if key in spec for arg in (flag, str(float(spec[key])))]
     if "cluster" in spec:
-        argv += ["--cluster", str(spec["cluster"]), "--root-address", str(spec["root_address"])]
+        argv += ["--cluster", str(spec["cluster"]), "--root-address", reachable(str(spec["root_address"]), project_id)]
     argv += ["--address", f"0.0.0.0:{spec['port']}", "--model-out", f"{WORKDIR}/model"]
     return [*argv, "--work-dir", f"{WORKDIR}/flower"]
 

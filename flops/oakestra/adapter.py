@@ -251,6 +251,29 @@ class OakestraAdapter:
             self._fail(cmd, seat, f"{spec.actor}: Oakestra System Manager: {exc}", "unreachable")
             return
         self._events(cmd.project_id, events)
+        if spec.rr_ip:
+            self._check_address(cmd, seat, placement, spec.actor, spec.rr_ip, bound)
+
+    def _check_address(
+        self, cmd: Command, seat: Seat, placement: Placement, name: str, wanted: str, bound: Any
+    ) -> None:
+        """An aggregator must have the service IP its learners were told; Oakestra gives another when that one is
+        taken (the client retries with a random one), and then nobody finds it: fail it now, with the reason."""
+        actor = placement.actors.get(name)
+        if actor is None or actor.done or actor.service_id is None:
+            return
+        try:
+            service = self.sm.service(actor.service_id)
+            if service is None or service.rr_ip in (None, wanted):
+                return
+            events = placement.remove(name)
+        except SystemManagerError as exc:
+            bound.warning("oakestra service IP not checked", error=str(exc)[:300])
+            return
+        reason = f"{name}: Oakestra gave it service IP {service.rr_ip}, not {wanted} where its learners look for it"
+        bound.warning("oakestra aggregator unreachable", reason=reason)
+        self._events(cmd.project_id, events)
+        self._fail(cmd, seat, reason, "address")
 
     def _stop_project(self, cmd: Command, bound: Any) -> None:
         """Delete what the project runs on Oakestra: the application, or every service but the kept kinds'."""

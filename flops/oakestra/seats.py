@@ -6,7 +6,9 @@ cluster offers ``image-builder``), aggregators and model servers, and learns whe
 ``FLOps-learner``; plus one more learner seat ``oak-<cluster>-<n>`` per further node offering ``FLOps-learner``
 (``supported_addons`` repeats an add-on once per node), so a project wanting N learners finds N seats. A seat's
 ``cluster`` is the Oakestra cluster name: hierarchical projects get one FLOps cluster per Oakestra cluster, and
-every actor started on a seat is sent to that cluster as a ``direct`` constraint.
+every actor started on a seat is sent to that cluster as a ``direct`` constraint. A seat's ``host`` is a name
+(``<seat>.oakestra``) the adapter replaces by the service IP of the aggregator a command points at: where a
+learner finds its aggregator inside Oakestra is only known per project and port.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flops.oakestra.models import Cluster
 LEARNER_ADDON = "FLOps-learner"
 BUILDER_ADDON = "image-builder"
 PREFIX = "oak-"
+HOST_SUFFIX = ".oakestra"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Seat:
             roles=list(self.roles),
             data_tags=dict(data_tags) if learner else {},
             cluster=self.cluster,
+            host=f"{self.agent_id}{HOST_SUFFIX}",
             cpus=self.cpus,
             memory_mb=self.memory_mb,
         )

@@ -46,6 +46,7 @@ class Identity:
     command_id: str
     kind: str
     agent_id: str
+    advertise_host: str | None = None  # an aggregator's service IP: where others reach what it reports
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Identity:
@@ -58,9 +59,8 @@ class Identity:
             address = address.model_copy(
                 update={"username": env[actors.ENV_BROKER_USERNAME], "password": env.get(actors.ENV_BROKER_PASSWORD)}
             )
-        return cls(
-            address, env[actors.ENV_PROJECT], env[actors.ENV_COMMAND], env[actors.ENV_KIND], env[actors.ENV_AGENT]
-        )
+        ids = (env[actors.ENV_PROJECT], env[actors.ENV_COMMAND], env[actors.ENV_KIND], env[actors.ENV_AGENT])
+        return cls(address, *ids, advertise_host=env.get(actors.ENV_ADVERTISE_HOST) or None)
 
 
 class Reporter:
@@ -82,6 +82,10 @@ class Reporter:
         self.lines += 1
         self.terminal = self.terminal or kind in TERMINAL
         fields = dict(payload)
+        if kind == reports.AGGREGATOR_STARTED and self.identity.advertise_host and "address" in fields:
+            # It listens on every interface of its container; others reach it at its service IP.
+            port = str(fields["address"]).rpartition(":")[2]
+            fields["address"] = f"{self.identity.advertise_host}:{port}"
         if kind.startswith("learner."):
             fields["agent_id"] = self.identity.agent_id
             fields.pop("node_id", None)

@@ -18,7 +18,7 @@ import pytest
 from flops import topics
 from flops.bus import Bus, BusOptions, Inbound
 from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, new_id
-from flops.oakestra.actors import ActorConfig
+from flops.oakestra.actors import ActorConfig, service_ip
 from flops.oakestra.adapter import AdapterConfig, OakestraAdapter
 from flops.oakestra.client import SystemManager
 from flops.oakestra.deploy import Timing, application_name
@@ -323,6 +323,25 @@ def test_stop_project_keeping_the_model_server_deletes_every_other_service(
     wait_until(lambda: f"DELETE /api/service/{ids['reg/p-aggregator:abc']}" in paths(control.calls()), WAIT, "deleted")
     assert sm.service(ids["reg/p-model:abc"]) is not None
     assert sm.find_application(application_name(project)) is not None
+
+
+def test_an_aggregator_gets_the_service_ip_its_learners_look_for_or_fails_saying_so(
+    adapter: OakestraAdapter, side: ManagerSide, control: FakeControl, names: dict[str, str]
+) -> None:
+    seat = f"oak-{names['core']}"
+    first, second = new_id("p"), new_id("p")
+    run_aggregator(side, seat, first)
+    wait_until(lambda: running(adapter, first) == 1, WAIT, "the first aggregator running")
+    control.rr_conflicts(1)  # the next service IP asked for is taken: Oakestra's client retries with another
+    cmd = run_aggregator(side, seat, second)
+
+    failed = side.report(cmd.command_id, "training.failed")
+
+    [placed, refused_then_placed] = [s for s in posted_services(control) if s["response"]["deployed_services"]]
+    assert placed["body"]["applications"][0]["microservices"][0]["addresses"]["rr_ip"] == service_ip(first, seat, 19100)
+    assert service_ip(second, seat, 19100) in failed["reason"] and "where its learners look for it" in failed["reason"]
+    service_id = refused_then_placed["response"]["job_id"]
+    wait_until(lambda: f"DELETE /api/service/{service_id}" in paths(control.calls()), WAIT, "the service deleted")
 
 
 def test_stopping_the_adapter_announces_its_seats_offline(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flops.messages import Command, decode_report
-from flops.oakestra.actors import ActorConfig, Refusal, actor_spec, failure_report, service_name
+from flops.oakestra.actors import ActorConfig, Refusal, actor_spec, failure_report, reachable, service_ip, service_name
 from flops.oakestra.deploy import ActorSpec
 from flops.oakestra.fake_state import cluster_doc
 from flops.oakestra.models import Cluster
@@ -156,3 +156,26 @@ def test_a_failure_is_the_report_the_stage_waits_for(kind: str, report: str) -> 
     assert fields["reason"] == "pull failed"
     if report == "learner.failed":
         assert fields["agent_id"] == "oak-c1"
+
+
+def test_a_learner_finds_its_aggregator_at_the_service_ip_the_aggregator_asks_for() -> None:
+    training = {"rounds": 1, "min_available_clients": 1, "min_fit_clients": 1, "min_evaluate_clients": 1}
+    aggregator = placed(command("run_aggregator", artifact={"details": IMAGES}, port=19100, **training))
+    address = SEAT.status(online=True, data_tags={}).host + ":19100"  # what the learners stage tells learners
+    learner = placed(command("run_learner", artifact={"details": IMAGES}, aggregator_address=address))
+
+    ip = service_ip("p-1", "oak-c1", 19100)
+    assert address == "oak-c1.oakestra:19100" and ip.startswith("10.30.")
+    assert aggregator.rr_ip == ip and aggregator.env["FLOPS_ADVERTISE_HOST"] == ip
+    assert f"{ip}:19100" in learner.cmd
+    assert service_ip("p-2", "oak-c1", 19100) != ip  # another project's aggregator there: another address
+
+
+def test_addresses_outside_oakestra_stay_what_they_are_and_a_cluster_aggregator_finds_its_root() -> None:
+    assert reachable("192.168.1.5:19100", "p-1") == "192.168.1.5:19100"
+    assert reachable("oak-c1.oakestra", "p-1") == "oak-c1.oakestra"
+    training = {"rounds": 1, "min_available_clients": 1, "min_fit_clients": 1, "min_evaluate_clients": 1}
+    hierarchy = {"cluster": "c1", "root_address": "oak-root.oakestra:19200"}
+    spec = placed(command("run_aggregator", artifact={"details": IMAGES}, port=19100, **training, **hierarchy))
+
+    assert spec.cmd[spec.cmd.index("--root-address") + 1] == f"{service_ip('p-1', 'oak-root', 19200)}:19200"

@@ -50,7 +50,13 @@ def reports(broker: BrokerAddress) -> Iterator[tuple[str, Bus]]:
 
 
 def shim(
-    broker: BrokerAddress, seat: str, kind: str, script: list[Any], tmp_path: Path, exit_code: int = 0
+    broker: BrokerAddress,
+    seat: str,
+    kind: str,
+    script: list[Any],
+    tmp_path: Path,
+    exit_code: int = 0,
+    **extra_env: str,
 ) -> tuple[str, int]:
     (tmp_path / "fake_actor.py").write_text(ACTOR)
     command_id = new_id("c")
@@ -62,6 +68,7 @@ def shim(
         "FLOPS_COMMAND_ID": command_id,
         "FLOPS_COMMAND_KIND": kind,
         "FLOPS_AGENT_ID": seat,
+        **extra_env,
     }
     argv = [sys.executable, "-m", "flops.oakestra.shim", "fake_actor", "--script", json.dumps(script)]
     argv += ["--exit-code", str(exit_code)]
@@ -93,12 +100,13 @@ def test_report_lines_become_the_seats_reports_and_an_outcome_ends_it(
         ["round.completed", {"round": 1, "loss": 0.5, "accuracy": 0.9}],
         ["training.succeeded", {"best_round": 1, "loss": 0.5, "accuracy": 0.9, "model_ref": "/tmp/m"}],
     ]
-    command_id, code = shim(broker, seat, "run_aggregator", script, tmp_path)
+    command_id, code = shim(broker, seat, "run_aggregator", script, tmp_path, FLOPS_ADVERTISE_HOST="10.30.7.9")
 
     got = collected(bus, seat)
 
     assert code == 0
     assert [r["kind"] for r in got] == ["aggregator.started", "round.completed", "training.succeeded"]
+    assert got[0]["address"] == "10.30.7.9:19100"  # where others reach it, not the interface it listens on
     assert [r["event_id"] for r in got] == [f"{command_id}.r1", f"{command_id}.r2", f"{command_id}.r3"]
     assert {(r["project_id"], r["command_id"], r["source"]) for r in got} == {
         ("p-shim", command_id, f"oakestra/{seat}")
