@@ -285,7 +285,8 @@ class OakestraAdapter:
             if placement is None:
                 bound.info("nothing on oakestra to stop")
                 return
-            if not keep:
+            kept = [name for name in placement.actors if _kind_of(name) in keep and not placement.actors[name].done]
+            if not kept:  # nothing to keep runs there: the whole application goes
                 events = placement.close("stop_project")
                 self.placements.pop(cmd.project_id, None)
             else:

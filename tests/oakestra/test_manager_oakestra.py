@@ -1,8 +1,9 @@
 """``flops manager --deployer oakestra``: the manager process with the Oakestra adapter, a project submitted as
 any user would, its actors placed on the fake System Manager by the unchanged stages.
 
-The fake cannot run the builder's image (no podman here), so the project runs up to what Oakestra itself decides:
-a builder no cluster has room for fails the project with Oakestra's reason, and the application is deleted.
+The fake runs no images here (no podman), so the test plays the actors: for each service Oakestra was asked for,
+it publishes what ``flops.oakestra.shim`` would from inside it, named by the service's environment. A builder no
+cluster has room for fails the project with Oakestra's reason instead. Either way the application is deleted.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from flops.bus import Bus, BusOptions
 from flops.client import Client
 from flops.lifecycle_stages import Outcome
 from flops.messages import new_id
+from flops.oakestra.actors import service_ip
 from flops.oakestra.client import SystemManager
 from flops.oakestra.deploy import application_name
 from flops.oakestra.fake import FakeSystemManager
@@ -101,3 +104,82 @@ def test_deployer_oakestra_without_its_url_is_refused_naming_the_field(broker: B
 
     assert done.returncode == 78
     assert "oakestra_url" in done.stderr and "required when deployer is oakestra" in done.stderr
+
+
+class Actors:
+    """Plays the actors of the services Oakestra was asked for, reporting as the seat each service names."""
+
+    def __init__(self, broker: BrokerAddress, control: FakeControl) -> None:
+        self.control = control
+        self.bus = Bus(broker, BusOptions(client_id=new_id("test-actors"))).connect()
+
+    def services(self, prefix: str, n: int = 1) -> list[dict[str, Any]]:
+        """The first ``n`` services created whose name starts with ``prefix`` (waiting for them)."""
+
+        def created() -> list[dict[str, Any]]:
+            found = []
+            for call in self.control.calls():
+                if call["method"] == "POST" and call["path"] == "/api/service/" and call["response"]["job_id"]:
+                    service = call["body"]["applications"][0]["microservices"][0]
+                    if service["microservice_name"].startswith(prefix):
+                        found.append(service)
+            return found
+
+        return list(wait_until(lambda: len(found := created()) >= n and found, 30, f"{n} {prefix} services"))[:n]
+
+    def report(self, service: dict[str, Any], kind: str, **fields: Any) -> None:
+        env = dict(e.split("=", 1) for e in service["environment"])
+        seat, command_id = env["FLOPS_AGENT_ID"], env["FLOPS_COMMAND_ID"]
+        body = {"event_id": f"{command_id}.r1", "project_id": env["FLOPS_PROJECT_ID"], "source": f"oakestra/{seat}"}
+        body.update(command_id=command_id, kind=kind, **fields)
+        if kind.startswith("learner."):
+            body["agent_id"] = seat
+        self.bus.publish_wait(topics.agent_reports(seat), json.dumps(body).encode())
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def test_a_project_runs_through_every_stage_with_its_actors_as_oakestra_services(
+    manager: ManagerProcess,
+    broker: BrokerAddress,
+    control: FakeControl,
+    cluster: str,
+    sm: SystemManager,
+    tmp_path: Path,
+) -> None:
+    repo = make_git_repo(tmp_path / "repo")
+    watcher = StateWatcher(broker)
+    actors = Actors(broker, control)
+    try:
+        with Client(broker) as client:
+            request = sla(repo, data_tags=[cluster], training_rounds=1, post_training_steps=[])
+            reply = client.submit(ProjectSLA.model_validate(request))
+        assert reply.project_id, reply
+        project = reply.project_id
+        [builder] = actors.services("builder")
+        images = {"learner": "reg/p-learner:abc", "aggregator": "reg/p-aggregator:abc"}
+        actors.report(
+            builder,
+            "build.succeeded",
+            artifact={"ref": "image://reg/p", "details": {"kind": "image", "images": images}},
+        )
+        learners = actors.services("flearner", 2)
+        for learner in learners:
+            actors.report(learner, "learner.ready", examples=10)
+        [aggregator] = actors.services("aggregator")
+        actors.report(aggregator, "training.succeeded", best_round=1, loss=0.1, accuracy=0.9, model_ref="/m")
+        state = watcher.wait_stage(project, "finished", timeout=60)
+    finally:
+        actors.close()
+        watcher.close()
+
+    assert state.outcome is Outcome.COMPLETED, (state.reason, manager.log_tail())
+    seats = {dict(e.split("=", 1) for e in s["environment"])["FLOPS_AGENT_ID"] for s in learners}
+    assert seats == {f"oak-{cluster}", f"oak-{cluster}-2"}  # one learner per learner seat, as on agents
+    assert {learner["code"] for learner in learners} == {"reg/p-learner:abc"}
+    port = int(aggregator["cmd"][aggregator["cmd"].index("--address") + 1].rpartition(":")[2])
+    ip = service_ip(project, f"oak-{cluster}", port)
+    assert aggregator["addresses"]["rr_ip"] == ip
+    assert all(learner["cmd"][learner["cmd"].index("--aggregator") + 1] == f"{ip}:{port}" for learner in learners)
+    wait_until(lambda: sm.find_application(application_name(project)) is None, 20, "the project's application deleted")
