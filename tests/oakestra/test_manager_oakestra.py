@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.client import Client
 from flops.lifecycle_stages import Outcome
-from flops.messages import new_id
+from flops.messages import ProjectState, new_id
 from flops.oakestra.actors import service_ip
 from flops.oakestra.client import SystemManager
 from flops.oakestra.deploy import application_name
@@ -94,8 +95,7 @@ def test_a_builder_oakestra_cannot_place_fails_the_project_with_its_reason_and_t
     created = [c for c in control.calls() if c["method"] == "POST" and c["path"] == "/api/service/"]
     service = created[0]["body"]["applications"][0]["microservices"][0]
     assert service["code"] == "reg/builder:1" and {"type": "direct", "cluster": cluster} in service["constraints"]
-    name = application_name(reply.project_id)
-    wait_until(lambda: sm.find_application(name) is None, 20, "the project's application deleted")
+    application_deleted(sm, reply.project_id)
     assert any(p.startswith("DELETE /api/application/") for p in paths(control.calls()))
 
 
@@ -104,6 +104,24 @@ def test_deployer_oakestra_without_its_url_is_refused_naming_the_field(broker: B
 
     assert done.returncode == 78
     assert "oakestra_url" in done.stderr and "required when deployer is oakestra" in done.stderr
+
+
+def submit(broker: BrokerAddress, tmp_path: Path, cluster: str) -> str:
+    """A one-round project on the data this test's learner seats announce; its id."""
+    repo = make_git_repo(tmp_path / "repo")
+    with Client(broker) as client:
+        request = sla(repo, data_tags=[cluster], training_rounds=1, post_training_steps=[])
+        reply = client.submit(ProjectSLA.model_validate(request))
+    assert reply.project_id, reply
+    return reply.project_id
+
+
+def application_deleted(sm: SystemManager, project: str) -> None:
+    name = application_name(project)
+    wait_until(lambda: sm.find_application(name) is None, 20, f"the application of {project} deleted")
+
+
+IMAGES = {"kind": "image", "images": {"learner": "reg/p-learner:abc", "aggregator": "reg/p-aggregator:abc"}}
 
 
 class Actors:
@@ -140,6 +158,45 @@ class Actors:
         self.bus.close()
 
 
+@dataclass
+class Run:
+    project: str
+    state: ProjectState
+    learners: list[dict[str, Any]]
+    aggregator: dict[str, Any]
+
+
+def run_project(
+    manager: ManagerProcess,
+    broker: BrokerAddress,
+    control: FakeControl,
+    cluster: str,
+    tmp_path: Path,
+    *,
+    kill9_with_learners: bool = False,
+) -> Run:
+    """Submit a project and play its actors until it finishes; with ``kill9_with_learners`` the manager is killed
+    and started again while its learners run on Oakestra."""
+    watcher = StateWatcher(broker)
+    actors = Actors(broker, control)
+    try:
+        project = submit(broker, tmp_path, cluster)
+        [builder] = actors.services("builder")
+        actors.report(builder, "build.succeeded", artifact={"ref": "image://reg/p", "details": IMAGES})
+        learners = actors.services("flearner", 2)
+        if kill9_with_learners:
+            manager.kill9()
+            manager.start()
+        for learner in learners:
+            actors.report(learner, "learner.ready", examples=10)
+        [aggregator] = actors.services("aggregator")
+        actors.report(aggregator, "training.succeeded", best_round=1, loss=0.1, accuracy=0.9, model_ref="/m")
+        return Run(project, watcher.wait_stage(project, "finished", timeout=60), learners, aggregator)
+    finally:
+        actors.close()
+        watcher.close()
+
+
 def test_a_project_runs_through_every_stage_with_its_actors_as_oakestra_services(
     manager: ManagerProcess,
     broker: BrokerAddress,
@@ -148,38 +205,56 @@ def test_a_project_runs_through_every_stage_with_its_actors_as_oakestra_services
     sm: SystemManager,
     tmp_path: Path,
 ) -> None:
-    repo = make_git_repo(tmp_path / "repo")
+    run = run_project(manager, broker, control, cluster, tmp_path)
+
+    assert run.state.outcome is Outcome.COMPLETED, (run.state.reason, manager.log_tail())
+    seats = {dict(e.split("=", 1) for e in s["environment"])["FLOPS_AGENT_ID"] for s in run.learners}
+    assert seats == {f"oak-{cluster}", f"oak-{cluster}-2"}  # one learner per learner seat, as on agents
+    assert {learner["code"] for learner in run.learners} == {"reg/p-learner:abc"}
+    cmd = run.aggregator["cmd"]
+    port = int(cmd[cmd.index("--address") + 1].rpartition(":")[2])
+    ip = service_ip(run.project, f"oak-{cluster}", port)
+    assert run.aggregator["addresses"]["rr_ip"] == ip
+    assert all(learner["cmd"][learner["cmd"].index("--aggregator") + 1] == f"{ip}:{port}" for learner in run.learners)
+    application_deleted(sm, run.project)
+
+
+def test_a_manager_killed_mid_project_resumes_on_oakestra_and_completes(
+    manager: ManagerProcess,
+    broker: BrokerAddress,
+    control: FakeControl,
+    cluster: str,
+    sm: SystemManager,
+    tmp_path: Path,
+) -> None:
+    run = run_project(manager, broker, control, cluster, tmp_path, kill9_with_learners=True)
+
+    assert run.state.outcome is Outcome.COMPLETED, (run.state.reason, manager.log_tail())
+    assert "oakestra projects adopted" in manager.log_tail(100_000)
+    application_deleted(sm, run.project)
+
+
+def test_a_cancelled_project_has_its_application_deleted(
+    manager: ManagerProcess,
+    broker: BrokerAddress,
+    control: FakeControl,
+    cluster: str,
+    sm: SystemManager,
+    tmp_path: Path,
+) -> None:
+    control.script("^builder", "ok")  # a build that keeps running until it is stopped
     watcher = StateWatcher(broker)
     actors = Actors(broker, control)
     try:
+        project = submit(broker, tmp_path, cluster)
+        actors.services("builder")
+        wait_until(lambda: sm.find_application(application_name(project)), 20, "the project's application")
         with Client(broker) as client:
-            request = sla(repo, data_tags=[cluster], training_rounds=1, post_training_steps=[])
-            reply = client.submit(ProjectSLA.model_validate(request))
-        assert reply.project_id, reply
-        project = reply.project_id
-        [builder] = actors.services("builder")
-        images = {"learner": "reg/p-learner:abc", "aggregator": "reg/p-aggregator:abc"}
-        actors.report(
-            builder,
-            "build.succeeded",
-            artifact={"ref": "image://reg/p", "details": {"kind": "image", "images": images}},
-        )
-        learners = actors.services("flearner", 2)
-        for learner in learners:
-            actors.report(learner, "learner.ready", examples=10)
-        [aggregator] = actors.services("aggregator")
-        actors.report(aggregator, "training.succeeded", best_round=1, loss=0.1, accuracy=0.9, model_ref="/m")
+            client.cancel(project, "changed my mind")
         state = watcher.wait_stage(project, "finished", timeout=60)
     finally:
         actors.close()
         watcher.close()
 
-    assert state.outcome is Outcome.COMPLETED, (state.reason, manager.log_tail())
-    seats = {dict(e.split("=", 1) for e in s["environment"])["FLOPS_AGENT_ID"] for s in learners}
-    assert seats == {f"oak-{cluster}", f"oak-{cluster}-2"}  # one learner per learner seat, as on agents
-    assert {learner["code"] for learner in learners} == {"reg/p-learner:abc"}
-    port = int(aggregator["cmd"][aggregator["cmd"].index("--address") + 1].rpartition(":")[2])
-    ip = service_ip(project, f"oak-{cluster}", port)
-    assert aggregator["addresses"]["rr_ip"] == ip
-    assert all(learner["cmd"][learner["cmd"].index("--aggregator") + 1] == f"{ip}:{port}" for learner in learners)
-    wait_until(lambda: sm.find_application(application_name(project)) is None, 20, "the project's application deleted")
+    assert state.outcome is Outcome.CANCELLED, (state.reason, manager.log_tail())
+    application_deleted(sm, project)
