@@ -85,6 +85,7 @@ class OakestraAdapter:
         self.placements: dict[str, Placement] = {}
         self._started: dict[tuple[str, str], _Started] = {}  # (project, service name) -> what it runs
         self._handled: dict[str, None] = {}
+        self._stops_due: dict[str, Command] = {}  # stop_project the System Manager did not take yet, by project
         self.outbox = ReportOutbox(config.state_dir / "oakestra-reports.sqlite3")
         self.announced = threading.Event()  # set once the first cluster list was announced
         self.adopted = threading.Event()  # set once what an earlier adapter left on Oakestra is followed again
@@ -144,6 +145,8 @@ class OakestraAdapter:
                         self._adopt()
                     next_refresh = now + self.config.refresh_s
                 if now >= next_poll:
+                    for cmd in list(self._stops_due.values()):
+                        self._stop_project(cmd, self.log.bind(project_id=cmd.project_id, command_id=cmd.command_id))
                     self._poll()
                     next_poll = now + self.config.timing.poll_interval
                 if now >= next_resend:
@@ -168,11 +171,13 @@ class OakestraAdapter:
             return
         assert isinstance(item, Inbound)
         parsed = topics.parse(item.topic)
-        if parsed.kind == "agent_acks":
-            self._on_ack(item.payload)
-        elif parsed.kind == "agent_commands" and parsed.ident:
-            self._on_command(parsed.ident, item.payload)
-        self.bus.ack(item)
+        try:
+            if parsed.kind == "agent_acks":
+                self._on_ack(item.payload)
+            elif parsed.kind == "agent_commands" and parsed.ident:
+                self._on_command(parsed.ident, item.payload)
+        finally:  # a command that broke the handler is not redelivered forever: it was receipted and logged
+            self.bus.ack(item)
 
     # --- seats ------------------------------------------------------------------------------------------------
 
@@ -294,8 +299,10 @@ class OakestraAdapter:
                 events = [event for name in stopping for event in placement.remove(name)]
                 self.placements[cmd.project_id] = placement
         except SystemManagerError as exc:
-            bound.warning("oakestra stop failed; what remains is deleted by the next stop", error=str(exc)[:300])
+            bound.warning("oakestra stop failed; tried again at the next poll", error=str(exc)[:300])
+            self._stops_due[cmd.project_id] = cmd
             return
+        self._stops_due.pop(cmd.project_id, None)
         bound.info("project stopped on oakestra", deleted=len(events), keep=sorted(keep))
         self._events(cmd.project_id, events)
 

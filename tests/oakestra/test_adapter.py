@@ -289,20 +289,29 @@ def test_a_command_that_cannot_run_on_oakestra_is_refused_with_its_reason_and_cr
     assert posted_services(control) == []
 
 
+@pytest.mark.parametrize("refusals", [0, 2], ids=["at-once", "after-refusals"])
 def test_stop_project_deletes_the_projects_application(
-    adapter: OakestraAdapter, side: ManagerSide, control: FakeControl, names: dict[str, str], sm: SystemManager
+    adapter: OakestraAdapter,
+    side: ManagerSide,
+    control: FakeControl,
+    names: dict[str, str],
+    sm: SystemManager,
+    refusals: int,
 ) -> None:
     seat = f"oak-{names['core']}"
     project = new_id("p")
     cmd = run_aggregator(side, seat, project)
     side.receipt(seat, cmd.command_id)
     wait_until(lambda: sm.find_application(application_name(project)), WAIT, "the application")
+    if refusals:  # the System Manager fails the deletion a few times: the stop is tried again until it takes
+        control.fault("DELETE", "/api/application/.*", 500, {"code": 500, "status": "Internal Server Error"}, refusals)
 
     stop = side.command(seat, project, "stop_project", keep=[])
     side.receipt(seat, stop.command_id)
 
     wait_until(lambda: sm.find_application(application_name(project)) is None, WAIT, "the application deleted")
-    assert any(p.startswith("DELETE /api/application/") for p in paths(control.calls()))
+    deletes = [p for p in paths(control.calls()) if p.startswith("DELETE /api/application/")]
+    assert len(deletes) == refusals + 1
     assert project not in adapter.placements
 
 
