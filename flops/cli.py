@@ -117,6 +117,12 @@ def manager(
     store: Annotated[
         str | None, typer.Option(help="SQLite file, or memory:// (default: DATA_DIR/manager.sqlite3)")
     ] = None,
+    deployer: Annotated[
+        str | None, typer.Option(help="Where actors run: agents (MQTT) or oakestra [env FLOPS_DEPLOYER]")
+    ] = None,
+    oakestra_url: Annotated[
+        str | None, typer.Option(help="Oakestra System Manager, e.g. http://root:10000 [env FLOPS_OAKESTRA_URL]")
+    ] = None,
 ) -> None:
     """Run the manager: owns every project's state machine; resumes unfinished projects at start."""
     from flops.broker import embedded_or_external
@@ -125,6 +131,14 @@ def manager(
     from flops.store_sqlite import SQLiteStore
 
     settings = _settings(ctx)
+    flags = {k: v for k, v in {"deployer": deployer, "oakestra_url": oakestra_url}.items() if v is not None}
+    if flags:
+        try:  # validated together with what the environment set (--deployer oakestra needs a URL from either)
+            settings = Settings(**{**settings.model_dump(exclude_unset=True), **flags})
+        except ValidationError as exc:
+            Console(stderr=True).print(f"[red]bad setting:[/] {describe(exc)}")
+            raise typer.Exit(78) from None
+    adapter = None
     with _errors():
         address = settings.broker()
         running = embedded_or_external(settings.broker_url, address, settings.data_dir / "broker")
@@ -132,9 +146,17 @@ def manager(
         db = open_store(chosen) if chosen == "memory://" else SQLiteStore(chosen, settings.sqlite_synchronous)
         service = Manager(settings, db, running.address)
         service.start()
-    Console(stderr=True).print(f"manager running on {running.address.url}, store {chosen}")
+        if settings.deployer == "oakestra":
+            # The Oakestra adapter stands in for agents (one per Oakestra cluster) on the same broker.
+            from flops.oakestra.adapter import from_settings
+
+            adapter = from_settings(settings, running.address).start()
+    where = f", actors on Oakestra at {settings.oakestra_url}" if adapter else ""
+    Console(stderr=True).print(f"manager running on {running.address.url}, store {chosen}{where}")
 
     def stop() -> None:
+        if adapter is not None:
+            adapter.stop()
         service.stop()
         running.stop()
 

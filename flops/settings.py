@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flops.errors import ConfigError
@@ -138,8 +138,37 @@ class Settings(BaseSettings):
     api_tokens_file: Path | None = Field(None, description="JSON file of customers, their tokens and env files")
     api_agent_dirs: list[Path] | None = Field(None, description="Agent directories; unset = DATA_DIR and subdirs")
     api_reply_timeout_s: float = Field(15.0, gt=0, description="How long flops api waits for the manager's reply")
+    # Where the manager's actors run: on FLOps agents over MQTT, or as Oakestra services (the manager then runs
+    # an Oakestra adapter that stands in for one agent per active Oakestra cluster; flops.oakestra.adapter).
+    deployer: Literal["agents", "oakestra"] = Field("agents", description="agents (MQTT) or oakestra")
+    oakestra_url: str | None = Field(
+        None, validate_default=True, description="Oakestra System Manager, e.g. http://root:10000"
+    )
+    oakestra_username: str = "Admin"
+    oakestra_password: SecretStr = SecretStr("Admin")
+    # The broker as the actors on Oakestra reach it (unset: the manager's broker URL), and the broker identity
+    # they report with (never the manager's own: it would travel in every service's environment).
+    oakestra_broker_url: str | None = None
+    oakestra_actor_username: str | None = None
+    oakestra_actor_password: SecretStr | None = None
+    oakestra_builder_image: str | None = Field(None, description="Image the builder service runs (flops installed)")
+    # Oakestra knows no data: the tags (and row counts) every learner seat announces.
+    oakestra_data_tags: dict[str, int] = {}
+    oakestra_data_server: str = Field(
+        "grpc://127.0.0.1:11027", description="The node data server learners on Oakestra read (ml-data-server)"
+    )
+    oakestra_poll_s: float = Field(3.0, gt=0, description="How often Oakestra's services are looked at")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("oakestra_url")
+    @classmethod
+    def _oakestra_needs_its_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("deployer") == "oakestra" and not url:
+            raise ValueError("required when deployer is oakestra (FLOPS_OAKESTRA_URL or --oakestra-url)")
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
 
     def broker(self) -> BrokerAddress:
         addr = BrokerAddress.parse(self.broker_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}")

@@ -54,7 +54,8 @@ class SystemClock:
 class ActorSpec:
     """One actor of a project as an Oakestra service. ``actor`` is the service name (unique in the project: the
     same name again would silently replace the service); ``addon`` is what its cluster must support
-    (``image-builder``, ``FLOps-learner``); ``cluster`` names one outright."""
+    (``image-builder``, ``FLOps-learner``); ``cluster`` names one outright; ``rr_ip`` is the service IP to ask for
+    (where other services reach it; Oakestra may give another when that one is taken)."""
 
     project_id: str
     actor: str
@@ -67,6 +68,7 @@ class ActorSpec:
     addon: str | None = None
     cluster: str | None = None
     instances: int = 1
+    rr_ip: str | None = None
 
     def service(self, cluster: str | None, namespace: str) -> ServiceSpec:
         return ServiceSpec(
@@ -99,6 +101,7 @@ class ActorSpec:
             addon=str(needs[0]) if isinstance(needs, list) and needs else None,
             cluster=str(direct) if direct else None,
             instances=max(1, len(service.instances)),
+            rr_ip=service.rr_ip,
         )
 
 
@@ -192,7 +195,7 @@ class Placement:
                 events += self._give_up(actor, reason)
                 return
             try:
-                actor.service_id = self.sm.create_service(app, spec.service(cluster, self.namespace))
+                actor.service_id = self.sm.create_service(app, spec.service(cluster, self.namespace), spec.rr_ip)
             except ServiceRejected as exc:
                 events += self._give_up(actor, f"{spec.actor}: {exc}")
                 return

@@ -1,0 +1,168 @@
+"""An actor's own reporter inside an Oakestra container: what its agent would otherwise forward.
+
+On a FLOps agent, a learner, aggregator, builder or model server writes report lines to a pipe and the agent turns
+them into reports on its ``agents/{id}/reports`` topic. On Oakestra there is no agent, so the service runs
+``python -m flops.oakestra.shim <module> <args…>``: the shim starts ``python -m <module> <args…> --report-fd N``
+and publishes each line as the same report, on the topic of the seat the command was sent to, with the ids an
+agent would give it. A child that exits before reporting an outcome becomes its command's failure report. What it
+needs comes from the environment the adapter set (:mod:`flops.oakestra.actors`): broker URL and identity, project,
+command and its kind, seat.
+
+Exit status: the child's, so Oakestra sees the actor's outcome (a one-shot builder ends COMPLETED or DEAD).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from flops import topics
+from flops.agent import FAILURE_KIND, TERMINAL
+from flops.bus import Bus, BusOptions
+from flops.errors import FlopsError
+from flops.messages import decode_report
+from flops.oakestra import actors
+from flops.runtime import reports
+from flops.settings import BrokerAddress
+
+log = structlog.get_logger(__name__)
+
+PUBLISH_TIMEOUT_S = 30.0  # per report: the broker's PUBACK; a report not acknowledged by then is lost (logged)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Whom the shim reports for, from the service's environment."""
+
+    broker: BrokerAddress
+    project_id: str
+    command_id: str
+    kind: str
+    agent_id: str
+    advertise_host: str | None = None  # an aggregator's service IP: where others reach what it reports
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Identity:
+        names = (actors.ENV_BROKER_URL, actors.ENV_PROJECT, actors.ENV_COMMAND, actors.ENV_KIND, actors.ENV_AGENT)
+        missing = [name for name in names if not env.get(name)]
+        if missing:
+            raise ValueError(f"environment lacks {', '.join(missing)} (set by the Oakestra adapter)")
+        address = BrokerAddress.parse(env[actors.ENV_BROKER_URL])
+        if env.get(actors.ENV_BROKER_USERNAME):
+            address = address.model_copy(
+                update={"username": env[actors.ENV_BROKER_USERNAME], "password": env.get(actors.ENV_BROKER_PASSWORD)}
+            )
+        ids = (env[actors.ENV_PROJECT], env[actors.ENV_COMMAND], env[actors.ENV_KIND], env[actors.ENV_AGENT])
+        return cls(address, *ids, advertise_host=env.get(actors.ENV_ADVERTISE_HOST) or None)
+
+
+class Reporter:
+    """Publishes the reports of one actor as its seat's, numbered like an agent's (``<command>.r<n>``)."""
+
+    def __init__(self, identity: Identity, bus: Bus) -> None:
+        self.identity = identity
+        self.bus = bus
+        self.lines = 0
+        self.terminal = False
+        self.log = log.bind(project_id=identity.project_id, command_id=identity.command_id, agent_id=identity.agent_id)
+
+    def line(self, text: str) -> None:
+        try:
+            kind, payload = reports.decode_report(text)
+        except ValueError:
+            self.log.warning("unreadable report line", line=text[:200])
+            return
+        self.lines += 1
+        self.terminal = self.terminal or kind in TERMINAL
+        fields = dict(payload)
+        if kind == reports.AGGREGATOR_STARTED and self.identity.advertise_host and "address" in fields:
+            # It listens on every interface of its container; others reach it at its service IP.
+            port = str(fields["address"]).rpartition(":")[2]
+            fields["address"] = f"{self.identity.advertise_host}:{port}"
+        if kind.startswith("learner."):
+            fields["agent_id"] = self.identity.agent_id
+            fields.pop("node_id", None)
+            fields.pop("aggregator", None)
+        self.send(kind, fields, f"{self.identity.command_id}.r{self.lines}")
+
+    def exited(self, code: int) -> None:
+        """The child is gone: without an outcome reported, that is its command's failure."""
+        if self.terminal:
+            return
+        kind = FAILURE_KIND.get(self.identity.kind, "command.failed")
+        fields: dict[str, Any] = {"reason": f"{self.identity.kind} exited with code {code} before reporting an outcome"}
+        if kind == "learner.failed":
+            fields["agent_id"] = self.identity.agent_id
+        self.send(kind, fields, f"{self.identity.command_id}.exit")
+
+    def send(self, kind: str, fields: Mapping[str, Any], event_id: str) -> None:
+        body = {
+            "event_id": event_id,
+            "project_id": self.identity.project_id,
+            "source": f"oakestra/{self.identity.agent_id}",
+            "command_id": self.identity.command_id,
+            "kind": kind,
+            **fields,
+        }
+        try:
+            report = decode_report(json.dumps(body).encode())
+        except ValueError as exc:
+            self.log.warning("dropping malformed report", kind=kind, error=str(exc)[:300])
+            return
+        try:
+            self.bus.publish_wait(
+                topics.agent_reports(self.identity.agent_id), report.to_bytes(), timeout=PUBLISH_TIMEOUT_S
+            )
+        except FlopsError as exc:
+            self.log.error("report not delivered", kind=kind, event_id=event_id, error=str(exc)[:300])
+
+
+def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``python -m argv…`` with a report pipe, publish its lines; the child's exit status."""
+    identity = Identity.from_env(env)
+    bus = Bus(identity.broker, BusOptions(client_id=f"flops-actor-{identity.command_id}"))
+    bus.connect()
+    reporter = Reporter(identity, bus)
+    try:
+        read_fd, write_fd = os.pipe()
+        with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as stream:
+            try:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", *argv, "--report-fd", str(write_fd)], pass_fds=(write_fd,), env=dict(env)
+                )
+            finally:
+                os.close(write_fd)  # ours closed: the stream ends when the child's copy closes
+            for text in stream:
+                if text.strip():
+                    reporter.line(text.strip())
+        code = child.wait()
+        reporter.exited(code)
+        return code
+    finally:
+        bus.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m flops.oakestra.shim <module> [args…]", file=sys.stderr)
+        return 2
+    try:
+        return run(args, os.environ)
+    except ValueError as exc:
+        print(f"flops.oakestra.shim: {exc}", file=sys.stderr)
+        return 2
+    except FlopsError as exc:  # the broker is unreachable: the actor could not report anything
+        print(f"flops.oakestra.shim: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The actor-side shim as an Oakestra service would run it: a runtime module's report lines become the seat's
+reports over MQTT (what an agent would have forwarded), and an exit without an outcome becomes the failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flops import topics
+from flops.bus import Bus, BusOptions
+from flops.messages import new_id
+from flops.settings import BrokerAddress
+from tests.support import REPO_ROOT
+
+ACTOR = """
+import argparse
+import json
+
+from flops.runtime.reports import ReportWriter
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--script")
+parser.add_argument("--exit-code", type=int)
+parser.add_argument("--report-fd", type=int)
+args = parser.parse_args()
+out = ReportWriter.open(args.report_fd)
+for kind, payload in json.loads(args.script):
+    out.emit(kind, **payload)
+raise SystemExit(args.exit_code)
+"""
+END = b"end-of-test"
+
+
+@pytest.fixture
+def reports(broker: BrokerAddress) -> Iterator[tuple[str, Bus]]:
+    seat = new_id("oak-shim")
+    bus = Bus(broker, BusOptions(client_id=new_id("test-reports"), subscriptions=[topics.agent_reports(seat)]))
+    bus.connect()
+    yield seat, bus
+    bus.close()
+
+
+def shim(
+    broker: BrokerAddress,
+    seat: str,
+    kind: str,
+    script: list[Any],
+    tmp_path: Path,
+    exit_code: int = 0,
+    **extra_env: str,
+) -> tuple[str, int]:
+    (tmp_path / "fake_actor.py").write_text(ACTOR)
+    command_id = new_id("c")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]),
+        "FLOPS_BROKER_URL": broker.url,
+        "FLOPS_PROJECT_ID": "p-shim",
+        "FLOPS_COMMAND_ID": command_id,
+        "FLOPS_COMMAND_KIND": kind,
+        "FLOPS_AGENT_ID": seat,
+        **extra_env,
+    }
+    argv = [sys.executable, "-m", "flops.oakestra.shim", "fake_actor", "--script", json.dumps(script)]
+    argv += ["--exit-code", str(exit_code)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return command_id, done.returncode
+
+
+def collected(bus: Bus, seat: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Every report until our end marker: published after the shim exited, so it comes after all of its."""
+    bus.publish_wait(topics.agent_reports(seat), END)
+    deadline = time.monotonic() + timeout
+    out: list[dict[str, Any]] = []
+    while True:
+        try:
+            message = bus.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no end marker within {timeout} s; got {out}") from None
+        if message.payload == END:
+            return out
+        out.append(json.loads(message.payload))
+
+
+def test_report_lines_become_the_seats_reports_and_an_outcome_ends_it(
+    broker: BrokerAddress, reports: tuple[str, Bus], tmp_path: Path
+) -> None:
+    seat, bus = reports
+    script = [
+        ["aggregator.started", {"address": "0.0.0.0:19100"}],
+        ["round.completed", {"round": 1, "loss": 0.5, "accuracy": 0.9}],
+        ["training.succeeded", {"best_round": 1, "loss": 0.5, "accuracy": 0.9, "model_ref": "/tmp/m"}],
+    ]
+    command_id, code = shim(broker, seat, "run_aggregator", script, tmp_path, FLOPS_ADVERTISE_HOST="10.30.7.9")
+
+    got = collected(bus, seat)
+
+    assert code == 0
+    assert [r["kind"] for r in got] == ["aggregator.started", "round.completed", "training.succeeded"]
+    assert got[0]["address"] == "10.30.7.9:19100"  # where others reach it, not the interface it listens on
+    assert [r["event_id"] for r in got] == [f"{command_id}.r1", f"{command_id}.r2", f"{command_id}.r3"]
+    assert {(r["project_id"], r["command_id"], r["source"]) for r in got} == {
+        ("p-shim", command_id, f"oakestra/{seat}")
+    }
+
+
+def test_a_learner_that_exits_without_an_outcome_is_reported_failed_as_its_seat(
+    broker: BrokerAddress, reports: tuple[str, Bus], tmp_path: Path
+) -> None:
+    seat, bus = reports
+    ready = ["learner.ready", {"node_id": "n", "examples": 5}]
+    command_id, code = shim(broker, seat, "run_learner", [ready], tmp_path, exit_code=3)
+
+    got = collected(bus, seat)
+
+    assert code == 3
+    assert [r["kind"] for r in got] == ["learner.ready", "learner.failed"]
+    assert got[0]["agent_id"] == seat and "node_id" not in got[0]
+    assert got[1]["agent_id"] == seat and "before reporting an outcome" in got[1]["reason"]
+    assert got[1]["event_id"] == f"{command_id}.exit"
+
+
+def test_without_its_environment_the_shim_names_what_is_missing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOPS_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "flops.oakestra.shim", "flops.runtime.learner"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    assert "FLOPS_BROKER_URL" in done.stderr and "FLOPS_AGENT_ID" in done.stderr
