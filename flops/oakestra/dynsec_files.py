@@ -6,15 +6,19 @@ ACL on the same listener: the manager, agents, customers and operators keep thei
 plugin holds only the admin identity the manager's Oakestra adapter uses and the ``flops-actor-<project>`` clients
 it makes (:mod:`flops.oakestra.dynsec`). The admin's role reaches the control topics and nothing else (the
 plugin's ``mosquitto_ctrl dynsec init`` admin may also read every topic). The plugin rewrites its file on every
-change: it must be writable by the broker's user.
+change: it must be writable by the broker's user. ``python -m flops.oakestra.dynsec_files DIR`` writes the first
+state and the manager's settings for it, and prints the config lines.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
+import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +81,37 @@ def initial_state(admin_username: str, admin_password: str) -> str:
 def config_lines(state_file: Path, plugin: str) -> str:
     """What a broker config adds (global section, ``per_listener_settings false``) to load the plugin."""
     return f"plugin {plugin}\nplugin_opt_config_file {state_file}\n"
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A new file only its owner reads; refuses to replace one (its admin password would be lost)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flops.oakestra.dynsec_files", description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path, help="e.g. the directory of `flops setup production`")
+    parser.add_argument("--admin", default="flops-dynsec", help="the admin's username (not one of the password file)")
+    args = parser.parse_args(argv)
+    directory: Path = args.directory.resolve()
+    state = directory / "dynamic-security.json"
+    env = directory / "env" / "oakestra-dynsec.env"
+    password = secrets.token_urlsafe(24)
+    try:
+        write_secret(state, initial_state(args.admin, password))
+        write_secret(env, f"FLOPS_OAKESTRA_DYNSEC_USERNAME={args.admin}\nFLOPS_OAKESTRA_DYNSEC_PASSWORD={password}\n")
+    except FileExistsError as exc:
+        print(f"{exc.filename} exists: remove it to start the actors' identities afresh", file=sys.stderr)
+        return 1
+    plugin = plugin_path() or "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so  # adjust: not found here"
+    print(f"# Add to mosquitto.conf (global section); chown {state} to the broker's user:")
+    print(config_lines(state, plugin), end="")
+    print(f"# Add {env} to the manager's environment.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,3 +143,14 @@ def test_the_password_file_identities_keep_their_acl(dynsec_broker: DynsecBroker
             manager.publish_wait(dynsec.CONTROL_TOPIC, b"{}", timeout=WAIT)
     finally:
         manager.close()
+
+
+def test_the_first_state_is_written_once_with_the_managers_settings(tmp_path: Path) -> None:
+    assert dynsec_files.main([str(tmp_path)]) == 0
+    state, env = tmp_path / "dynamic-security.json", tmp_path / "env" / "oakestra-dynsec.env"
+    assert (state.stat().st_mode & 0o777, env.stat().st_mode & 0o777) == (0o600, 0o600)
+    settings = dict(line.split("=", 1) for line in env.read_text().splitlines())
+    [admin] = json.loads(state.read_text())["clients"]
+    assert admin["username"] == settings["FLOPS_OAKESTRA_DYNSEC_USERNAME"]
+    assert settings["FLOPS_OAKESTRA_DYNSEC_PASSWORD"] not in state.read_text()
+    assert dynsec_files.main([str(tmp_path)]) == 1  # never replaced: the broker's clients would be lost
