@@ -119,9 +119,9 @@ class OakestraAdapter:
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     def start(self) -> OakestraAdapter:
-        self.bus.connect()
-        if self.identities is not None:
+        if self.identities is not None:  # first: a wrong admin identity stops the manager before it announces seats
             self.identities.start()
+        self.bus.connect()
         self._thread = threading.Thread(target=self._run, name="oakestra", daemon=True)
         self._thread.start()
         return self
@@ -497,6 +497,8 @@ def from_settings(settings: Settings, address: BrokerAddress) -> OakestraAdapter
         tls=settings.broker_tls_files(),
     )
     identities = None
+    if bool(settings.oakestra_dynsec_username) != bool(settings.oakestra_dynsec_password):
+        raise ValueError("oakestra_dynsec_username and oakestra_dynsec_password go together")
     if settings.oakestra_dynsec_username and settings.oakestra_dynsec_password:
         admin = address.model_copy(
             update={
