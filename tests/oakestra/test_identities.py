@@ -3,14 +3,17 @@ per seat, a deletion the broker refused tried again, identities of unknown proje
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flops.errors import FlopsError
 from flops.oakestra import dynsec
+from flops.oakestra.adapter import from_settings
 from flops.oakestra.dynsec import DynSecError
 from flops.oakestra.identities import ActorIdentities
+from flops.settings import BrokerAddress, Settings
 
 
 class RecordingAdmin:
@@ -100,3 +103,29 @@ def test_adopting_keeps_the_password_and_seats_and_prune_deletes_the_rest(
     assert stale == ["gone"] and admin.clients == {"p1": "held-by-its-services"}
     assert identities.for_command("p1", "oak-a") == (dynsec.username("p1"), "held-by-its-services")
     assert admin.calls[1] == ("allow", "p1", "oak-a") and admin.calls.count(("allow", "p1", "oak-a")) == 1
+
+
+def _settings(tmp_path: Path, **extra: Any) -> Settings:
+    return Settings(deployer="oakestra", oakestra_url="http://127.0.0.1:1", data_dir=tmp_path, **extra)
+
+
+def test_the_manager_makes_per_project_identities_only_with_a_whole_admin_identity(tmp_path: Path) -> None:
+    address = BrokerAddress(host="127.0.0.1", port=1883, username="manager", password="m")
+    with pytest.raises(ValueError, match="go together"):
+        from_settings(_settings(tmp_path, oakestra_dynsec_username="flops-dynsec"), address)
+
+    shared = from_settings(_settings(tmp_path, oakestra_actor_username="actor", oakestra_actor_password="a"), address)
+    own = from_settings(
+        _settings(tmp_path / "2", oakestra_dynsec_username="flops-dynsec", oakestra_dynsec_password="d"), address
+    )
+    try:
+        assert shared.identities is None and shared.config.actors.broker_username == "actor"
+        assert own.identities is not None
+        assert (own.identities.admin.bus.address.username, own.identities.admin.bus.address.password) == (
+            "flops-dynsec",
+            "d",
+        )
+    finally:
+        for adapter in (shared, own):  # never started: only what the constructor opened
+            adapter.outbox.close()
+            adapter.sm.close()
