@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     oakestra_broker_url: str | None = None
     oakestra_actor_username: str | None = None
     oakestra_actor_password: SecretStr | None = None
+    # A dynamic-security admin on that broker: each project's actors then get their own identity, allowed only their
+    # seats' reports and deleted with the project (flops.oakestra.identities); the shared identity is not used.
+    oakestra_dynsec_username: str | None = None
+    oakestra_dynsec_password: SecretStr | None = None
     oakestra_builder_image: str | None = Field(None, description="Image the builder service runs (flops installed)")
     # Oakestra knows no data: the tags (and row counts) every learner seat announces.
     oakestra_data_tags: dict[str, int] = {}

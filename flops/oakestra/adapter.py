@@ -9,7 +9,9 @@ constraint), follows the services and reports an actor Oakestra could not run as
 command, like an agent whose child died. ``stop_project`` deletes what the project runs there (the application,
 unless a model server is kept). What the actors achieve they report themselves, over MQTT. A restarted adapter
 adopts the services an earlier one left (each service's environment names its project, command and seat), so
-an actor that fails after a manager restart is still reported.
+an actor that fails after a manager restart is still reported. With a dynamic-security admin configured, each
+project's actors report with their own broker identity (:mod:`flops.oakestra.identities`), allowed only the
+reports of the seats its commands went to and deleted with its application; without, with the shared one.
 
 One worker thread does all the IO (MQTT callbacks only enqueue): commands in arrival order, every
 ``poll_interval`` one look at every project's services, every ``refresh_s`` the cluster list again. A deploy
@@ -20,6 +22,7 @@ a durable outbox until the manager acknowledges them, as an agent's do.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import threading
@@ -34,12 +37,14 @@ import structlog
 from flops import topics
 from flops.agent_link import ReportOutbox
 from flops.bus import Bus, BusOptions, Inbound
-from flops.errors import PublishFailed
+from flops.errors import FlopsError, PublishFailed
 from flops.messages import Command, CommandReceipt, ReportAck, decode_report
-from flops.oakestra import actors
+from flops.oakestra import actors, dynsec
 from flops.oakestra.actors import SERVICE_PREFIX, ActorConfig, Refusal, actor_spec, failure_report
 from flops.oakestra.client import Credentials, SystemManager, SystemManagerError
 from flops.oakestra.deploy import ActorEvent, Clock, EventKind, Placement, SystemClock, Timing
+from flops.oakestra.dynsec import DynSec
+from flops.oakestra.identities import ActorIdentities
 from flops.oakestra.seats import Seat, seats
 from flops.settings import BrokerAddress, Settings
 
@@ -75,9 +80,16 @@ class OakestraAdapter:
     """Seats announced on the bus, commands for them placed on Oakestra through ``sm``."""
 
     def __init__(
-        self, sm: SystemManager, address: BrokerAddress, config: AdapterConfig, *, clock: Clock | None = None
+        self,
+        sm: SystemManager,
+        address: BrokerAddress,
+        config: AdapterConfig,
+        *,
+        clock: Clock | None = None,
+        identities: ActorIdentities | None = None,
     ) -> None:
         self.sm = sm
+        self.identities = identities  # None: every actor reports with the shared identity of config.actors
         self.config = config
         self.clock = clock or SystemClock()
         self.seats: dict[str, Seat] = {}
@@ -107,6 +119,8 @@ class OakestraAdapter:
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     def start(self) -> OakestraAdapter:
+        if self.identities is not None:  # first: a wrong admin identity stops the manager before it announces seats
+            self.identities.start()
         self.bus.connect()
         self._thread = threading.Thread(target=self._run, name="oakestra", daemon=True)
         self._thread.start()
@@ -129,6 +143,8 @@ class OakestraAdapter:
                 except PublishFailed:
                     self.log.warning("could not announce a seat offline", agent_id=seat.agent_id)
         self.bus.close()
+        if self.identities is not None:
+            self.identities.close()
         self.outbox.close()
         self.sm.close()
 
@@ -148,6 +164,8 @@ class OakestraAdapter:
                     for cmd in list(self._stops_due.values()):
                         self._stop_project(cmd, self.log.bind(project_id=cmd.project_id, command_id=cmd.command_id))
                     self._poll()
+                    if self.identities is not None:
+                        self.identities.retry()
                     next_poll = now + self.config.timing.poll_interval
                 if now >= next_resend:
                     self._resend()
@@ -244,6 +262,16 @@ class OakestraAdapter:
             bound.warning("command refused", reason=spec.reason)
             self._fail(cmd, seat, spec.reason, "refused")
             return
+        if self.identities is not None:
+            try:
+                username, password = self.identities.for_command(cmd.project_id, seat.agent_id)
+            except FlopsError as exc:  # the actor could not report: it is not started
+                bound.warning("no broker identity for the actor", error=str(exc)[:300])
+                self._fail(cmd, seat, f"broker identity of the project's actors: {exc}", "identity")
+                return
+            own = dataclasses.replace(self.config.actors, broker_username=username, broker_password=password)
+            spec = actor_spec(cmd, seat, own)
+            assert not isinstance(spec, Refusal)  # the identity changes the environment, not whether it runs
         placement = self._placement(cmd.project_id)
         self._started[(cmd.project_id, spec.actor)] = _Started(cmd, seat)
         bound.info("deploying on oakestra", service=spec.actor, cluster=seat.cluster, image=spec.image)
@@ -289,11 +317,15 @@ class OakestraAdapter:
             )
             if placement is None:
                 bound.info("nothing on oakestra to stop")
+                if self.identities is not None and cmd.project_id in self.identities.projects:
+                    self.identities.drop(cmd.project_id)  # its actors were refused or never placed
                 return
             kept = [name for name in placement.actors if _kind_of(name) in keep and not placement.actors[name].done]
-            if not kept:  # nothing to keep runs there: the whole application goes
+            if not kept:  # nothing to keep runs there: the whole application goes, and its actors' identity
                 events = placement.close("stop_project")
                 self.placements.pop(cmd.project_id, None)
+                if self.identities is not None:
+                    self.identities.drop(cmd.project_id)
             else:
                 stopping = [name for name in placement.actors if _kind_of(name) not in keep]
                 events = [event for name in stopping for event in placement.remove(name)]
@@ -320,14 +352,17 @@ class OakestraAdapter:
         namespace = "flops"
         try:
             projects = set()
+            passwords: dict[str, tuple[str, set[str]]] = {}  # project -> (its actors' password, their seats)
             for app in self.sm.applications():
                 if app.namespace != namespace:
                     continue
                 for service in self.sm.services(app.id):
-                    started = _started_from(dict(e.split("=", 1) for e in service.environment if "=" in e), self)
+                    env = dict(e.split("=", 1) for e in service.environment if "=" in e)
+                    started = _started_from(env, self)
                     if started is not None:
                         self._started[(started.command.project_id, service.name)] = started
                         projects.add(started.command.project_id)
+                        _own_identity(env, started, passwords)
             for project_id in sorted(projects - set(self.placements)):
                 placement = Placement.adopt(self.sm, project_id, timing=self.config.timing, clock=self.clock)
                 if placement is not None:
@@ -335,9 +370,26 @@ class OakestraAdapter:
         except SystemManagerError as exc:
             self.log.warning("oakestra adoption failed; next refresh again", error=str(exc)[:300])
             return
+        if self.identities is not None and not self._adopt_identities(projects, passwords):
+            return
         if projects:
             self.log.info("oakestra projects adopted", projects=sorted(projects))
         self.adopted.set()
+
+    def _adopt_identities(self, projects: set[str], passwords: Mapping[str, tuple[str, set[str]]]) -> bool:
+        """Keep (or make again) the identities of the adopted projects' actors, delete those of projects with no
+        application left. False: the broker did not answer, adoption is tried again at the next refresh."""
+        assert self.identities is not None
+        try:
+            for project_id, (password, seat_ids) in sorted(passwords.items()):
+                self.identities.adopt(project_id, password, seat_ids)
+            stale = self.identities.prune(keep=projects)
+        except FlopsError as exc:
+            self.log.warning("actor identities not adopted; next refresh again", error=str(exc)[:300])
+            return False
+        if stale:
+            self.log.info("actor identities of ended projects deleted", projects=stale)
+        return True
 
     # --- following --------------------------------------------------------------------------------------------
 
@@ -402,6 +454,15 @@ def _started_from(env: Mapping[str, str], adapter: OakestraAdapter) -> _Started 
     return _Started(command, seat or Seat(command.agent_id, "?", ()))
 
 
+def _own_identity(env: Mapping[str, str], started: _Started, into: dict[str, tuple[str, set[str]]]) -> None:
+    """Note the project's own actor identity a service was given (not the shared one) and the seat it reports as."""
+    project_id = started.command.project_id
+    password = env.get(actors.ENV_BROKER_PASSWORD)
+    if env.get(actors.ENV_BROKER_USERNAME) != dynsec.username(project_id) or not password:
+        return
+    into.setdefault(project_id, (password, set()))[1].add(started.command.agent_id)
+
+
 def _kind_of(service_name: str) -> str | None:
     """The command kind a service was started for, from its name's prefix (longest first: ``modelbuilder``)."""
     for kind, prefix in sorted(SERVICE_PREFIX.items(), key=lambda item: -len(item[1])):
@@ -435,4 +496,15 @@ def from_settings(settings: Settings, address: BrokerAddress) -> OakestraAdapter
         timing=Timing(poll_interval=settings.oakestra_poll_s),
         tls=settings.broker_tls_files(),
     )
-    return OakestraAdapter(sm, address, config)
+    identities = None
+    if bool(settings.oakestra_dynsec_username) != bool(settings.oakestra_dynsec_password):
+        raise ValueError("oakestra_dynsec_username and oakestra_dynsec_password go together")
+    if settings.oakestra_dynsec_username and settings.oakestra_dynsec_password:
+        admin = address.model_copy(
+            update={
+                "username": settings.oakestra_dynsec_username,
+                "password": settings.oakestra_dynsec_password.get_secret_value(),
+            }
+        )
+        identities = ActorIdentities(DynSec(admin, tls=settings.broker_tls_files()))
+    return OakestraAdapter(sm, address, config, identities=identities)
