@@ -219,12 +219,17 @@ def server_process(tmp_path: Path) -> Iterator[Callable[[int], tuple[subprocess.
         proc.wait(10)
 
 
+def _big_put(location: str, schema: pa.Schema) -> tuple[flight.FlightStreamWriter, flight.FlightMetadataReader]:
+    """A raw upload under the tag ``big`` as the server_process fixture's admin, writing as fast as gRPC lets."""
+    raw = flight.FlightClient(location)
+    options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer admin-token-0123456789")], timeout=120)
+    return raw.do_put(flight.FlightDescriptor.for_path("big"), schema, options)
+
+
 def _stream(location: str, batches: int, rows_per_batch: int = MB) -> str:
     """Upload `batches` batches of 8 MB (int64 rows) generated one at a time; returns the server's reply."""
     batch = pa.record_batch({"x": pa.array(range(rows_per_batch), pa.int64())})
-    raw = flight.FlightClient(location)
-    options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer admin-token-0123456789")], timeout=120)
-    writer, reader = raw.do_put(flight.FlightDescriptor.for_path("big"), batch.schema, options)
+    writer, reader = _big_put(location, batch.schema)
     with writer:
         for _ in range(batches):
             writer.write_batch(batch)
@@ -267,9 +272,7 @@ def test_a_large_upload_is_on_disk_before_it_ends(
     with pq.ParquetWriter(one, batch.schema) as parquet:
         parquet.write_batch(batch)
     batches = 19  # ~152 MB
-    raw = flight.FlightClient(location)
-    options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer admin-token-0123456789")], timeout=120)
-    writer, reader = raw.do_put(flight.FlightDescriptor.for_path("big"), batch.schema, options)
+    writer, reader = _big_put(location, batch.schema)
     with writer:
         for _ in range(batches):
             writer.write_batch(batch)
