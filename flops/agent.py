@@ -28,12 +28,12 @@ from typing import Any
 import structlog
 
 from flops import topics
-from flops.agent_link import ReportOutbox
+from flops.agent_link import ReportChannel, ReportOutbox
 from flops.builder import containerfile as cf
 from flops.bus import Bus, BusOptions, Will
 from flops.containers import REPORT_FD, Podman, PodmanSettings, container_name
 from flops.errors import ConfigError, PublishFailed
-from flops.messages import AgentStatus, Command, CommandReceipt, ReportAck, decode_report
+from flops.messages import AgentStatus, Command, CommandReceipt, decode_report
 from flops.settings import BrokerAddress
 from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
 from flops.tracking.project import child_env as tracking_env
@@ -118,6 +118,7 @@ class Agent:
         self._handled = self._load_handled()
         self._log = log.bind(agent_id=self.id)
         self.outbox = ReportOutbox(self.dirs["state"] / "reports.sqlite3")
+        self.reports = ReportChannel(self.outbox, lambda topic, payload: self.bus.publish(topic, payload), self._log)
         self.data_server = None
         if "learner" in config.roles:
             self.data_server = self._new_data_server()
@@ -241,17 +242,17 @@ class Agent:
         next_resend = time.monotonic() + self.outbox.resend_s
         while not self._stop.is_set():
             if time.monotonic() >= next_resend:
-                self._resend()
+                self.reports.resend()
                 next_resend = time.monotonic() + self.outbox.resend_s
             try:
                 message = self.bus.inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
             if message is _RESEND_ALL:
-                self._resend(everything=True)
+                self.reports.resend(everything=True)
                 continue
             if topics.parse(message.topic).kind == "agent_acks":
-                self._on_ack(message.payload)
+                self.reports.on_ack(message.payload)
                 self.bus.ack(message)
                 continue
             try:
@@ -667,29 +668,7 @@ class Agent:
         except ValueError as exc:
             self._log.warning("dropping malformed child report", kind=kind, error=str(exc)[:300])
             return
-        topic, payload = topics.agent_reports(self.id), report.to_bytes()
-        # Kept until the manager acknowledges it; a publish that fails now is re-sent later.
-        self.outbox.add(report.event_id, topic, payload)
-        with contextlib.suppress(PublishFailed):
-            self.bus.publish(topic, payload)
-
-    def _resend(self, *, everything: bool = False) -> None:
-        pending = self.outbox.due(everything=everything)
-        if pending:
-            self._log.info("re-sending reports not yet acknowledged", count=len(pending))
-        for report in pending:
-            with contextlib.suppress(PublishFailed):
-                self.bus.publish(report.topic, report.payload)
-
-    def _on_ack(self, payload: bytes) -> None:
-        try:
-            ack = ReportAck.model_validate_json(payload)
-        except ValueError as exc:
-            self._log.warning("unreadable report acknowledgement", error=str(exc)[:300])
-            return
-        self.outbox.acked(ack.event_ids)
-        if ack.resend:
-            self._resend(everything=True)
+        self.reports.send(topics.agent_reports(self.id), report.event_id, report.to_bytes())
 
     def _receipt(self, command_id: str) -> None:
         """Tell the manager the command is recorded here, so it stops re-sending it."""

@@ -7,18 +7,24 @@ this outbox (SQLite, one row per ``event_id``) before it is published, and leave
 announces itself (its retained ``online`` status follows its subscriptions), after every reconnect of the
 agent, and every ``resend_s`` meanwhile. The manager deduplicates by ``event_id``, so a re-sent report has
 no second effect. Bounded: at most ``max_rows`` reports, none older than ``ttl_s`` (dropped with a warning).
+:class:`ReportChannel` is that cycle for whoever reports like an agent (the agent, the Oakestra adapter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
+
+from flops.errors import PublishFailed
+from flops.messages import ReportAck
 
 log = structlog.get_logger(__name__)
 
@@ -104,3 +110,36 @@ class ReportOutbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class ReportChannel:
+    """Reports to the manager through an outbox: recorded, published, re-sent until acknowledged."""
+
+    def __init__(self, outbox: ReportOutbox, publish: Callable[[str, bytes], object], logger: Any) -> None:
+        self.outbox = outbox
+        self._publish = publish
+        self._log = logger
+
+    def send(self, topic: str, event_id: str, payload: bytes) -> None:
+        self.outbox.add(event_id, topic, payload)  # first: a publish that fails now is re-sent later
+        with contextlib.suppress(PublishFailed):
+            self._publish(topic, payload)
+
+    def resend(self, *, everything: bool = False) -> None:
+        pending = self.outbox.due(everything=everything)
+        if pending:
+            self._log.info("re-sending reports not yet acknowledged", count=len(pending))
+        for report in pending:
+            with contextlib.suppress(PublishFailed):
+                self._publish(report.topic, report.payload)
+
+    def on_ack(self, payload: bytes) -> None:
+        """The manager's acknowledgement: forget what it committed; re-send everything when it asks."""
+        try:
+            ack = ReportAck.model_validate_json(payload)
+        except ValueError as exc:
+            self._log.warning("unreadable report acknowledgement", error=str(exc)[:300])
+            return
+        self.outbox.acked(ack.event_ids)
+        if ack.resend:
+            self.resend(everything=True)
