@@ -9,6 +9,7 @@ cluster has room for fails the project with Oakestra's reason instead. Either wa
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.client import Client
 from flops.lifecycle_stages import Outcome
-from flops.messages import ProjectState, new_id
+from flops.messages import ProjectEvent, ProjectState, new_id
 from flops.oakestra.actors import service_ip
 from flops.oakestra.client import SystemManager
 from flops.oakestra.deploy import application_name
@@ -29,7 +30,7 @@ from flops.oakestra.fake import FakeSystemManager
 from flops.settings import BrokerAddress
 from flops.sla import ProjectSLA
 from tests.oakestra.support import FakeControl, paths
-from tests.support import ManagerProcess, StateWatcher, cli, make_git_repo, sla, wait_until
+from tests.support import ManagerProcess, StateWatcher, cli, make_git_repo, received, sla, wait_until
 
 
 @pytest.fixture
@@ -158,6 +159,44 @@ class Actors:
         self.bus.close()
 
 
+class Events:
+    """Every project's event stream, from before the project is submitted (events are not retained)."""
+
+    def __init__(self, broker: BrokerAddress) -> None:
+        self.events: list[ProjectEvent] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        options = BusOptions(client_id=new_id("test-events"), subscriptions=[topics.ALL_PROJECT_EVENTS])
+        self.bus = Bus(broker, options).connect()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for message in received(self.bus, self._stop):
+            event = ProjectEvent.model_validate_json(message.payload)
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def messages(self, project: str) -> list[str]:
+        with self._cond:
+            return [e.message for e in sorted(self.events, key=lambda e: e.seq) if e.project_id == project]
+
+    def wait(self, project: str, *parts: str, timeout: float = 30.0) -> str:
+        """The first message of ``project`` holding every one of ``parts``."""
+
+        def found() -> str | None:
+            return next((m for m in self.messages(project) if all(p in m for p in parts)), None)
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no event with {parts} on {project} in {timeout} s: {self.messages(project)}")
+        return found() or ""
+
+    def close(self) -> None:
+        self._stop.set()
+        self.bus.close()
+
+
 @dataclass
 class Run:
     project: str
@@ -174,6 +213,7 @@ def run_project(
     tmp_path: Path,
     *,
     kill9_with_learners: bool = False,
+    events: Events | None = None,
 ) -> Run:
     """Submit a project and play its actors until it finishes; with ``kill9_with_learners`` the manager is killed
     and started again while its learners run on Oakestra."""
@@ -188,8 +228,12 @@ def run_project(
             manager.kill9()
             manager.start()
         for learner in learners:
+            if events is not None:  # a learner on Oakestra reports ready once its service runs
+                events.wait(project, learner["microservice_name"], "running on node")
             actors.report(learner, "learner.ready", examples=10)
         [aggregator] = actors.services("aggregator")
+        if events is not None:
+            events.wait(project, aggregator["microservice_name"], "running on node")
         actors.report(aggregator, "training.succeeded", best_round=1, loss=0.1, accuracy=0.9, model_ref="/m")
         return Run(project, watcher.wait_stage(project, "finished", timeout=60), learners, aggregator)
     finally:
@@ -217,6 +261,29 @@ def test_a_project_runs_through_every_stage_with_its_actors_as_oakestra_services
     assert run.aggregator["addresses"]["rr_ip"] == ip
     assert all(learner["cmd"][learner["cmd"].index("--aggregator") + 1] == f"{ip}:{port}" for learner in run.learners)
     application_deleted(sm, run.project)
+
+
+def test_the_projects_events_say_where_oakestra_scheduled_and_runs_its_actors(
+    manager: ManagerProcess, broker: BrokerAddress, control: FakeControl, cluster: str, tmp_path: Path
+) -> None:
+    events = Events(broker)
+    try:
+        run = run_project(manager, broker, control, cluster, tmp_path, events=events)
+        builder = events.wait(run.project, "builder", f"scheduled on cluster {cluster}")
+        aggregator = events.wait(run.project, run.aggregator["microservice_name"], "scheduled on cluster")
+    finally:
+        events.close()
+
+    assert run.state.outcome is Outcome.COMPLETED, (run.state.reason, manager.log_tail())
+    assert "(build on oak-" in builder and "(run_aggregator on oak-" in aggregator
+    for learner in run.learners:
+        seat = dict(e.split("=", 1) for e in learner["environment"])["FLOPS_AGENT_ID"]
+        name = learner["microservice_name"]
+        assert any(
+            name in m and f"(run_learner on {seat}): running on node {cluster}-node1" in m
+            for m in events.messages(run.project)
+        )
+    assert not [e.message for e in events.events if e.project_id == run.project and e.kind == "rejected"]
 
 
 def test_a_manager_killed_mid_project_resumes_on_oakestra_and_completes(
