@@ -42,13 +42,32 @@ def cluster() -> str:
 def manager(
     broker: BrokerAddress, fake: FakeSystemManager, control: FakeControl, cluster: str, tmp_path: Path
 ) -> Iterator[ManagerProcess]:
+    yield from oakestra_manager(broker, fake, control, [cluster], tag=cluster, tmp_path=tmp_path)
+
+
+def oakestra_manager(
+    broker: BrokerAddress,
+    fake: FakeSystemManager,
+    control: FakeControl,
+    clusters: list[str],
+    *,
+    tag: str,
+    tmp_path: Path,
+) -> Iterator[ManagerProcess]:
+    """A manager deploying on the fake whose active clusters are ``clusters``, each with two ``FLOps-learner``
+    nodes (two learner seats) holding data ``tag``; the first also builds."""
     control.clusters(
-        [{"cluster_name": cluster, "supported_addons": ["image-builder", "FLOps-learner", "FLOps-learner"]}]
+        [
+            {"cluster_name": name, "supported_addons": [*(["image-builder"] if i == 0 else []), *["FLOps-learner"] * 2]}
+            for i, name in enumerate(clusters)
+        ]
     )
-    seats = [f"oak-{cluster}", f"oak-{cluster}-2"]
     # Only this test's seats count: other agents' statuses may be retained on the run's shared broker.
+    roles: dict[str, list[str]] = {}
+    for i, name in enumerate(clusters):
+        roles[f"oak-{name}"] = ["aggregator", "serve", *(["builder"] if i == 0 else []), "learner"]
+        roles[f"oak-{name}-2"] = ["learner"]
     agents = tmp_path / "agents.json"
-    roles = {seats[0]: ["aggregator", "serve", "builder", "learner"], seats[1]: ["learner"]}
     agents.write_text(json.dumps({"agents": {seat: {"roles": granted} for seat, granted in roles.items()}}))
     proc = ManagerProcess(
         broker,
@@ -56,7 +75,7 @@ def manager(
         extra_env={
             "FLOPS_DEPLOYER": "oakestra",
             "FLOPS_OAKESTRA_URL": fake.url,
-            "FLOPS_OAKESTRA_DATA_TAGS": json.dumps({cluster: 100}),
+            "FLOPS_OAKESTRA_DATA_TAGS": json.dumps({tag: 100}),
             "FLOPS_OAKESTRA_BUILDER_IMAGE": "reg/builder:1",
             "FLOPS_OAKESTRA_POLL_S": "0.1",
             "FLOPS_ARTIFACTS": "image",
@@ -68,7 +87,7 @@ def manager(
     proc.stop()
     with Bus(broker, BusOptions(client_id=new_id("test-clean"))) as bus:
         bus.connect()
-        for seat in seats:  # the retained offline statuses of this test's seats
+        for seat in roles:  # the retained offline statuses of this test's seats
             bus.publish_wait(topics.agent_status(seat), b"", retain=True)
 
 
@@ -107,11 +126,11 @@ def test_deployer_oakestra_without_its_url_is_refused_naming_the_field(broker: B
     assert "oakestra_url" in done.stderr and "required when deployer is oakestra" in done.stderr
 
 
-def submit(broker: BrokerAddress, tmp_path: Path, cluster: str) -> str:
-    """A one-round project on the data this test's learner seats announce; its id."""
+def submit(broker: BrokerAddress, tmp_path: Path, cluster: str, **top: Any) -> str:
+    """A one-round project on the data this test's learner seats announce (``top``: more SLA fields); its id."""
     repo = make_git_repo(tmp_path / "repo")
     with Client(broker) as client:
-        request = sla(repo, data_tags=[cluster], training_rounds=1, post_training_steps=[])
+        request = sla(repo, data_tags=[cluster], training_rounds=1, post_training_steps=[]) | top
         reply = client.submit(ProjectSLA.model_validate(request))
     assert reply.project_id, reply
     return reply.project_id
@@ -132,19 +151,25 @@ class Actors:
         self.control = control
         self.bus = Bus(broker, BusOptions(client_id=new_id("test-actors"))).connect()
 
+    @staticmethod
+    def created(control: FakeControl, prefix: str) -> list[dict[str, Any]]:
+        """The services created so far whose name starts with ``prefix``, as the System Manager was sent them."""
+        found = []
+        for call in control.calls():
+            if call["method"] == "POST" and call["path"] == "/api/service/" and call["response"]["job_id"]:
+                service = call["body"]["applications"][0]["microservices"][0]
+                if service["microservice_name"].startswith(prefix):
+                    found.append(service)
+        return found
+
     def services(self, prefix: str, n: int = 1) -> list[dict[str, Any]]:
         """The first ``n`` services created whose name starts with ``prefix`` (waiting for them)."""
 
-        def created() -> list[dict[str, Any]]:
-            found = []
-            for call in self.control.calls():
-                if call["method"] == "POST" and call["path"] == "/api/service/" and call["response"]["job_id"]:
-                    service = call["body"]["applications"][0]["microservices"][0]
-                    if service["microservice_name"].startswith(prefix):
-                        found.append(service)
-            return found
+        def enough() -> list[dict[str, Any]] | None:
+            found = self.created(self.control, prefix)
+            return found if len(found) >= n else None
 
-        return list(wait_until(lambda: len(found := created()) >= n and found, 30, f"{n} {prefix} services"))[:n]
+        return list(wait_until(enough, 30, f"{n} {prefix} services"))[:n]
 
     def report(self, service: dict[str, Any], kind: str, **fields: Any) -> None:
         env = dict(e.split("=", 1) for e in service["environment"])
@@ -214,13 +239,14 @@ def run_project(
     *,
     kill9_with_learners: bool = False,
     events: Events | None = None,
+    **top: Any,
 ) -> Run:
     """Submit a project and play its actors until it finishes; with ``kill9_with_learners`` the manager is killed
     and started again while its learners run on Oakestra."""
     watcher = StateWatcher(broker)
     actors = Actors(broker, control)
     try:
-        project = submit(broker, tmp_path, cluster)
+        project = submit(broker, tmp_path, cluster, **top)
         [builder] = actors.services("builder")
         actors.report(builder, "build.succeeded", artifact={"ref": "image://reg/p", "details": IMAGES})
         learners = actors.services("flearner", 2)
@@ -260,6 +286,26 @@ def test_a_project_runs_through_every_stage_with_its_actors_as_oakestra_services
     ip = service_ip(run.project, f"oak-{cluster}", port)
     assert run.aggregator["addresses"]["rr_ip"] == ip
     assert all(learner["cmd"][learner["cmd"].index("--aggregator") + 1] == f"{ip}:{port}" for learner in run.learners)
+    # No resource_constraints in the SLA: the adapter's own sizes.
+    assert {(s["memory"], s["vcpus"]) for s in [*run.learners, run.aggregator]} == {(1000, 1)}
+    application_deleted(sm, run.project)
+
+
+def test_the_slas_resource_constraints_size_the_learner_and_aggregator_services(
+    manager: ManagerProcess,
+    broker: BrokerAddress,
+    control: FakeControl,
+    cluster: str,
+    sm: SystemManager,
+    tmp_path: Path,
+) -> None:
+    constraints = {"memory": 768, "vcpus": 2, "storage": 0}
+    run = run_project(manager, broker, control, cluster, tmp_path, resource_constraints=constraints)
+
+    assert run.state.outcome is Outcome.COMPLETED, (run.state.reason, manager.log_tail())
+    assert [(s["memory"], s["vcpus"]) for s in [*run.learners, run.aggregator]] == [(768, 2)] * 3
+    [builder] = Actors.created(control, "builder")
+    assert (builder["memory"], builder["vcpus"]) == (2000, 1)  # building an image needs what the builder needs
     application_deleted(sm, run.project)
 
 
