@@ -53,20 +53,25 @@ def oakestra_manager(
     *,
     tag: str,
     tmp_path: Path,
+    plain: tuple[str, ...] = (),
 ) -> Iterator[ManagerProcess]:
     """A manager deploying on the fake whose active clusters are ``clusters``, each with two ``FLOps-learner``
     nodes (two learner seats) holding data ``tag``; the first also builds."""
+    offers = [{"cluster_name": name, "supported_addons": []} for name in plain]  # no learners: aggregators only
     control.clusters(
         [
             {"cluster_name": name, "supported_addons": [*(["image-builder"] if i == 0 else []), *["FLOps-learner"] * 2]}
             for i, name in enumerate(clusters)
         ]
+        + offers
     )
     # Only this test's seats count: other agents' statuses may be retained on the run's shared broker.
     roles: dict[str, list[str]] = {}
     for i, name in enumerate(clusters):
         roles[f"oak-{name}"] = ["aggregator", "serve", *(["builder"] if i == 0 else []), "learner"]
         roles[f"oak-{name}-2"] = ["learner"]
+    for name in plain:
+        roles[f"oak-{name}"] = ["aggregator", "serve"]
     agents = tmp_path / "agents.json"
     agents.write_text(json.dumps({"agents": {seat: {"roles": granted} for seat, granted in roles.items()}}))
     proc = ManagerProcess(
@@ -371,3 +376,61 @@ def test_a_cancelled_project_has_its_application_deleted(
 
     assert state.outcome is Outcome.CANCELLED, (state.reason, manager.log_tail())
     application_deleted(sm, project)
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    return dict(e.split("=", 1) for e in service["environment"])
+
+
+def direct_cluster(service: dict[str, Any]) -> str:
+    [cluster] = [c["cluster"] for c in service["constraints"] if c["type"] == "direct"]
+    return str(cluster)
+
+
+def test_a_hierarchical_project_gets_one_aggregator_per_active_cluster_with_its_learners_beside_it(
+    broker: BrokerAddress,
+    fake: FakeSystemManager,
+    control: FakeControl,
+    cluster: str,
+    sm: SystemManager,
+    tmp_path: Path,
+) -> None:
+    clusters = [f"{cluster}a", f"{cluster}b"]
+    plain = f"{cluster}c"  # active, but no FLOps-learner node: no cluster of the project
+    running = oakestra_manager(broker, fake, control, clusters, tag=cluster, tmp_path=tmp_path, plain=(plain,))
+    manager = next(running)
+    watcher = StateWatcher(broker)
+    actors = Actors(broker, control)
+    try:
+        hierarchical = {"mode": "hierarchical", "training_cycles": 1, "data_tags": [cluster], "training_rounds": 1}
+        repo = make_git_repo(tmp_path / "repo")
+        with Client(broker) as client:
+            reply = client.submit(ProjectSLA.model_validate(sla(repo, post_training_steps=[], **hierarchical)))
+        assert reply.project_id, reply
+        project = reply.project_id
+        [builder] = actors.services("builder")
+        actors.report(builder, "build.succeeded", artifact={"ref": "image://reg/p", "details": IMAGES})
+        learners = actors.services("flearner", 4)
+        for learner in learners:
+            actors.report(learner, "learner.ready", examples=10)
+        aggregators = actors.services("aggregator", 3)
+        [root] = [a for a in aggregators if "--cluster" not in a["cmd"]]
+        actors.report(root, "training.succeeded", best_round=1, loss=0.1, accuracy=0.9, model_ref="/m")
+        state = watcher.wait_stage(project, "finished", timeout=60)
+        application_deleted(sm, project)  # while the manager runs: its adapter deletes it
+    finally:
+        actors.close()
+        watcher.close()
+        next(running, None)  # the rest of the generator: stops the manager and clears its seats' statuses
+
+    assert state.outcome is Outcome.COMPLETED, (state.reason, manager.log_tail())
+    assert len(Actors.created(control, "aggregator")) == 3  # the root and one per cluster with learners
+    by_cluster = {a["cmd"][a["cmd"].index("--cluster") + 1]: a for a in aggregators if a is not root}
+    assert sorted(by_cluster) == clusters  # one cluster aggregator per active cluster with learners
+    for name, aggregator in by_cluster.items():
+        assert direct_cluster(aggregator) == name and env_of(aggregator)["FLOPS_AGENT_ID"] == f"oak-{name}"
+        cmd = aggregator["cmd"]
+        address = f"{aggregator['addresses']['rr_ip']}:{cmd[cmd.index('--address') + 1].rpartition(':')[2]}"
+        mine = [learner for learner in learners if direct_cluster(learner) == name]
+        assert {env_of(learner)["FLOPS_AGENT_ID"] for learner in mine} == {f"oak-{name}", f"oak-{name}-2"}
+        assert {learner["cmd"][learner["cmd"].index("--aggregator") + 1] for learner in mine} == {address}
