@@ -23,6 +23,7 @@ from flops.hooks import Decision, Internal, StageHooks
 from flops.lifecycle import EDGES, Lifecycle, Project
 from flops.lifecycle_stages import Outcome, Stage
 from flops.messages import (
+    ActorPlaced,
     AgentStatus,
     CancelRequest,
     Command,
@@ -396,6 +397,8 @@ class Engine:
             reason = f"{report.kind} for project {project_id} from agent {agent_id}, which was sent no such command"
             return self.error(topics.agent_reports(agent_id), reason)
         if project is None:
+            if isinstance(report, ActorPlaced):  # an actor scheduled as its project ended: no news any more
+                return Result("ignore", f"placement of {report.actor} after project {project_id} finished")
             if isinstance(report, ModelServed | ModelFailed) and report.command_id == record.ctx.get(
                 "serve_command_id"
             ):
@@ -409,6 +412,11 @@ class Engine:
         def do(p: Project, fx: _Effects) -> Decision | None:
             if isinstance(report, TrackingLogged):
                 return tracking.note(p, report, fx)  # in whatever stage: tracking never moves a project
+            if isinstance(report, ActorPlaced):  # in whatever stage too: where an actor runs is news, not progress
+                fx.event(
+                    p, "report.accepted", report.message, actor=report.actor, cluster=report.cluster, node=report.node
+                )
+                return Decision.accept()
             return self.hooks[p.stage].on_report(p, report, fx)
 
         return self._in_unit(project, report.event_id, do)

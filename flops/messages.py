@@ -194,6 +194,18 @@ class TrackingLogged(ReportBase):
     warning: Annotated[str, Field(max_length=4000)] | None = None
 
 
+class ActorPlaced(ReportBase):
+    """Where a deployer put the actor of a command (Oakestra: scheduled on a cluster, running on a node, restarted):
+    news for the project's event stream that never moves a project."""
+
+    kind: Literal["actor.placed"] = "actor.placed"
+    actor: Annotated[str, Field(max_length=256)]
+    what: Literal["scheduled", "placed", "running", "restarted"]
+    message: Annotated[str, Field(max_length=4000)]
+    cluster: Annotated[str, Field(max_length=256)] | None = None
+    node: Annotated[str, Field(max_length=256)] | None = None
+
+
 WorkerReport = Annotated[
     BuildStarted
     | BuildSucceeded
@@ -208,7 +220,8 @@ WorkerReport = Annotated[
     | ModelServed
     | ModelFailed
     | CommandFailed
-    | TrackingLogged,
+    | TrackingLogged
+    | ActorPlaced,
     Field(discriminator="kind"),
 ]
 

@@ -200,9 +200,17 @@ class ProjectSLA(_Strict):
     supported_platforms: Annotated[list[Platform], Field(min_length=1)] = [Platform.LINUX_AMD64]
     training_configuration: TrainingConfiguration = TrainingConfiguration()
     post_training_steps: list[PostTrainingStep] = []
-    resource_constraints: ResourceConstraints = ResourceConstraints()
+    # What each learner and aggregator may use (None: the deployer's own per-kind sizes; the original defaulted
+    # to 100 MiB and ignored it, which would starve a learner if it were applied).
+    resource_constraints: ResourceConstraints | None = None
     # Extension: per-stage deadlines in seconds, overriding the manager's defaults.
     deadlines: dict[Stage, Annotated[float, Field(gt=0, le=7 * 24 * 3600)]] = {}
+
+    def actor_resources(self) -> dict[str, dict[str, int]]:
+        """The ``resources`` entry of a learner's or aggregator's command spec: what the SLA allows it, for a
+        deployer that sizes what it starts (Oakestra services); agents may ignore it. Empty without constraints."""
+        rc = self.resource_constraints
+        return {} if rc is None else {"resources": {"memory": rc.memory, "vcpus": rc.vcpus}}
 
     @model_validator(mode="after")
     def _devel_images(self) -> Self:

@@ -60,6 +60,7 @@ class Aggregation(StageHooks):
                 # Only these learners' SuperNodes may join (registered when the SuperLink runs TLS).
                 "supernode_keys": [keys[agent] for agent in sorted(keys)],
                 "tracking": aggregator_spec(project),
+                **project.sla.actor_resources(),
             },
         )
         project.ctx["progress"] = {"round": 0, "rounds": tc.training_rounds}

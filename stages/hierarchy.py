@@ -129,6 +129,7 @@ def place(project: Project, ctx: StageContext, allocate: PortAllocator) -> Decis
                     "index": len(learners),
                     "cluster": cluster,
                     "data_token": secrets.token_urlsafe(24),
+                    **project.sla.actor_resources(),
                 },
             )
     project.ctx["clusters"] = clusters
@@ -172,6 +173,7 @@ def start_aggregators(project: Project, ctx: StageContext, timeouts: dict[str, f
             **timeouts,
             # Only the root logs to MLflow (one run per cycle); cluster aggregators and learners never do.
             "tracking": aggregator_spec(project, unit="cycle"),
+            **project.sla.actor_resources(),
         },
     )
     commands: dict[str, str] = {}
@@ -195,6 +197,7 @@ def start_aggregators(project: Project, ctx: StageContext, timeouts: dict[str, f
                 "learners": len(seat["learners"]),
                 "supernode_keys": [keys[a] for a in sorted(seat["learners"]) if a in keys],
                 **timeouts,
+                **project.sla.actor_resources(),
             },
         )
         commands[command_id] = cluster

@@ -58,6 +58,7 @@ class Learners(StageHooks):
                     # The learner's read token for its node's data server, for this project's tags only;
                     # the agent revokes it when the project stops.
                     "data_token": secrets.token_urlsafe(24),
+                    **project.sla.actor_resources(),
                 },
             )
         project.ctx["learners"] = learners

@@ -567,3 +567,20 @@ def test_each_learner_command_carries_its_own_data_token(h: EngineHarness) -> No
     tokens = [c.spec.get("data_token") for c in h.commands(pid, "run_learner")]
     assert len(tokens) == 2 and all(isinstance(t, str) and len(t) >= 24 for t in tokens)
     assert len(set(tokens)) == 2
+
+
+def test_a_placement_report_is_news_in_any_stage_and_dropped_once_the_project_finished(h: EngineHarness) -> None:
+    h.fleet(1)
+    pid = h.submit(sla_body(learners=1))
+    h.resolve(pid)
+    cmd = h.command(pid, "build")
+    where = {"actor": "builder1", "what": "running", "cluster": "edge1", "node": "edge1-node1"}
+
+    news = h.report(cmd, "actor.placed", event_id="e-run", message="builder1 (build on a): running on node n", **where)
+
+    assert news.verdict == "accept" and h.state(pid).stage is B
+    [event] = [e for e in h.events(pid) if e.message == "builder1 (build on a): running on node n"]
+    assert event.kind == "report.accepted" and event.data == {k: v for k, v in where.items() if k != "what"}
+    h.cancel(pid)
+    late = h.report(cmd, "actor.placed", event_id="e-late", message="builder1: scheduled on cluster edge1", **where)
+    assert late.verdict == "ignore" and not [e for e in h.events(pid) if e.kind == "rejected"]

@@ -229,3 +229,20 @@ def test_sla_without_data_tags_survives_the_store_round_trip() -> None:
     del body["training_configuration"]["data_tags"]
     sla = ProjectSLA.model_validate(body)
     assert ProjectSLA.model_validate(sla.model_dump(mode="json", by_alias=True)) == sla
+
+
+def test_resource_constraints_become_the_actors_resources_and_survive_the_store_round_trip() -> None:
+    sla = ProjectSLA.model_validate(_top(resource_constraints={"memory": 512, "vcpus": 2, "storage": 0}))
+    stored = ProjectSLA.model_validate(sla.model_dump(mode="json", by_alias=True))
+
+    assert stored.actor_resources() == {"resources": {"memory": 512, "vcpus": 2}}
+    assert ProjectSLA.model_validate(_top(resource_constraints={"memory": 256})).actor_resources() == {
+        "resources": {"memory": 256, "vcpus": 1}
+    }
+
+
+def test_without_resource_constraints_the_actors_get_no_resources_even_once_stored() -> None:
+    # The deployer's own sizes then apply: the original's default of 100 MiB is never imposed.
+    sla = ProjectSLA.model_validate(_base())
+    assert sla.actor_resources() == {}
+    assert ProjectSLA.model_validate(sla.model_dump(mode="json", by_alias=True)).actor_resources() == {}

@@ -20,7 +20,7 @@ from typing import Any
 from flops.agent import FAILURE_KIND
 from flops.builder import containerfile as cf
 from flops.messages import Command
-from flops.oakestra.deploy import ActorSpec
+from flops.oakestra.deploy import ActorEvent, ActorSpec, EventKind
 from flops.oakestra.seats import BUILDER_ADDON, HOST_SUFFIX, LEARNER_ADDON, Seat
 
 # What an actor on Oakestra reads to report for itself (see flops.oakestra.shim).
@@ -43,6 +43,9 @@ SERVICE_PREFIX = {
     "build_model_image": "modelbuilder",
     "serve_model": "server",
 }
+# What of an actor's placement the project's watchers are told (as ``actor.placed`` reports); a failure becomes the
+# command's failure report instead, a deletion follows the project's own stop.
+PLACEMENT_NEWS = frozenset({EventKind.SCHEDULED, EventKind.PLACED, EventKind.RUNNING, EventKind.RESTARTED})
 WORKDIR = "/tmp/flops"  # inside the container: scratch space of the actor
 SERVE_PORT = 8080
 
@@ -238,3 +241,31 @@ def failure_report(cmd: Command, seat: Seat, reason: str, *, event_suffix: str) 
     if kind == "learner.failed":
         body["agent_id"] = seat.agent_id
     return body
+
+
+def placement_report(cmd: Command, seat: Seat, event: ActorEvent) -> dict[str, Any]:
+    """The ``actor.placed`` report of one placement event of the command's actor. Its id is deterministic per
+    instance and step (a restarted adapter that adopts the actor sees the same steps again: the manager drops
+    them as repeats); each restart has its own (its reason counts the failures)."""
+    instance = "" if event.instance is None else f" instance {event.instance}"
+    where = {
+        EventKind.SCHEDULED: f"scheduled on cluster {event.cluster}",
+        EventKind.PLACED: f"placed on node {event.node}",
+        EventKind.RUNNING: f"running on node {event.node}",
+        EventKind.RESTARTED: f"restarted by Oakestra: {event.reason}",
+    }.get(event.kind, str(event.kind))
+    step = f"{event.kind}.{event.instance if event.instance is not None else 'x'}"
+    if event.kind is EventKind.RESTARTED:
+        step += "." + hashlib.sha256((event.reason or "").encode()).hexdigest()[:8]
+    return {
+        "event_id": f"{cmd.command_id}.oak.{step}",
+        "project_id": cmd.project_id,
+        "source": f"oakestra/{seat.agent_id}",
+        "command_id": cmd.command_id,
+        "kind": "actor.placed",
+        "actor": event.actor,
+        "what": str(event.kind),
+        "message": f"{event.actor}{instance} ({cmd.kind} on {seat.agent_id}): {where}",
+        "cluster": event.cluster,
+        "node": event.node,
+    }

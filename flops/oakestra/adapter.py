@@ -409,13 +409,19 @@ class OakestraAdapter:
             started = self._started.get((project_id, event.actor))
             fields = {k: v for k, v in vars(event).items() if v is not None and k not in ("kind", "actor")}
             self.log.info(f"oakestra actor {event.kind}", project_id=project_id, actor=event.actor, **fields)
-            if event.kind is EventKind.FAILED and started is not None:
+            if started is None:
+                continue
+            if event.kind is EventKind.FAILED:
                 self._fail(started.command, started.seat, event.reason or f"{event.actor} failed on Oakestra", "failed")
+            elif event.kind in actors.PLACEMENT_NEWS:  # the project's watchers see where its actors run
+                self._send(started.seat, actors.placement_report(started.command, started.seat, event))
 
     # --- reports ----------------------------------------------------------------------------------------------
 
     def _fail(self, cmd: Command, seat: Seat, reason: str, suffix: str) -> None:
-        body = failure_report(cmd, seat, reason, event_suffix=suffix)
+        self._send(seat, failure_report(cmd, seat, reason, event_suffix=suffix))
+
+    def _send(self, seat: Seat, body: dict[str, Any]) -> None:
         report = decode_report(json.dumps(body).encode())
         topic, payload = topics.agent_reports(seat.agent_id), report.to_bytes()
         self.outbox.add(report.event_id, topic, payload)  # kept until the manager acknowledges it

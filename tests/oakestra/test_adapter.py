@@ -105,6 +105,11 @@ class ManagerSide:
     def ack(self, agent_id: str, event_id: str) -> None:
         self.bus.publish_wait(topics.agent_acks(agent_id), ReportAck(event_ids=[event_id]).to_bytes())
 
+    def reported(self, command_id: str) -> list[str]:
+        """The event ids of every report seen so far for ``command_id`` (failure and placement news alike)."""
+        bodies = [json.loads(m.payload) for m in self.seen if topics.parse(m.topic).kind == "agent_reports"]
+        return [body["event_id"] for body in bodies if body.get("command_id") == command_id]
+
     def topics(self) -> list[str]:
         return [m.topic for m in self.seen]
 
@@ -270,8 +275,34 @@ def test_a_service_oakestra_cannot_run_is_the_commands_failure_report_and_is_del
     [created] = posted_services(control)
     service_id = created["response"]["job_id"]
     wait_until(lambda: f"DELETE /api/service/{service_id}" in paths(control.calls()), WAIT, "the service deleted")
-    side.ack(seat, failed["event_id"])
-    wait_until(lambda: len(adapter.outbox) == 0, WAIT, "the acknowledged report to leave the outbox")
+    for event_id in side.reported(cmd.command_id):  # the placement news before the failure wait for acks too
+        side.ack(seat, event_id)
+    wait_until(lambda: len(adapter.outbox) == 0, WAIT, "the acknowledged reports to leave the outbox")
+
+
+def test_where_oakestra_schedules_runs_and_restarts_an_actor_is_reported_for_its_seat(
+    adapter: OakestraAdapter, side: ManagerSide, control: FakeControl, names: dict[str, str]
+) -> None:
+    steps = ["CLUSTER_SCHEDULED", "NODE_SCHEDULED", "FAILED", "REQUESTED", "NODE_SCHEDULED", "RUNNING"]
+    control.script("^aggregator", steps=steps)
+    seat, edge = f"oak-{names['edge']}", names["edge"]
+    cmd = run_aggregator(side, seat, new_id("p"))
+
+    def news(what: str) -> dict[str, Any]:
+        def match(message: Inbound) -> bool:
+            body = json.loads(message.payload) if topics.parse(message.topic).kind == "agent_reports" else {}
+            return body.get("command_id") == cmd.command_id and body.get("what") == what
+
+        return dict(json.loads(side.wait(f"actor.placed {what}", match).payload))
+
+    scheduled, restarted, running = news("scheduled"), news("restarted"), news("running")
+
+    assert scheduled["kind"] == "actor.placed" and scheduled["source"] == f"oakestra/{seat}"
+    assert scheduled["message"].endswith(f"(run_aggregator on {seat}): scheduled on cluster {edge}")
+    assert scheduled["cluster"] == edge and running["node"] == f"{edge}-node1"
+    assert "restarted by Oakestra" in restarted["message"] and "FAILED" in restarted["message"]
+    assert running["message"].endswith(f"running on node {edge}-node1")
+    assert len(set(side.reported(cmd.command_id))) == len(side.reported(cmd.command_id))  # one id per step
 
 
 def test_a_command_that_cannot_run_on_oakestra_is_refused_with_its_reason_and_creates_nothing(
