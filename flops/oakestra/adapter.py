@@ -35,10 +35,10 @@ from typing import Any
 import structlog
 
 from flops import topics
-from flops.agent_link import ReportOutbox
+from flops.agent_link import ReportChannel, ReportOutbox
 from flops.bus import Bus, BusOptions, Inbound
 from flops.errors import FlopsError, PublishFailed
-from flops.messages import Command, CommandReceipt, ReportAck, decode_report
+from flops.messages import Command, CommandReceipt, decode_report
 from flops.oakestra import actors, dynsec
 from flops.oakestra.actors import SERVICE_PREFIX, ActorConfig, Refusal, actor_spec, failure_report
 from flops.oakestra.client import Credentials, SystemManager, SystemManagerError
@@ -104,6 +104,7 @@ class OakestraAdapter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.log = log.bind(system_manager=sm.base_url, client_id=config.client_id)
+        self.reports = ReportChannel(self.outbox, lambda topic, payload: self.bus.publish(topic, payload), self.log)
         self.bus = Bus(
             address,
             BusOptions(
@@ -168,7 +169,7 @@ class OakestraAdapter:
                         self.identities.retry()
                     next_poll = now + self.config.timing.poll_interval
                 if now >= next_resend:
-                    self._resend()
+                    self.reports.resend()
                     next_resend = now + self.outbox.resend_s
             except Exception:
                 self.log.exception("oakestra adapter step failed")  # a bug of one step must not stop the worker
@@ -191,7 +192,7 @@ class OakestraAdapter:
         parsed = topics.parse(item.topic)
         try:
             if parsed.kind == "agent_acks":
-                self._on_ack(item.payload)
+                self.reports.on_ack(item.payload)
             elif parsed.kind == "agent_commands" and parsed.ident:
                 self._on_command(parsed.ident, item.payload)
         finally:  # a command that broke the handler is not redelivered forever: it was receipted and logged
@@ -423,25 +424,7 @@ class OakestraAdapter:
 
     def _send(self, seat: Seat, body: dict[str, Any]) -> None:
         report = decode_report(json.dumps(body).encode())
-        topic, payload = topics.agent_reports(seat.agent_id), report.to_bytes()
-        self.outbox.add(report.event_id, topic, payload)  # kept until the manager acknowledges it
-        with contextlib.suppress(PublishFailed):
-            self.bus.publish(topic, payload)
-
-    def _resend(self, *, everything: bool = False) -> None:
-        for report in self.outbox.due(everything=everything):
-            with contextlib.suppress(PublishFailed):
-                self.bus.publish(report.topic, report.payload)
-
-    def _on_ack(self, payload: bytes) -> None:
-        try:
-            ack = ReportAck.model_validate_json(payload)
-        except ValueError as exc:
-            self.log.warning("unreadable report acknowledgement", error=str(exc)[:300])
-            return
-        self.outbox.acked(ack.event_ids)
-        if ack.resend:
-            self._resend(everything=True)
+        self.reports.send(topics.agent_reports(seat.agent_id), report.event_id, report.to_bytes())
 
 
 def _started_from(env: Mapping[str, str], adapter: OakestraAdapter) -> _Started | None:
