@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ class FakeState:
         self.clock = clock
         self.runner = runner
         self._ids = itertools.count(1)
+        # Mongo-like ids, unique across fakes: the podman runner names containers after them, and two fakes on
+        # one host (a demo beside a test) must not fight over a name.
+        self._id_prefix = secrets.token_hex(4)
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (user, expiry)
         self.apps: dict[str, dict[str, Any]] = {}
         self.services: dict[str, FakeService] = {}
@@ -157,7 +161,7 @@ class FakeState:
         self.calls: list[dict[str, Any]] = []
 
     def new_id(self) -> str:
-        return f"6b0b{next(self._ids):020x}"
+        return f"6b0b{self._id_prefix}{next(self._ids):012x}"
 
     # --- auth ---------------------------------------------------------------------------------------------------
 
