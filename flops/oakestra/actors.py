@@ -17,21 +17,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flops.agent import FAILURE_KIND
 from flops.builder import containerfile as cf
 from flops.messages import Command
 from flops.oakestra.deploy import ActorSpec
 from flops.oakestra.seats import BUILDER_ADDON, HOST_SUFFIX, LEARNER_ADDON, Seat
+from flops.oakestra.shim import (  # what the shim reads, set here
+    ENV_ADVERTISE_HOST,
+    ENV_AGENT,
+    ENV_BROKER_PASSWORD,
+    ENV_BROKER_URL,
+    ENV_BROKER_USERNAME,
+    ENV_COMMAND,
+    ENV_KIND,
+    ENV_PROJECT,
+)
+from flops.runtime.reports import FAILURE_KIND
 
-# What an actor on Oakestra reads to report for itself (see flops.oakestra.shim).
-ENV_BROKER_URL = "FLOPS_BROKER_URL"
-ENV_BROKER_USERNAME = "FLOPS_BROKER_USERNAME"
-ENV_BROKER_PASSWORD = "FLOPS_BROKER_PASSWORD"
-ENV_PROJECT = "FLOPS_PROJECT_ID"
-ENV_COMMAND = "FLOPS_COMMAND_ID"
-ENV_AGENT = "FLOPS_AGENT_ID"
-ENV_KIND = "FLOPS_COMMAND_KIND"
-ENV_ADVERTISE_HOST = "FLOPS_ADVERTISE_HOST"  # the aggregator's service IP, for the address it reports
 SHIM = "flops.oakestra.shim"  # runs the actor and publishes its report lines (no agent forwards them)
 
 # Service names start with what the actor is (the fake System Manager's scripts match on it; a person reading
