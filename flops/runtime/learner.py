@@ -46,6 +46,9 @@ from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV, 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 # What Flower 1.42's SuperNode prints when the SuperLink does not know its public key (yet).
 _NOT_REGISTERED = "Failed to activate SuperNode"
+# What it prints when the SuperLink's HTTP server answers before its Fleet API routes serve (seen when a learner
+# connects the moment its aggregator's SuperLink starts): not ready yet, so try again within the deadline.
+_NOT_SERVING = "'404 Not Found' for url"
 RESTART_PAUSE_S = 0.5
 CHILD_POLL_S = 0.2  # a child's exit has no event to wait on besides wait(), which watches only one
 
@@ -119,7 +122,7 @@ class SupernodeWatch(OutputTail):
 
     def on_line(self, line: str) -> None:
         super().on_line(line)
-        if _NOT_REGISTERED in line:
+        if _NOT_REGISTERED in line or _NOT_SERVING in line:
             self.refused = True
         if not self.registered.is_set() and (match := _NODE_ID.search(line)):
             self.node_id = int(match.group(1))
