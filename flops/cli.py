@@ -250,7 +250,7 @@ def demo(
     ] = False,
     oakestra: Annotated[
         bool,
-        typer.Option(help="Learners and aggregator as services of a fake Oakestra System Manager (podman, images)"),
+        typer.Option(help="Learners and aggregator as services of a fake Oakestra (podman; implies --images)"),
     ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
@@ -262,6 +262,10 @@ def demo(
     if settings.log_level == "info":
         logs.configure(settings.log_format, "warning")
     console = Console()
+    if oakestra and (hierarchical or web):
+        # Not silently ignored: the Oakestra demo runs the classic base case without the web view.
+        Console(stderr=True).print("[red]--oakestra runs the classic base case: drop --hierarchical and --ui[/]")
+        raise typer.Exit(2)
     with _errors():
         if oakestra:
             from flops.demo_oakestra import run_oakestra_demo
