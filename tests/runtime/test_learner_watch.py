@@ -12,9 +12,10 @@ from flops.runtime.learner import SupernodeWatch
     [
         "ERROR :     Failed to activate SuperNode: public key not registered",
         "Client error '404 Not Found' for url 'http://10.30.1.2:19100/v1/fleet/register-node'",
+        "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 40883): address already in use",
     ],
 )
-def test_a_superlink_not_ready_for_the_node_yet_is_worth_another_try(line: str) -> None:
+def test_a_superlink_not_ready_yet_or_a_taken_runtime_port_is_worth_another_try(line: str) -> None:
     watch = SupernodeWatch()
     watch.on_line(line)
     assert watch.refused and not watch.registered.is_set()
