@@ -34,6 +34,7 @@ from flops.bus import Bus, BusOptions, Will
 from flops.containers import REPORT_FD, Podman, PodmanSettings, container_name
 from flops.errors import ConfigError, PublishFailed
 from flops.messages import AgentStatus, Command, CommandReceipt, decode_report
+from flops.runtime.reports import FAILURE_KIND, TERMINAL
 from flops.settings import BrokerAddress
 from flops.supervisor import STOP_GRACE_S, Child, Supervisor, kill_group, still_ours
 from flops.tracking.project import child_env as tracking_env
@@ -41,26 +42,8 @@ from flops.tracking.project import child_env as tracking_env
 log = structlog.get_logger(__name__)
 
 ROLES = ("learner", "builder", "aggregator", "serve")
-# What a child's failure is reported as, by the command that started it.
-FAILURE_KIND = {
-    "run_learner": "learner.failed",
-    "run_aggregator": "training.failed",
-    "serve_model": "model.failed",
-    "build": "build.failed",
-    "build_model_image": "model.failed",
-}
 # Put on the agent's own queue after every (re)connect: re-send every report not acknowledged yet.
 _RESEND_ALL = object()
-TERMINAL = {
-    "model.built",
-    "learner.failed",
-    "training.succeeded",
-    "training.failed",
-    "model.served",
-    "model.failed",
-    "build.succeeded",
-    "build.failed",
-}
 BUILD_WORKER = "flops.builder.worker"
 MODEL_IMAGE_WORKER = "flops.builder.model_image"
 

@@ -248,6 +248,10 @@ def demo(
     hierarchical: Annotated[
         bool, typer.Option(help="Clustered hierarchical FL: a root agent and two clusters of two learner agents")
     ] = False,
+    oakestra: Annotated[
+        bool,
+        typer.Option(help="Learners and aggregator as services of a fake Oakestra (podman; implies --images)"),
+    ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
     from flops.demo import print_result, run_demo
@@ -258,8 +262,22 @@ def demo(
     if settings.log_level == "info":
         logs.configure(settings.log_format, "warning")
     console = Console()
+    if oakestra and (hierarchical or web):
+        # Not silently ignored: the Oakestra demo runs the classic base case without the web view.
+        Console(stderr=True).print("[red]--oakestra runs the classic base case: drop --hierarchical and --ui[/]")
+        raise typer.Exit(2)
     with _errors():
-        if hierarchical:
+        if oakestra:
+            from flops.demo_oakestra import run_oakestra_demo
+
+            result = run_oakestra_demo(
+                settings,
+                work_dir or settings.data_dir / "demo-oakestra",
+                console,
+                agents=agents,
+                timeout=timeout if timeout is not None else 1800.0,
+            )
+        elif hierarchical:
             work = work_dir or settings.data_dir / "demo-hierarchical"
             result = run_hierarchical_demo(
                 settings, work, console, timeout=max(timeout or 900.0, 1800.0 if images else 900.0), images=images

@@ -9,6 +9,7 @@ prints the final accuracy, asks the inference server about held-out digits, and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -178,12 +179,30 @@ def image_registry(work: Path, console: Console) -> Iterator[str]:
             f"flops demo --images needs {', '.join(missing)}: "
             "install them with FLOPS_IMAGE_TOOLS=1 bash scripts/install.sh"
         )
-    registry = start_registry(work / "registry", port=free_port())
+    registry = start_registry(_registry_storage(work / "registry"), port=free_port())
     console.print(f"registry: {registry.url} (images are built with buildah and run with podman)")
     try:
         yield registry.address
     finally:
         registry.stop()
+
+
+def _registry_storage(root: Path) -> Path:
+    """The registry's storage for this FLOps code: images are found by (repo, commit), and they carry our own
+    packages, so a demo after a change to FLOps must not reuse images built with the old code. Storages of other
+    code are removed (nothing else uses them)."""
+    from flops.builder.runtime_base import OWN_PACKAGES, own_packages_dir
+
+    digest = hashlib.sha256()
+    for name in OWN_PACKAGES:
+        for path in sorted((own_packages_dir() / name).rglob("*.py")):
+            digest.update(str(path.relative_to(own_packages_dir())).encode() + b"\0" + path.read_bytes())
+    storage = root / digest.hexdigest()[:16]
+    if root.is_dir():
+        for other in root.iterdir():
+            if other != storage:
+                shutil.rmtree(other, ignore_errors=True)
+    return storage
 
 
 @contextlib.contextmanager

@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     oakestra_data_server: str = Field(
         "grpc://127.0.0.1:11027", description="The node data server learners on Oakestra read (ml-data-server)"
     )
+    # Per learner seat (oak-<cluster>[-<n>]): its node's data server, where nodes do not all serve at the same
+    # address (the demo's fake nodes share one host); and the read token learners present to it.
+    oakestra_data_servers: dict[str, str] = {}
+    oakestra_data_token: SecretStr | None = None
     oakestra_poll_s: float = Field(3.0, gt=0, description="How often Oakestra's services are looked at")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

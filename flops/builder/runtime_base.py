@@ -36,6 +36,10 @@ DEFAULT_RUNTIME_REQUIREMENTS: tuple[str, ...] = (
     "mlflow-skinny>=3.1,<4",
     "skops<1",  # MLflow's safe format for scikit-learn models
     "psutil>=5.9",
+    # An actor on Oakestra runs under flops.oakestra.shim, which publishes its reports over MQTT itself
+    # (flops.bus) and reads the broker address with flops.settings.
+    "paho-mqtt>=2.1,<3",
+    "pydantic-settings>=2.3,<3",
 )
 OWN_PACKAGES = ("flops", "flops_utils")
 READY = "ready.json"

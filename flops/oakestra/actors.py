@@ -17,21 +17,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flops.agent import FAILURE_KIND
 from flops.builder import containerfile as cf
 from flops.messages import Command
 from flops.oakestra.deploy import ActorEvent, ActorSpec, EventKind
 from flops.oakestra.seats import BUILDER_ADDON, HOST_SUFFIX, LEARNER_ADDON, Seat
+from flops.oakestra.shim import (  # what the shim reads, set here
+    ENV_ADVERTISE_HOST,
+    ENV_AGENT,
+    ENV_BROKER_PASSWORD,
+    ENV_BROKER_URL,
+    ENV_BROKER_USERNAME,
+    ENV_COMMAND,
+    ENV_KIND,
+    ENV_PROJECT,
+)
+from flops.runtime.reports import FAILURE_KIND
 
-# What an actor on Oakestra reads to report for itself (see flops.oakestra.shim).
-ENV_BROKER_URL = "FLOPS_BROKER_URL"
-ENV_BROKER_USERNAME = "FLOPS_BROKER_USERNAME"
-ENV_BROKER_PASSWORD = "FLOPS_BROKER_PASSWORD"
-ENV_PROJECT = "FLOPS_PROJECT_ID"
-ENV_COMMAND = "FLOPS_COMMAND_ID"
-ENV_AGENT = "FLOPS_AGENT_ID"
-ENV_KIND = "FLOPS_COMMAND_KIND"
-ENV_ADVERTISE_HOST = "FLOPS_ADVERTISE_HOST"  # the aggregator's service IP, for the address it reports
 SHIM = "flops.oakestra.shim"  # runs the actor and publishes its report lines (no agent forwards them)
 
 # Service names start with what the actor is (the fake System Manager's scripts match on it; a person reading
@@ -67,6 +68,11 @@ class ActorConfig:
     registry: str = "127.0.0.1:5000"
     registry_tls: bool = False
     data_server: str = "grpc://127.0.0.1:11027"
+    data_servers: Mapping[str, str] = field(default_factory=dict)  # per seat, else data_server
+    # The read token learners present to their node's data server. The manager's per-project token (the spec's)
+    # is granted by an agent's data server when it starts a learner; on Oakestra no agent does, so a configured
+    # node read token comes first.
+    data_token: str | None = field(default=None, repr=False)
     # Per command kind, unless the command's spec says ``resources: {memory, vcpus}`` (the SLA's constraints).
     sizes: Mapping[str, Size] = field(
         default_factory=lambda: {
@@ -128,7 +134,7 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
     if isinstance(size, Refusal):
         return size
     try:
-        made = _command_line(cmd, config, env)
+        made = _command_line(cmd, seat, config, env)
         # An aggregator asks for the service IP its learners were told (reachable()), and reports it.
         rr_ip = service_ip(cmd.project_id, seat.agent_id, int(spec["port"])) if cmd.kind == "run_aggregator" else None
     except KeyError as exc:  # the spec lacks what the actor needs: the user sees which field
@@ -154,7 +160,7 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
 
 
 def _command_line(
-    cmd: Command, config: ActorConfig, env: dict[str, str]
+    cmd: Command, seat: Seat, config: ActorConfig, env: dict[str, str]
 ) -> tuple[str, list[str], str | None] | Refusal:
     """(image, ``python -m`` arguments, the add-on its cluster must offer) of each kind, as :mod:`flops.agent`
     builds them for a container."""
@@ -181,12 +187,13 @@ def _command_line(
     if cmd.kind == "run_learner":
         from flops.data.client import DATA_TOKEN_ENV
 
-        if spec.get("data_token"):
-            env[DATA_TOKEN_ENV] = str(spec["data_token"])
+        if token := config.data_token or spec.get("data_token"):
+            env[DATA_TOKEN_ENV] = str(token)
         tags = ",".join(spec.get("data_tags", []))
         aggregator = reachable(str(spec["aggregator_address"]), cmd.project_id)
         argv = ["flops.runtime.learner", "--repo", cf.REPO_DIR, "--aggregator", aggregator]
-        argv += ["--data-server", config.data_server, "--data-tags", tags, "--work-dir", WORKDIR]
+        data_server = config.data_servers.get(seat.agent_id, config.data_server)
+        argv += ["--data-server", data_server, "--data-tags", tags, "--work-dir", WORKDIR]
         return image, argv, LEARNER_ADDON
     return image, _aggregator_argv(spec, cmd.project_id), None
 

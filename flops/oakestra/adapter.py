@@ -477,6 +477,8 @@ def from_settings(settings: Settings, address: BrokerAddress) -> OakestraAdapter
         registry=settings.registry,
         registry_tls=settings.registry_tls,
         data_server=settings.oakestra_data_server,
+        data_servers=settings.oakestra_data_servers,
+        data_token=token.get_secret_value() if (token := settings.oakestra_data_token) else None,
     )
     config = AdapterConfig(
         actors=actors,

@@ -4,6 +4,10 @@ from then on reports what the container really does: RUNNING while it runs, COMP
 DEAD when it exits otherwise, FAILED when podman could not start it (image pull, missing command).
 
 Unlike Oakestra, a container that ended is not restarted: the deployer's give-up logic is what gets exercised.
+A service's round-robin IP (``RR_ip``, e.g. the aggregator's 10.30.x.y that learners were told) is mapped onto
+this machine: it is added to the loopback interface (``ip addr add IP/32 dev lo``, as root) while the service's
+container runs, so containers on the host network reach the service there as they would through Oakestra's
+NetManager; without the right to add it the container still runs, and the address is logged as unreachable.
 Podman flags as ``flops.containers`` uses them on these hosts (runc, ulimits within the hard limits).
 """
 
@@ -34,6 +38,7 @@ class PodmanOptions:
     storage_driver: str | None = "overlay"  # as flops.containers; None: podman's configured default
     nofile: int = 20_000
     nproc: int = 4_096
+    tls_verify: bool = True  # False: pull over plain HTTP (the demo's loopback registry)
 
     def global_args(self) -> list[str]:
         args = [self.podman]
@@ -52,8 +57,17 @@ def _limit(which: int, wanted: int) -> int:
 class Container:
     """One ``podman run`` in the foreground: its exit status is the container's, its output a log file."""
 
-    def __init__(self, argv: list[str], name: str, one_shot: bool, log_path: Path, options: PodmanOptions) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        name: str,
+        one_shot: bool,
+        log_path: Path,
+        options: PodmanOptions,
+        service_ip: str | None = None,
+    ) -> None:
         self.name, self.one_shot, self.log_path, self.options = name, one_shot, log_path, options
+        self.service_ip = service_ip if service_ip and _loopback(service_ip, add=True) else None
         with log_path.open("wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -89,6 +103,23 @@ class Container:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.service_ip:
+            _loopback(self.service_ip, add=False)
+            self.service_ip = None
+
+
+def _loopback(ip: str, *, add: bool) -> bool:
+    """Add (or remove) ``ip``/32 on the loopback interface; whether it is (was) there."""
+    argv = ["ip", "addr", "add" if add else "del", f"{ip}/32", "dev", "lo"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("service IP not mapped onto loopback", ip=ip, error=str(exc)[:200])
+        return False
+    if done.returncode != 0 and not (add and "File exists" in done.stderr):
+        log.warning("service IP not mapped onto loopback", ip=ip, add=add, error=done.stderr.strip()[:200])
+        return False
+    return True
 
 
 class PodmanRunner:
@@ -109,6 +140,7 @@ class PodmanRunner:
         nofile, nproc = _limit(resource.RLIMIT_NOFILE, o.nofile), _limit(resource.RLIMIT_NPROC, o.nproc)
         argv = [*o.global_args(), "run", "--rm", "--name", name, "--network", "host", "--pull", "missing"]
         argv += ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+        argv += [] if o.tls_verify else ["--tls-verify=false"]
         for pair in [f"HOSTNAME=instance-{number}", *(doc.get("environment") or [])]:
             argv += ["--env", pair]
         cmd = list(doc.get("cmd") or [])
@@ -116,7 +148,8 @@ class PodmanRunner:
             argv += ["--entrypoint", cmd[0]]
         argv += [str(doc.get("code")), *cmd[1:]]
         log.info("fake oakestra starts a container", name=name, image=doc.get("code"), cmd=cmd)
-        container = Container(argv, name, bool(doc.get("one_shot")), self.log_dir / f"{name}.log", o)
+        rr_ip = doc.get("RR_ip") or (doc.get("addresses") or {}).get("rr_ip")
+        container = Container(argv, name, bool(doc.get("one_shot")), self.log_dir / f"{name}.log", o, rr_ip)
         self.containers.append(container)
         return container
 

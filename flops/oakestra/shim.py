@@ -24,16 +24,25 @@ from typing import Any
 import structlog
 
 from flops import topics
-from flops.agent import FAILURE_KIND, TERMINAL
 from flops.bus import Bus, BusOptions
 from flops.errors import FlopsError
 from flops.messages import decode_report
-from flops.oakestra import actors
 from flops.runtime import reports
+from flops.runtime.reports import FAILURE_KIND, TERMINAL
 from flops.settings import BrokerAddress
 
 log = structlog.get_logger(__name__)
 
+# What the shim reads (set by flops.oakestra.actors). The shim runs inside the actor's image, which carries the
+# runtime's packages only: it imports neither the agent nor the manager nor the Oakestra client.
+ENV_BROKER_URL = "FLOPS_BROKER_URL"
+ENV_BROKER_USERNAME = "FLOPS_BROKER_USERNAME"
+ENV_BROKER_PASSWORD = "FLOPS_BROKER_PASSWORD"
+ENV_PROJECT = "FLOPS_PROJECT_ID"
+ENV_COMMAND = "FLOPS_COMMAND_ID"
+ENV_AGENT = "FLOPS_AGENT_ID"
+ENV_KIND = "FLOPS_COMMAND_KIND"
+ENV_ADVERTISE_HOST = "FLOPS_ADVERTISE_HOST"  # the aggregator's service IP, for the address it reports
 PUBLISH_TIMEOUT_S = 30.0  # per report: the broker's PUBACK; a report not acknowledged by then is lost (logged)
 
 
@@ -50,17 +59,17 @@ class Identity:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Identity:
-        names = (actors.ENV_BROKER_URL, actors.ENV_PROJECT, actors.ENV_COMMAND, actors.ENV_KIND, actors.ENV_AGENT)
+        names = (ENV_BROKER_URL, ENV_PROJECT, ENV_COMMAND, ENV_KIND, ENV_AGENT)
         missing = [name for name in names if not env.get(name)]
         if missing:
             raise ValueError(f"environment lacks {', '.join(missing)} (set by the Oakestra adapter)")
-        address = BrokerAddress.parse(env[actors.ENV_BROKER_URL])
-        if env.get(actors.ENV_BROKER_USERNAME):
+        address = BrokerAddress.parse(env[ENV_BROKER_URL])
+        if env.get(ENV_BROKER_USERNAME):
             address = address.model_copy(
-                update={"username": env[actors.ENV_BROKER_USERNAME], "password": env.get(actors.ENV_BROKER_PASSWORD)}
+                update={"username": env[ENV_BROKER_USERNAME], "password": env.get(ENV_BROKER_PASSWORD)}
             )
-        ids = (env[actors.ENV_PROJECT], env[actors.ENV_COMMAND], env[actors.ENV_KIND], env[actors.ENV_AGENT])
-        return cls(address, *ids, advertise_host=env.get(actors.ENV_ADVERTISE_HOST) or None)
+        ids = (env[ENV_PROJECT], env[ENV_COMMAND], env[ENV_KIND], env[ENV_AGENT])
+        return cls(address, *ids, advertise_host=env.get(ENV_ADVERTISE_HOST) or None)
 
 
 class Reporter:

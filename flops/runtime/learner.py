@@ -46,6 +46,11 @@ from flops_utils.ml_repo_building_blocks import DATA_SERVER_ENV, DATA_TAGS_ENV, 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 # What Flower 1.42's SuperNode prints when the SuperLink does not know its public key (yet).
 _NOT_REGISTERED = "Failed to activate SuperNode"
+# What it prints when the SuperLink's HTTP server answers before its Fleet API routes serve (seen when a learner
+# connects the moment its aggregator's SuperLink starts): not ready yet, so try again within the deadline.
+_NOT_SERVING = "'404 Not Found' for url"
+# Its runtime API port was taken between our pick and its bind (host network, busy host): another port, another try.
+_PORT_TAKEN = "address already in use"
 RESTART_PAUSE_S = 0.5
 CHILD_POLL_S = 0.2  # a child's exit has no event to wait on besides wait(), which watches only one
 
@@ -119,7 +124,7 @@ class SupernodeWatch(OutputTail):
 
     def on_line(self, line: str) -> None:
         super().on_line(line)
-        if _NOT_REGISTERED in line:
+        if _NOT_REGISTERED in line or _NOT_SERVING in line or _PORT_TAKEN in line:
             self.refused = True
         if not self.registered.is_set() and (match := _NODE_ID.search(line)):
             self.node_id = int(match.group(1))
@@ -171,33 +176,40 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
         env["FLWR_HOME"] = str(args.work_dir / "flwr-home")
     watch = SupernodeWatch()
     worker_output = OutputTail()
-    runtime_port = free_port()
     isolation = ["--isolation", "process"] if args.isolation == "warm" else []
-    supernode_argv = [
-        *supernode_cmd,
-        *supernode_args(args.tls_ca_file, private_key),
-        "--superlink",
-        args.aggregator,
-        "--node-config",
-        node_config(args),
-        *isolation,
-        "--port",
-        str(runtime_port),
-        "--max-wait-time",
-        str(args.connect_timeout),
-    ]
-    worker_argv = [
-        sys.executable,
-        "-m",
-        "flops.runtime.clientapp_worker",
-        "--runtime-api-address",
-        f"127.0.0.1:{runtime_port}",
-        "--poll",
-        str(args.executor_poll or FAST_POLL_INTERVAL),
-    ]
+
+    def node_argvs() -> tuple[list[str], list[str]]:
+        """The SuperNode's and its ClientApp worker's command lines around a runtime API port picked now: a
+        restart picks another (on a host network, a port found free can be taken before the SuperNode binds it)."""
+        runtime_port = free_port()
+        supernode_argv = [
+            *supernode_cmd,
+            *supernode_args(args.tls_ca_file, private_key),
+            "--superlink",
+            args.aggregator,
+            "--node-config",
+            node_config(args),
+            *isolation,
+            "--port",
+            str(runtime_port),
+            "--max-wait-time",
+            str(args.connect_timeout),
+        ]
+        worker_argv = [
+            sys.executable,
+            "-m",
+            "flops.runtime.clientapp_worker",
+            "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}",
+            "--poll",
+            str(args.executor_poll or FAST_POLL_INTERVAL),
+        ]
+        return supernode_argv, worker_argv
+
     with ChildGroup() as children:
 
         def start_node() -> tuple[subprocess.Popen[str], subprocess.Popen[str] | None]:
+            supernode_argv, worker_argv = node_argvs()
             node = children.spawn("supernode", supernode_argv, env=env, cwd=args.work_dir, on_line=watch.on_line)
             worker = None
             if args.isolation == "warm":
@@ -214,7 +226,8 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
                 time.sleep(0.2)  # let its last lines (the reason it stopped) reach the watch
             if exited and watch.refused and time.monotonic() + RESTART_PAUSE_S < deadline:
                 # Our key may not be registered yet (the aggregator registers the keys right after its
-                # SuperLink starts): try again, with a fresh worker (it backs off while its SuperNode is away).
+                # SuperLink starts), the SuperLink not serving yet, or our runtime port taken: try again, on a
+                # fresh port with a fresh worker (it backs off while its SuperNode is away).
                 watch.refused = False
                 stop_groups([worker] if worker is not None else [])
                 time.sleep(RESTART_PAUSE_S)

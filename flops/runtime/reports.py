@@ -42,6 +42,28 @@ BUILD_SUCCEEDED: Final = "build.succeeded"
 BUILD_FAILED: Final = "build.failed"
 TRACKING_LOGGED: Final = "tracking.logged"
 
+# What a child's failure is reported as, by the command that started it (an agent, or flops.oakestra.shim).
+FAILURE_KIND: Final = {
+    "run_learner": LEARNER_FAILED,
+    "run_aggregator": TRAINING_FAILED,
+    "serve_model": MODEL_FAILED,
+    "build": BUILD_FAILED,
+    "build_model_image": MODEL_FAILED,
+}
+# Kinds after which a child has reported its command's outcome.
+TERMINAL: Final = frozenset(
+    {
+        MODEL_BUILT,
+        LEARNER_FAILED,
+        TRAINING_SUCCEEDED,
+        TRAINING_FAILED,
+        MODEL_SERVED,
+        MODEL_FAILED,
+        BUILD_SUCCEEDED,
+        BUILD_FAILED,
+    }
+)
+
 REPORT_KINDS: Final = frozenset(
     {
         LEARNER_READY,

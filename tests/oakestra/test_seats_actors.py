@@ -86,6 +86,23 @@ def test_a_learner_runs_the_artifacts_learner_image_on_its_seats_cluster_with_it
     assert (spec.memory, spec.vcpus) == (1000, 1)
 
 
+def test_a_learner_reads_its_seats_data_server_with_the_configured_node_read_token() -> None:
+    """On Oakestra no agent grants the manager's per-project token, so a configured node read token wins."""
+    config = ActorConfig(
+        broker_url="mqtt://b", data_servers={"oak-c1": "grpc+tcp://127.0.0.1:4001"}, data_token="node-read-token"
+    )
+    learner = {"aggregator_address": "10.30.0.9:19100", "data_tags": ["digits"], "data_token": "project-tok"}
+    cmd = command("run_learner", artifact={"details": IMAGES}, **learner)
+
+    spec = actor_spec(cmd, SEAT, config)
+    other = actor_spec(cmd, Seat("oak-c1-2", "c1", ("learner",)), config)
+
+    assert isinstance(spec, ActorSpec) and isinstance(other, ActorSpec)
+    assert spec.cmd[spec.cmd.index("--data-server") + 1] == "grpc+tcp://127.0.0.1:4001"
+    assert other.cmd[other.cmd.index("--data-server") + 1] == "grpc://127.0.0.1:11027"  # the add-on's default
+    assert spec.env["FLOPS_DATA_TOKEN"] == "node-read-token" and "node-read-token" not in spec.cmd
+
+
 def test_a_build_is_a_one_shot_of_the_builder_image_on_a_cluster_offering_image_builder() -> None:
     spec = placed(command("build", repo_url="https://x/r.git", commit="a" * 40, backend="image"))
 

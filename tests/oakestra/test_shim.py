@@ -142,3 +142,15 @@ def test_without_its_environment_the_shim_names_what_is_missing(tmp_path: Path) 
 
     assert done.returncode == 2
     assert "FLOPS_BROKER_URL" in done.stderr and "FLOPS_AGENT_ID" in done.stderr
+
+
+def test_the_shim_imports_only_what_an_actors_image_carries() -> None:
+    """It runs inside the learner/aggregator image (the runtime's packages): not the agent, the manager's state
+    machine or the Oakestra client, whose dependencies (transitions, httpx, sh) are not there."""
+    probe = "import sys, flops.oakestra.shim; print(' '.join(sorted(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True, env=env
+    ).stdout.split()
+
+    assert not {"flops.agent", "flops.lifecycle", "flops.oakestra.client", "transitions", "httpx", "sh"} & set(loaded)

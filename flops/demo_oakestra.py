@@ -1,0 +1,206 @@
+"""``flops demo --oakestra``: the base case with its actors placed through a (fake) Oakestra System Manager.
+
+The same project as ``flops demo --images`` (the example digits repo, three learners, three rounds), but the
+manager runs the Oakestra adapter (``--deployer oakestra``) against the fake System Manager
+(:mod:`flops.oakestra.fake`), which runs every service it is given as a podman container on this machine
+(:mod:`flops.oakestra.fake_podman`, host network). The fake has one cluster with three ``FLOps-learner`` worker
+nodes, so the adapter announces three learner seats; the learners and the aggregator are Oakestra services whose
+images come from the FLOps registry, and their reports reach the manager over MQTT through
+:mod:`flops.oakestra.shim`.
+
+Each fake worker node's data is served by its own data server: the Arrow Flight server FLOps agents embed
+(:class:`flops.data.server.DataServer`, the original ml-data-server's protocol), one per node on a loopback port,
+holding that node's digits partition. It stands in for the node's ml-data-server add-on at :11027 (the nodes share
+this host, so they cannot all listen there); learners are told their node's server per seat
+(``FLOPS_OAKESTRA_DATA_SERVERS``) and present a node read token (``FLOPS_OAKESTRA_DATA_TOKEN``).
+
+Not on Oakestra yet, so not here: the build runs on a build host agent (``flops agent --roles builder``, the fake
+cluster offers no ``image-builder``), and post-training is skipped (the trained model stays in the aggregator's
+container, where no model builder service can read it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import SecretStr
+from rich.console import Console
+
+from flops import topics
+from flops.bus import Bus, BusOptions
+from flops.demo import EXAMPLE_SLA, DemoResult, Fleet, artifacts, example_repo, follow, running_system
+from flops.errors import FlopsError, TimedOut
+from flops.lifecycle_stages import Stage
+from flops.messages import AgentStatus, new_id
+from flops.settings import Settings
+from flops.sla import ProjectSLA
+
+CLUSTER = "demo"
+DATA_TAG = "digits"
+READ_GRANT = "oakestra-demo"  # the data servers' grant name for the node read token (no project owns it)
+
+
+class BuildHost(Fleet):
+    """One ``flops agent --roles builder``: the build host, which needs no data server."""
+
+    def start(self) -> None:
+        self.ids = ["build-host"]
+        env = {"FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json", **self.env}
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        agent_dir = self.work / "agents" / self.ids[0]
+        for sub in ("state", "work"):
+            shutil.rmtree(agent_dir / sub, ignore_errors=True)
+        argv = [sys.executable, "-m", "flops.cli", "agent", "--id", self.ids[0], "--data-dir", str(agent_dir)]
+        with (self.work / "logs" / f"{self.ids[0]}.log").open("wb") as out:
+            self.procs.append(
+                subprocess.Popen(
+                    [*argv, "--roles", "builder"],
+                    env={**os.environ, **env},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def wait_online(self, timeout: float = 60.0) -> dict[str, AgentStatus]:
+        seen: dict[str, AgentStatus] = {}
+        options = BusOptions(client_id=new_id("demo-fleet"), subscriptions=[topics.ALL_AGENT_STATUS])
+        with Bus(self.address, options) as bus:
+            deadline = time.monotonic() + timeout
+            while not all(seen.get(a) and seen[a].online for a in self.ids):
+                left = deadline - time.monotonic()
+                if left <= 0 or any(p.poll() is not None for p in self.procs):
+                    raise TimedOut("the build host agent online (see its log in the demo directory)", timeout)
+                with contextlib.suppress(Exception):
+                    message = bus.inbox.get(timeout=min(left, 0.5))
+                    if message.payload:
+                        status = AgentStatus.model_validate_json(message.payload)
+                        seen[status.agent_id] = status
+        return seen
+
+
+@contextlib.contextmanager
+def node_data(work: Path, seats: list[str], read_token: str) -> Iterator[dict[str, str]]:
+    """One data server per fake worker node (seat), each holding its IID partition of digits' train split;
+    yields seat -> data server location."""
+    from flops.data.mock import load_dataset, push_partitions, split_iid
+    from flops.data.server import DataServer
+
+    servers: list[DataServer] = []
+    try:
+        for seat in seats:
+            data_dir = work / "nodes" / seat / "data"
+            shutil.rmtree(data_dir, ignore_errors=True)
+            server = DataServer(data_dir, "127.0.0.1", 0)
+            server.start()
+            server.grant(READ_GRANT, read_token, [DATA_TAG])
+            servers.append(server)
+        partitions = split_iid(load_dataset("digits", split="train"), len(seats), seed=0)
+        push_partitions(partitions, [s.location for s in servers], DATA_TAG, tokens=[s.admin_token for s in servers])
+        yield {seat: s.location for seat, s in zip(seats, servers, strict=True)}
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextlib.contextmanager
+def fake_oakestra(work: Path, nodes: int) -> Iterator[str]:
+    """The fake System Manager on a free loopback port with one cluster of ``nodes`` learner nodes, running its
+    services as podman containers (logs under ``work/logs/oakestra``); yields its URL."""
+    from flops.oakestra.fake import FakeSystemManager
+    from flops.oakestra.fake_podman import PodmanOptions, PodmanRunner
+    from flops.oakestra.fake_state import FakeState, cluster_doc
+
+    log_dir = work / "logs" / "oakestra"
+    shutil.rmtree(log_dir, ignore_errors=True)  # the fake numbers its services from 1 again: no stale logs
+    log_dir.mkdir(parents=True, exist_ok=True)
+    state = FakeState(runner=PodmanRunner(PodmanOptions(tls_verify=False), log_dir=log_dir))
+    # supported_addons repeats FLOps-learner once per node offering it: one learner seat each.
+    state.clusters = [cluster_doc({"cluster_name": CLUSTER, "supported_addons": ["FLOps-learner"] * nodes}, 0)]
+    with FakeSystemManager(state=state) as fake:
+        yield fake.url
+
+
+def run_oakestra_demo(
+    settings: Settings, work: Path, console: Console, *, agents: int = 3, timeout: float = 1800.0
+) -> DemoResult:
+    """The demo: the registry, then the project with its learners and aggregator as services of the fake Oakestra."""
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    repo_url = example_repo(work)
+    with artifacts(settings, work, console, True) as (settings, agent_env):
+        result = run_on_fake_oakestra(settings, work, console, repo_url, agent_env, agents=agents, timeout=timeout)
+    result.total_seconds = time.monotonic() - started
+    return result
+
+
+def run_on_fake_oakestra(
+    settings: Settings,
+    work: Path,
+    console: Console,
+    repo_url: str,
+    agent_env: dict[str, str],
+    *,
+    agents: int = 3,
+    timeout: float = 1800.0,
+) -> DemoResult:
+    """The example project of ``repo_url`` with ``settings`` naming the registry (image artifacts): node data
+    servers, the fake System Manager running podman containers, the manager with its Oakestra adapter, a build
+    host agent; stops all of it before returning."""
+    from flops.client import Client
+    from flops.oakestra.adapter import from_settings
+    from flops.oakestra.seats import seat_id
+
+    started = time.monotonic()
+    seats = [seat_id(CLUSTER, n) for n in range(1, agents + 1)]
+    read_token = secrets.token_urlsafe(24)
+    with node_data(work, seats, read_token) as data_servers, fake_oakestra(work, agents) as oakestra_url:
+        settings = settings.model_copy(
+            update={
+                "deployer": "oakestra",
+                "oakestra_url": oakestra_url,
+                "oakestra_data_tags": {DATA_TAG: 1},
+                "oakestra_data_servers": data_servers,
+                "oakestra_data_token": SecretStr(read_token),
+                "oakestra_poll_s": 1.0,
+            }
+        )
+        with running_system(settings, work, 1, agent_env, fleet_class=BuildHost) as (address, fleet):
+            adapter_settings = settings.model_copy(update={"data_dir": work / "oakestra-adapter"})
+            shutil.rmtree(work / "oakestra-adapter", ignore_errors=True)
+            adapter = from_settings(adapter_settings, address).start()
+            try:
+                console.print(
+                    f"[bold]FLOps demo on Oakestra[/]: broker {address.url}, manager, fake System Manager "
+                    f"{oakestra_url} (cluster {CLUSTER}: {agents} learner nodes, podman), build host agent ({work})"
+                )
+                console.print("node data servers: " + ", ".join(f"{k} {v}" for k, v in data_servers.items()))
+                fleet.wait_online()
+                body = json.loads(EXAMPLE_SLA.read_text())
+                body["ml_repo_url"] = repo_url
+                body["post_training_steps"] = []
+                tc = body["training_configuration"]
+                tc["min_available_clients"] = tc["min_fit_clients"] = tc["min_evaluate_clients"] = agents
+                sla = ProjectSLA.model_validate(body)
+                with Client(address) as client:
+                    reply = client.submit(sla)
+                    if reply.errors or not reply.project_id:
+                        raise FlopsError(f"project rejected: {reply.errors}")
+                    project_id = reply.project_id
+                    console.print(f"project [bold]{project_id}[/] submitted")
+                    state = follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
+            finally:
+                adapter.stop()
+    ts = state.stage_timestamps
+    order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
+    stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
+    return DemoResult(project_id, state, stage_seconds, time.monotonic() - started, [], [])
