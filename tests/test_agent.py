@@ -52,11 +52,11 @@ def test_a_repeated_command_is_acted_on_once(broker, listener: Bus, tmp_path: Pa
         for cmd in (repeated, repeated, repeated, other):
             listener.publish_wait(topics.agent_commands("idem"), cmd.to_bytes())
         got = _reports(listener, 2)
-        # Commands are handled in order: once the second command's report is out, every repeat was seen.
-        assert [r["command_id"] for r in got] == [repeated.command_id, other.command_id]
+        # Starts run on a pool of threads, so the two failures may come in either order.
+        assert sorted(r["command_id"] for r in got) == [repeated.command_id, other.command_id]
         assert all(r["kind"] == "command.failed" for r in got)
-        with pytest.raises(queue.Empty):
-            listener.inbox.get_nowait()
+        # A repeat acted on would have failed as fast as the two did: give it that long, bounded.
+        assert _reports(listener, 1, timeout=3.0) == []
     finally:
         agent.stop()
 
