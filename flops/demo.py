@@ -113,16 +113,23 @@ class Fleet:
                     )
                 )
 
+    waiting_for = "all demo agents online (see the logs in the demo directory)"
+
+    @staticmethod
+    def ready(status: AgentStatus) -> bool:
+        """An agent of this fleet is ready: online with its data server (learners get data pushed)."""
+        return status.online and bool(status.data_server)
+
     def wait_online(self, timeout: float = 60.0) -> dict[str, AgentStatus]:
         seen: dict[str, AgentStatus] = {}
         with Bus(
             self.address, BusOptions(client_id=new_id("demo-fleet"), subscriptions=[topics.ALL_AGENT_STATUS])
         ) as bus:
             deadline = time.monotonic() + timeout
-            while set(self.ids) - {k for k, v in seen.items() if v.online and v.data_server}:
+            while set(self.ids) - {k for k, v in seen.items() if self.ready(v)}:
                 left = deadline - time.monotonic()
                 if left <= 0 or any(p.poll() is not None for p in self.procs):
-                    raise TimedOut("all demo agents online (see the logs in the demo directory)", timeout)
+                    raise TimedOut(self.waiting_for, timeout)
                 with contextlib.suppress(Exception):
                     message = bus.inbox.get(timeout=min(left, 0.5))
                     if message.payload:

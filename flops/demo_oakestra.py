@@ -35,12 +35,10 @@ from pathlib import Path
 from pydantic import SecretStr
 from rich.console import Console
 
-from flops import topics
-from flops.bus import Bus, BusOptions
 from flops.demo import EXAMPLE_SLA, DemoResult, Fleet, artifacts, example_repo, follow, running_system
-from flops.errors import FlopsError, TimedOut
+from flops.errors import FlopsError
 from flops.lifecycle_stages import Stage
-from flops.messages import AgentStatus, new_id
+from flops.messages import AgentStatus
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 
@@ -71,21 +69,11 @@ class BuildHost(Fleet):
                 )
             )
 
-    def wait_online(self, timeout: float = 60.0) -> dict[str, AgentStatus]:
-        seen: dict[str, AgentStatus] = {}
-        options = BusOptions(client_id=new_id("demo-fleet"), subscriptions=[topics.ALL_AGENT_STATUS])
-        with Bus(self.address, options) as bus:
-            deadline = time.monotonic() + timeout
-            while not all(seen.get(a) and seen[a].online for a in self.ids):
-                left = deadline - time.monotonic()
-                if left <= 0 or any(p.poll() is not None for p in self.procs):
-                    raise TimedOut("the build host agent online (see its log in the demo directory)", timeout)
-                with contextlib.suppress(Exception):
-                    message = bus.inbox.get(timeout=min(left, 0.5))
-                    if message.payload:
-                        status = AgentStatus.model_validate_json(message.payload)
-                        seen[status.agent_id] = status
-        return seen
+    waiting_for = "the build host agent online (see its log in the demo directory)"
+
+    @staticmethod
+    def ready(status: AgentStatus) -> bool:
+        return status.online  # a builder: no data server
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from flops.runtime.fast_supernode import DEFAULT_POLL, POLL_ENV
-from flops.runtime.flower_env import FAST_POLL_INTERVAL, free_port
+from flops.runtime.flower_env import clientapp_worker_argv, free_port
 from flops.supervisor import ChildGroup
 
 
@@ -59,15 +59,7 @@ def spawn_root_link(
     )
     worker = children.spawn(
         "root-clientapp-worker",
-        [
-            sys.executable,
-            "-m",
-            "flops.runtime.clientapp_worker",
-            "--runtime-api-address",
-            f"127.0.0.1:{runtime_port}",
-            "--poll",
-            str(FAST_POLL_INTERVAL),
-        ],
+        clientapp_worker_argv(runtime_port),
         env=node_env,
         cwd=work_dir,
         log_file=work_dir / "root-clientapp-worker.log",

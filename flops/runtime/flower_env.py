@@ -60,6 +60,20 @@ def flower_env(base: Mapping[str, str], *, poll_interval: float | None = FAST_PO
     return env
 
 
+def clientapp_worker_argv(runtime_port: int, poll: float = FAST_POLL_INTERVAL) -> list[str]:
+    """The warm ClientApp worker (:mod:`flops.runtime.clientapp_worker`) of a SuperNode whose Runtime API listens on
+    ``runtime_port`` on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "flops.runtime.clientapp_worker",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--poll",
+        str(poll),
+    ]
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` -> (host, port); IPv6 hosts may be bracketed."""
     host, _, port = address.rpartition(":")

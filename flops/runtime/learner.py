@@ -36,7 +36,7 @@ from pathlib import Path
 import structlog
 
 from flops.runtime.fast_supernode import DEFAULT_POLL, POLL_ENV
-from flops.runtime.flower_env import FAST_POLL_INTERVAL, flower_bin, flower_env, free_port
+from flops.runtime.flower_env import FAST_POLL_INTERVAL, clientapp_worker_argv, flower_bin, flower_env, free_port
 from flops.runtime.flower_tls import new_supernode_key, supernode_args
 from flops.runtime.repo import RepoLoadError, new_model_manager, traceback_tail
 from flops.runtime.reports import LEARNER_FAILED, LEARNER_READY, ReportWriter
@@ -195,16 +195,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
             "--max-wait-time",
             str(args.connect_timeout),
         ]
-        worker_argv = [
-            sys.executable,
-            "-m",
-            "flops.runtime.clientapp_worker",
-            "--runtime-api-address",
-            f"127.0.0.1:{runtime_port}",
-            "--poll",
-            str(args.executor_poll or FAST_POLL_INTERVAL),
-        ]
-        return supernode_argv, worker_argv
+        return supernode_argv, clientapp_worker_argv(runtime_port, args.executor_poll or FAST_POLL_INTERVAL)
 
     with ChildGroup() as children:
 
