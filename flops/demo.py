@@ -90,7 +90,6 @@ class Fleet:
             # Fresh data and state every run; builds (and so the builder cache) survive between runs.
             for sub in ("data", "state", "work"):
                 shutil.rmtree(agent_dir / sub, ignore_errors=True)
-            roles = "learner,builder,aggregator,serve" if agent_id == self.ids[0] else "learner"
             with (self.work / "logs" / f"{agent_id}.log").open("wb") as out:
                 self.procs.append(
                     subprocess.Popen(
@@ -104,7 +103,7 @@ class Fleet:
                             "--data-dir",
                             str(agent_dir),
                             "--roles",
-                            roles,
+                            self.roles(agent_id),
                         ],
                         env=env,
                         stdout=out,
@@ -112,6 +111,10 @@ class Fleet:
                         start_new_session=True,
                     )
                 )
+
+    def roles(self, agent_id: str) -> str:
+        """The first agent builds, aggregates and serves besides learning; the others learn."""
+        return "learner,builder,aggregator,serve" if agent_id == self.ids[0] else "learner"
 
     waiting_for = "all demo agents online (see the logs in the demo directory)"
 

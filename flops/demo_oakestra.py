@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,22 +49,10 @@ class BuildHost(Fleet):
 
     def start(self) -> None:
         self.ids = ["build-host"]
-        env = {"FLOPS_BROKER_URL": self.address.url, "FLOPS_LOG_FORMAT": "json", **self.env}
-        (self.work / "logs").mkdir(parents=True, exist_ok=True)
-        agent_dir = self.work / "agents" / self.ids[0]
-        for sub in ("state", "work"):
-            shutil.rmtree(agent_dir / sub, ignore_errors=True)
-        argv = [sys.executable, "-m", "flops.cli", "agent", "--id", self.ids[0], "--data-dir", str(agent_dir)]
-        with (self.work / "logs" / f"{self.ids[0]}.log").open("wb") as out:
-            self.procs.append(
-                subprocess.Popen(
-                    [*argv, "--roles", "builder"],
-                    env={**os.environ, **env},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        super().start()
+
+    def roles(self, agent_id: str) -> str:
+        return "builder"
 
     waiting_for = "the build host agent online (see its log in the demo directory)"
 
