@@ -6,7 +6,6 @@ projects an earlier adapter left without an application are deleted."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.errors import BrokerUnavailable, PublishFailed
 from flops.messages import new_id
-from flops.oakestra import dynsec, dynsec_files
+from flops.oakestra import dynsec
 from flops.oakestra.actors import ActorConfig
 from flops.oakestra.adapter import AdapterConfig, OakestraAdapter
 from flops.oakestra.client import SystemManager
@@ -31,15 +30,6 @@ from tests.oakestra.test_adapter import TIMING, WAIT, ManagerSide, posted_servic
 from tests.support import wait_until
 
 SHARED = ("shared-actor", "shared-password")  # the fallback identity: never given out while dynsec is configured
-
-
-@pytest.fixture
-def dynsec_broker(tmp_path: Path) -> Iterator[DynsecBroker]:
-    if dynsec_files.plugin_path() is None:
-        pytest.skip("mosquitto's dynamic-security plugin is not installed")
-    running = DynsecBroker(tmp_path / "broker")
-    yield running
-    running.stop()
 
 
 @pytest.fixture

@@ -23,15 +23,6 @@ WAIT = 10.0
 
 
 @pytest.fixture
-def dynsec_broker(tmp_path: Path) -> Iterator[DynsecBroker]:
-    if dynsec_files.plugin_path() is None:
-        pytest.skip("mosquitto's dynamic-security plugin is not installed")
-    running = DynsecBroker(tmp_path / "broker")
-    yield running
-    running.stop()
-
-
-@pytest.fixture
 def admin(dynsec_broker: DynsecBroker) -> Iterator[dynsec.DynSec]:
     client = dynsec.DynSec(dynsec_broker.admin, timeout_s=WAIT).connect()
     yield client
