@@ -285,7 +285,6 @@ def _run_demo(
     agent_env: dict[str, str],
     ui_port: int | None,
 ) -> DemoResult:
-    from flops.client import Client
 
     started = time.monotonic()
     repo_url = example_repo(work)
@@ -300,21 +299,7 @@ def _run_demo(
         partitions = fleet.push_digits(statuses, fleet.ids, settings.tls_ca_file)
         shares = ", ".join(f"{a}: {p.num_rows} rows" for a, p in zip(fleet.ids, partitions, strict=True))
         console.print(f"data: digits train split → {shares}")
-        body = json.loads(EXAMPLE_SLA.read_text())
-        body["ml_repo_url"] = repo_url
-        body["training_configuration"]["min_available_clients"] = agents
-        body["training_configuration"]["min_fit_clients"] = agents
-        body["training_configuration"]["min_evaluate_clients"] = agents
-        sla = ProjectSLA.model_validate(body)
-        with Client(address) as client:
-            reply = client.submit(sla)
-            if reply.errors or not reply.project_id:
-                raise FlopsError(f"project rejected: {reply.errors}")
-            project_id = reply.project_id
-            console.print(f"project [bold]{project_id}[/] submitted")
-            if ui_url:
-                console.print(f"watch it at {ui_url}/projects/{project_id}", markup=False)
-            state = follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
+        project_id, state = submit_example(address, repo_url, agents, console, timeout, ui_url=ui_url)
         predictions: list[int] = []
         labels: list[int] = []
         if state.model_url:
@@ -323,10 +308,46 @@ def _run_demo(
             with contextlib.suppress(KeyboardInterrupt, EOFError):
                 input(f"the web view stays at {ui_url} until you press Enter (then the demo stops everything) ")
     total = time.monotonic() - started
+    return DemoResult(project_id, state, stage_seconds(state), total, predictions, labels)
+
+
+def submit_example(
+    address: BrokerAddress,
+    repo_url: str,
+    learners: int,
+    console: Console,
+    timeout: float,
+    *,
+    post_training: bool = True,
+    ui_url: str | None = None,
+) -> tuple[str, ProjectState]:
+    """The example SLA for ``learners`` learners (without post-training steps if asked) submitted and followed
+    to its end: (project id, final state)."""
+    from flops.client import Client
+
+    body = json.loads(EXAMPLE_SLA.read_text())
+    body["ml_repo_url"] = repo_url
+    if not post_training:
+        body["post_training_steps"] = []
+    tc = body["training_configuration"]
+    tc["min_available_clients"] = tc["min_fit_clients"] = tc["min_evaluate_clients"] = learners
+    sla = ProjectSLA.model_validate(body)
+    with Client(address) as client:
+        reply = client.submit(sla)
+        if reply.errors or not reply.project_id:
+            raise FlopsError(f"project rejected: {reply.errors}")
+        project_id = reply.project_id
+        console.print(f"project [bold]{project_id}[/] submitted")
+        if ui_url:
+            console.print(f"watch it at {ui_url}/projects/{project_id}", markup=False)
+        return project_id, follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
+
+
+def stage_seconds(state: ProjectState) -> dict[str, float]:
+    """How long the project spent in each stage it went through, from its stage timestamps."""
     ts = state.stage_timestamps
     order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
-    stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
-    return DemoResult(project_id, state, stage_seconds, total, predictions, labels)
+    return {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
 
 
 @contextlib.contextmanager

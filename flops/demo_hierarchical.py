@@ -28,9 +28,9 @@ from flops.demo import (
     example_repo,
     follow,
     running_system,
+    stage_seconds,
 )
 from flops.errors import FlopsError
-from flops.lifecycle_stages import Stage
 from flops.messages import AgentStatus, ProjectState
 from flops.settings import BrokerAddress, Settings
 from flops.sla import ProjectSLA
@@ -114,10 +114,7 @@ def _run_hierarchical_demo(
             ask_model(state.model_url, console, token=state.model_token)
         print_clusters(state, console)
     total = time.monotonic() - started
-    ts = state.stage_timestamps
-    order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
-    stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
-    return DemoResult(project_id, state, stage_seconds, total, [], [])
+    return DemoResult(project_id, state, stage_seconds(state), total, [], [])
 
 
 def print_clusters(state: ProjectState, console: Console) -> None:

@@ -22,7 +22,6 @@ container, where no model builder service can read it).
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import shutil
 import time
@@ -32,12 +31,9 @@ from pathlib import Path
 from pydantic import SecretStr
 from rich.console import Console
 
-from flops.demo import EXAMPLE_SLA, DemoResult, Fleet, artifacts, example_repo, follow, running_system
-from flops.errors import FlopsError
-from flops.lifecycle_stages import Stage
+from flops.demo import DemoResult, Fleet, artifacts, example_repo, running_system, stage_seconds, submit_example
 from flops.messages import AgentStatus
 from flops.settings import Settings
-from flops.sla import ProjectSLA
 
 CLUSTER = "demo"
 DATA_TAG = "digits"
@@ -129,7 +125,6 @@ def run_on_fake_oakestra(
     """The example project of ``repo_url`` with ``settings`` naming the registry (image artifacts): node data
     servers, the fake System Manager running podman containers, the manager with its Oakestra adapter, a build
     host agent; stops all of it before returning."""
-    from flops.client import Client
     from flops.oakestra.adapter import from_settings
     from flops.oakestra.seats import seat_id
 
@@ -158,22 +153,7 @@ def run_on_fake_oakestra(
                 )
                 console.print("node data servers: " + ", ".join(f"{k} {v}" for k, v in data_servers.items()))
                 fleet.wait_online()
-                body = json.loads(EXAMPLE_SLA.read_text())
-                body["ml_repo_url"] = repo_url
-                body["post_training_steps"] = []
-                tc = body["training_configuration"]
-                tc["min_available_clients"] = tc["min_fit_clients"] = tc["min_evaluate_clients"] = agents
-                sla = ProjectSLA.model_validate(body)
-                with Client(address) as client:
-                    reply = client.submit(sla)
-                    if reply.errors or not reply.project_id:
-                        raise FlopsError(f"project rejected: {reply.errors}")
-                    project_id = reply.project_id
-                    console.print(f"project [bold]{project_id}[/] submitted")
-                    state = follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
+                project_id, state = submit_example(address, repo_url, agents, console, timeout, post_training=False)
             finally:
                 adapter.stop()
-    ts = state.stage_timestamps
-    order = [f"{s.value}_at" for s in Stage if f"{s.value}_at" in ts]
-    stage_seconds = {order[i].removesuffix("_at"): ts[order[i + 1]] - ts[order[i]] for i in range(len(order) - 1)}
-    return DemoResult(project_id, state, stage_seconds, time.monotonic() - started, [], [])
+    return DemoResult(project_id, state, stage_seconds(state), time.monotonic() - started, [], [])
