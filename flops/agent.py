@@ -33,6 +33,7 @@ from flops.builder import containerfile as cf
 from flops.bus import Bus, BusOptions, Will
 from flops.containers import REPORT_FD, Podman, PodmanSettings, container_name
 from flops.errors import ConfigError, PublishFailed
+from flops.handled import HandledCommands
 from flops.messages import AgentStatus, Command, CommandReceipt, decode_report
 from flops.runtime.reports import FAILURE_KIND, TERMINAL
 from flops.settings import BrokerAddress
@@ -96,9 +97,8 @@ class Agent:
         self.dirs = {name: config.data_dir / name for name in ("data", "work", "builds", "state")}
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        self._handled_path = self.dirs["state"] / "commands.jsonl"
         self._running_path = self.dirs["state"] / "running.json"
-        self._handled = self._load_handled()
+        self._handled = HandledCommands(self.dirs["state"] / "commands.jsonl", self.KEEP_HANDLED)
         self._log = log.bind(agent_id=self.id)
         self.outbox = ReportOutbox(self.dirs["state"] / "reports.sqlite3")
         self.reports = ReportChannel(self.outbox, lambda topic, payload: self.bus.publish(topic, payload), self._log)
@@ -660,40 +660,6 @@ class Agent:
 
     # --- idempotency and restart bookkeeping -----------------------------------------------------
 
-    def _load_handled(self) -> dict[str, None]:
-        """The last ``KEEP_HANDLED`` command ids handled, oldest first; compacts the file if it holds more."""
-        lines = []
-        if self._handled_path.exists():
-            lines = [line.strip() for line in self._handled_path.read_text().splitlines() if line.strip()]
-        handled = dict.fromkeys(lines[-self.KEEP_HANDLED :])
-        self._handled_lines = len(lines)
-        if len(lines) > len(handled):
-            self._rewrite_handled(handled)
-        return handled
-
-    def _mark_handled(self, command_id: str) -> None:
-        self._handled[command_id] = None
-        if len(self._handled) > self.KEEP_HANDLED:
-            del self._handled[next(iter(self._handled))]
-        if self._handled_lines >= 2 * self.KEEP_HANDLED:
-            self._rewrite_handled(self._handled)
-            return
-        self._handled_lines += 1
-        with self._handled_path.open("a") as fh:
-            fh.write(command_id + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def _rewrite_handled(self, handled: dict[str, None]) -> None:
-        """Replace the file atomically: a crash leaves the old or the new one, never half of either."""
-        tmp = self._handled_path.with_name(self._handled_path.name + ".tmp")
-        with tmp.open("w") as fh:
-            fh.write("".join(f"{command_id}\n" for command_id in handled))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._handled_path)
-        self._handled_lines = len(handled)
-
     def _read_running(self) -> dict[str, dict[str, Any]]:
         try:
             return json.loads(self._running_path.read_text())
@@ -712,7 +678,7 @@ class Agent:
             self._remember(
                 command.command_id, command.project_id, command.kind, pid=None, command=command.model_dump(mode="json")
             )
-        self._mark_handled(command.command_id)
+        self._handled.add(command.command_id)
 
     def _remember_running(self, child: Child) -> None:
         self._remember(

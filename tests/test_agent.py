@@ -95,30 +95,3 @@ def test_a_restarted_agent_kills_leftovers_and_reports_what_it_no_longer_runs(
         if orphan.poll() is None:
             orphan.kill()
         agent.stop()
-
-
-def test_the_handled_command_ids_are_bounded_and_compacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """commands.jsonl keeps the newest KEEP_HANDLED ids: compacted at start-up and once it holds twice that."""
-    from flops.agent import Agent, AgentConfig
-    from flops.settings import BrokerAddress
-
-    monkeypatch.setattr(Agent, "KEEP_HANDLED", 10)
-    path = tmp_path / "state" / "commands.jsonl"
-    path.parent.mkdir(parents=True)
-    path.write_text("".join(f"c-{i}\n" for i in range(25)))
-
-    def start() -> Agent:  # constructed only: never connected
-        return Agent(AgentConfig("a-1", tmp_path, roles=("builder",)), BrokerAddress(host="127.0.0.1", port=1))
-
-    agent = start()
-    assert path.read_text().split() == [f"c-{i}" for i in range(15, 25)]
-    assert "c-24" in agent._handled and "c-14" not in agent._handled
-    assert not list(path.parent.glob("*.tmp"))
-
-    for i in range(25, 60):
-        agent._mark_handled(f"c-{i}")
-        assert len(agent._handled) == 10
-        assert len(path.read_text().split()) <= 20
-    assert list(agent._handled) == [f"c-{i}" for i in range(50, 60)]
-    # After a restart the newest ids are still known (a redelivered command is still ignored).
-    assert list(start()._handled) == [f"c-{i}" for i in range(50, 60)]

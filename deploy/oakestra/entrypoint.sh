@@ -4,7 +4,8 @@
 #   FLOPS_BUNDLE       base64 of a tar.gz of the files `flops setup production` wrote for this service, at their
 #                      absolute paths (render.sh makes it); unpacked under FLOPS_BUNDLE_ROOT (default /), then
 #                      removed from the environment
-#   FLOPS_ENV_FILE     an env file of that bundle (env/<name>.env) to load before the command, e.g. the manager's
+#   FLOPS_ENV_FILE     env files of that bundle (env/<name>.env), space-separated, to load in order before the
+#                      command, e.g. the manager's (and, placing actors on Oakestra, env/oakestra.env)
 #   FLOPS_BROKER_DATA  a directory to create and hand to the mosquitto user (the broker's persistence)
 # Oakestra's `cmd` replaces the image's ENTRYPOINT: SLAs name this script first, then the command.
 set -eu
@@ -17,7 +18,9 @@ fi
 unset FLOPS_BUNDLE
 if [ -n "${FLOPS_ENV_FILE:-}" ]; then
     set -a
-    . "${root%/}${FLOPS_ENV_FILE}"
+    for env_file in $FLOPS_ENV_FILE; do
+        . "${root%/}${env_file}"
+    done
     set +a
 fi
 if [ -n "${FLOPS_BROKER_DATA:-}" ]; then

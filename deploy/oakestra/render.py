@@ -3,7 +3,12 @@
 Run on the machine that ran ``flops setup production`` (standard library only):
 
     python3 deploy/oakestra/render.py --dir /etc/flops --image REGISTRY/flops-control:TAG \\
-        --cluster cluster1 --node worker-1 --node-agent node-1 > /tmp/flops-control.json
+        --cluster cluster1 --node worker-1 --node-agent node-1 [--oakestra] > /tmp/flops-control.json
+
+With ``--oakestra`` the manager places the FL actors as Oakestra services (``--deployer oakestra``): it also
+loads ``DIR/env/oakestra.env`` (the System Manager's URL and login, written by the operator) and, when present,
+``DIR/env/oakestra-dynsec.env`` (the per-project actor logins' admin, ``python -m flops.oakestra.dynsec_files``).
+The broker's bundle holds the dynamic-security plugin's state whenever its ``mosquitto.conf`` loads the plugin.
 
 Each service gets ``FLOPS_BUNDLE``: base64 of a tar.gz of only the files of DIR it needs, at their absolute paths
 (the env files name absolute paths into DIR); the image's entry point unpacks it. The output holds private keys
@@ -37,7 +42,8 @@ def bundle(directory: Path, names: list[str]) -> str:
             info = tar.gettarinfo(str(path), arcname=str(path).lstrip("/"))
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
-            info.mode = 0o600 if name.endswith((".key", ".env", "passwd", "tokens.json")) else 0o644
+            # Only certificates are public: keys, env files, password files, the plugin's state are not.
+            info.mode = 0o644 if name.endswith(".crt") else 0o600
             with path.open("rb") as handle:
                 tar.addfile(info, handle)
     return base64.b64encode(buffer.getvalue()).decode()
@@ -57,7 +63,52 @@ def api_files(directory: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def values(directory: Path, image: str, cluster: str, node: str, node_agent: str) -> dict[str, str]:
+def env_names(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines of an env file."""
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.lstrip().startswith("#"))
+
+
+def plugin_state(directory: Path) -> list[str]:
+    """The dynamic-security plugin's state file, when the broker's config loads the plugin (relative to DIR)."""
+    conf = (directory / "mosquitto.conf").read_text()
+    found = re.findall(r"^\s*plugin_opt_config_file\s+(\S+)", conf, re.MULTILINE)
+    names = []
+    for path in map(Path, found):
+        if not path.is_relative_to(directory):
+            raise SystemExit(f"render: the plugin's state {path} is outside {directory}: the bundle cannot carry it")
+        names.append(str(path.relative_to(directory)))
+    return names
+
+
+def oakestra_env_files(directory: Path, broker_files: list[str]) -> list[str]:
+    """The manager's env files besides its own for ``--deployer oakestra``, checked for what the actors need."""
+    oakestra = directory / "env" / "oakestra.env"
+    if not oakestra.is_file():
+        raise SystemExit(f"render: --oakestra needs {oakestra} (FLOPS_DEPLOYER=oakestra, FLOPS_OAKESTRA_URL, ...)")
+    given = env_names(oakestra)
+    if given.get("FLOPS_DEPLOYER") != "oakestra" or not given.get("FLOPS_OAKESTRA_URL"):
+        raise SystemExit(f"render: {oakestra} must set FLOPS_DEPLOYER=oakestra and FLOPS_OAKESTRA_URL")
+    names = ["env/oakestra.env"]
+    if (directory / "env" / "oakestra-dynsec.env").is_file():
+        if not any(name.endswith(".json") for name in broker_files):
+            raise SystemExit(
+                "render: env/oakestra-dynsec.env exists but mosquitto.conf does not load the dynamic-security "
+                "plugin: add the lines `python -m flops.oakestra.dynsec_files` printed"
+            )
+        names.append("env/oakestra-dynsec.env")
+    elif not given.get("FLOPS_OAKESTRA_ACTOR_USERNAME"):
+        # The broker refuses anonymous clients: actors need a login, their project's or a shared one.
+        raise SystemExit(
+            "render: actors on Oakestra need broker logins: run python -m flops.oakestra.dynsec_files "
+            f"{directory} (per-project logins) or set FLOPS_OAKESTRA_ACTOR_USERNAME/_PASSWORD in {oakestra}"
+        )
+    return names
+
+
+def values(
+    directory: Path, image: str, cluster: str, node: str, node_agent: str, *, oakestra: bool = False
+) -> dict[str, str]:
     setup = json.loads((directory / "setup.json").read_text())
     host = setup["host"]
     try:
@@ -69,6 +120,8 @@ def values(directory: Path, image: str, cluster: str, node: str, node_agent: str
     if node_agent not in setup["agents"]:
         raise SystemExit(f"render: --node-agent {node_agent!r} is not an agent of {directory}")
     node_cert = [f"certs/{node_agent}-node.crt", f"certs/{node_agent}-node.key"]
+    broker_files = ["mosquitto.conf", "ca.crt", "broker.crt", "broker.key", "passwd", "acl", *plugin_state(directory)]
+    manager_env = ["env/manager.env", *(oakestra_env_files(directory, broker_files) if oakestra else [])]
     return {
         "FLOPS_CONTROL_IMAGE": image,
         "FLOPS_DIR": str(directory),
@@ -76,11 +129,11 @@ def values(directory: Path, image: str, cluster: str, node: str, node_agent: str
         "FLOPS_OAK_CLUSTER": cluster,
         "FLOPS_OAK_NODE": node,
         "FLOPS_NODE_AGENT": node_agent,
-        "FLOPS_BUNDLE_BROKER": bundle(
-            directory, ["mosquitto.conf", "ca.crt", "broker.crt", "broker.key", "passwd", "acl"]
-        ),
+        # The entry point loads each of these, in order (absolute paths, space-separated).
+        "FLOPS_MANAGER_ENV_FILES": " ".join(str(directory / name) for name in manager_env),
+        "FLOPS_BUNDLE_BROKER": bundle(directory, broker_files),
         "FLOPS_BUNDLE_MANAGER": bundle(
-            directory, ["env/manager.env", "ca.crt", "certs/manager.crt", "certs/manager.key", "agents.json"]
+            directory, [*manager_env, "ca.crt", "certs/manager.crt", "certs/manager.key", "agents.json"]
         ),
         "FLOPS_BUNDLE_REGISTRY": bundle(directory, node_cert),
         "FLOPS_BUNDLE_API": bundle(directory, [*api_files(directory), *node_cert]),
@@ -102,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--cluster", required=True, help="Oakestra cluster name for every service")
     parser.add_argument("--node", required=True, help="worker hostname for the registry and the API")
     parser.add_argument("--node-agent", required=True, help="the FLOps agent of that worker (its node certificate)")
+    parser.add_argument(
+        "--oakestra", action="store_true", help="the manager places FL actors as Oakestra services (env/oakestra.env)"
+    )
     parser.add_argument("--template", type=Path, default=TEMPLATE)
     return parser
 
@@ -109,7 +165,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     directory = args.dir.resolve()
-    text = render(args.template.read_text(), values(directory, args.image, args.cluster, args.node, args.node_agent))
+    given = values(directory, args.image, args.cluster, args.node, args.node_agent, oakestra=args.oakestra)
+    text = render(args.template.read_text(), given)
     json.loads(text)  # still one JSON document
     sys.stdout.write(text)
 

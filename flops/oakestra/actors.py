@@ -24,6 +24,7 @@ from flops.oakestra.seats import BUILDER_ADDON, HOST_SUFFIX, LEARNER_ADDON, Seat
 from flops.oakestra.shim import (  # what the shim reads, set here
     ENV_ADVERTISE_HOST,
     ENV_AGENT,
+    ENV_BROKER_CA_PEM,
     ENV_BROKER_PASSWORD,
     ENV_BROKER_URL,
     ENV_BROKER_USERNAME,
@@ -64,6 +65,7 @@ class ActorConfig:
     broker_url: str
     broker_username: str | None = None
     broker_password: str | None = field(default=None, repr=False)
+    broker_ca_pem: str | None = None  # a TLS broker's CA certificate, handed to actors in their environment
     builder_image: str | None = None
     registry: str = "127.0.0.1:5000"
     registry_tls: bool = False
@@ -130,6 +132,8 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
         env[ENV_BROKER_USERNAME] = config.broker_username
     if config.broker_password:
         env[ENV_BROKER_PASSWORD] = config.broker_password
+    if config.broker_ca_pem:
+        env[ENV_BROKER_CA_PEM] = config.broker_ca_pem
     size = _size(cmd.kind, spec.get("resources"), config)
     if isinstance(size, Refusal):
         return size

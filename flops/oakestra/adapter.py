@@ -38,6 +38,7 @@ from flops import topics
 from flops.agent_link import ReportChannel, ReportOutbox
 from flops.bus import Bus, BusOptions, Inbound
 from flops.errors import FlopsError, PublishFailed
+from flops.handled import HandledCommands
 from flops.messages import Command, CommandReceipt, decode_report
 from flops.oakestra import actors, dynsec
 from flops.oakestra.actors import SERVICE_PREFIX, ActorConfig, Refusal, actor_spec, failure_report
@@ -53,7 +54,6 @@ log = structlog.get_logger(__name__)
 # Put on the worker's queue after every (re)connect: announce every seat again (a fresh broker forgot them).
 _ANNOUNCE = object()
 # Command ids remembered for idempotency (a redelivery comes long before 10,000 newer commands).
-KEEP_HANDLED = 10_000
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class OakestraAdapter:
         self.gone: dict[str, Seat] = {}  # seats whose cluster left the active list: announced offline
         self.placements: dict[str, Placement] = {}
         self._started: dict[tuple[str, str], _Started] = {}  # (project, service name) -> what it runs
-        self._handled: dict[str, None] = {}
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._handled = HandledCommands(config.state_dir / "oakestra-commands.log")
         self._stops_due: dict[str, Command] = {}  # stop_project the System Manager did not take yet, by project
         self.outbox = ReportOutbox(config.state_dir / "oakestra-reports.sqlite3")
         self.announced = threading.Event()  # set once the first cluster list was announced
@@ -245,9 +246,7 @@ class OakestraAdapter:
         if cmd.command_id in self._handled:
             bound.info("duplicate command ignored")
             return
-        self._handled[cmd.command_id] = None
-        if len(self._handled) > KEEP_HANDLED:
-            del self._handled[next(iter(self._handled))]
+        self._handled.add(cmd.command_id)
         seat = self.seats.get(agent_id) or self.gone.get(agent_id)
         if cmd.kind == "stop_project":
             self._stop_project(cmd, bound)
@@ -473,6 +472,8 @@ def from_settings(settings: Settings, address: BrokerAddress) -> OakestraAdapter
         broker_url=settings.oakestra_broker_url or address.url,
         broker_username=settings.oakestra_actor_username,
         broker_password=password.get_secret_value() if (password := settings.oakestra_actor_password) else None,
+        # Actors verify a TLS broker with the CA the manager does; their images do not carry it.
+        broker_ca_pem=settings.broker_ca_file.read_text() if settings.broker_ca_file else None,
         builder_image=settings.oakestra_builder_image,
         registry=settings.registry,
         registry_tls=settings.registry_tls,

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ ENV_COMMAND = "FLOPS_COMMAND_ID"
 ENV_AGENT = "FLOPS_AGENT_ID"
 ENV_KIND = "FLOPS_COMMAND_KIND"
 ENV_ADVERTISE_HOST = "FLOPS_ADVERTISE_HOST"  # the aggregator's service IP, for the address it reports
+# The broker's CA certificate itself (PEM, public), not a path: the actor's image does not carry the fleet's CA.
+ENV_BROKER_CA_PEM = "FLOPS_BROKER_CA_PEM"
 PUBLISH_TIMEOUT_S = 30.0  # per report: the broker's PUBACK; a report not acknowledged by then is lost (logged)
 
 
@@ -56,6 +59,7 @@ class Identity:
     kind: str
     agent_id: str
     advertise_host: str | None = None  # an aggregator's service IP: where others reach what it reports
+    ca_pem: str | None = None  # a TLS broker's CA certificate
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Identity:
@@ -69,7 +73,10 @@ class Identity:
                 update={"username": env[ENV_BROKER_USERNAME], "password": env.get(ENV_BROKER_PASSWORD)}
             )
         ids = (env[ENV_PROJECT], env[ENV_COMMAND], env[ENV_KIND], env[ENV_AGENT])
-        return cls(address, *ids, advertise_host=env.get(ENV_ADVERTISE_HOST) or None)
+        ca_pem = env.get(ENV_BROKER_CA_PEM) or None
+        if ca_pem and "BEGIN CERTIFICATE" not in ca_pem:
+            raise ValueError(f"{ENV_BROKER_CA_PEM} holds no PEM certificate")
+        return cls(address, *ids, advertise_host=env.get(ENV_ADVERTISE_HOST) or None, ca_pem=ca_pem)
 
 
 class Reporter:
@@ -136,15 +143,28 @@ class Reporter:
 def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """Run ``python -m argv…`` with a report pipe, publish its lines; the child's exit status."""
     identity = Identity.from_env(env)
-    bus = Bus(identity.broker, BusOptions(client_id=f"flops-actor-{identity.command_id}"))
-    bus.connect()
+    with tempfile.TemporaryDirectory(prefix="flops-shim-") as tmp:
+        ca_file = None
+        if identity.ca_pem:  # paho reads the CA from a file
+            ca_file = os.path.join(tmp, "broker-ca.crt")
+            with open(ca_file, "w", encoding="ascii") as out:
+                out.write(identity.ca_pem)
+        bus = Bus(identity.broker, BusOptions(client_id=f"flops-actor-{identity.command_id}", ca_file=ca_file))
+        bus.connect()
+        return _run_child(argv, env, identity, bus)
+
+
+def _run_child(argv: Sequence[str], env: Mapping[str, str], identity: Identity, bus: Bus) -> int:
+    """The actor itself, its report lines published through ``bus``; its exit status."""
     reporter = Reporter(identity, bus)
+    # The child runs the project's code and never speaks MQTT: it does not get the broker password.
+    child_env = {k: v for k, v in env.items() if k != ENV_BROKER_PASSWORD}
     try:
         read_fd, write_fd = os.pipe()
         with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as stream:
             try:
                 child = subprocess.Popen(
-                    [sys.executable, "-m", *argv, "--report-fd", str(write_fd)], pass_fds=(write_fd,), env=dict(env)
+                    [sys.executable, "-m", *argv, "--report-fd", str(write_fd)], pass_fds=(write_fd,), env=child_env
                 )
             finally:
                 os.close(write_fd)  # ours closed: the stream ends when the child's copy closes

@@ -1,10 +1,47 @@
-"""Test-side helpers for the Oakestra tests: a virtual clock and the fake System Manager's control endpoints."""
+"""Test-side helpers for the Oakestra tests: a virtual clock, the fake System Manager's control endpoints, the
+shim running a scripted actor."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.support import REPO_ROOT
+
+# An actor module for the shim to run: emits the report lines it is given, exits with the code it is given.
+ACTOR = """
+import argparse
+import json
+
+from flops.runtime.reports import ReportWriter
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--script")
+parser.add_argument("--exit-code", type=int)
+parser.add_argument("--report-fd", type=int)
+args = parser.parse_args()
+out = ReportWriter.open(args.report_fd)
+for kind, payload in json.loads(args.script):
+    out.emit(kind, **payload)
+raise SystemExit(args.exit_code)
+"""
+
+
+def run_shim(env: dict[str, str], script: list[Any], tmp_path: Path, exit_code: int = 0) -> int:
+    """``python -m flops.oakestra.shim`` as a service would run it, with ``env`` as its environment (over ours),
+    running an actor that reports ``script``; the shim's exit status."""
+    (tmp_path / "fake_actor.py").write_text(ACTOR)
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), **env}
+    argv = [sys.executable, "-m", "flops.oakestra.shim", "fake_actor", "--script", json.dumps(script)]
+    argv += ["--exit-code", str(exit_code)]
+    done = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return done.returncode
 
 
 class VirtualClock:

@@ -422,3 +422,38 @@ def test_a_restarted_adapter_adopts_what_an_earlier_one_left_and_reports_its_fai
         again.stop()
 
     assert "no longer exists" in failed["reason"] and failed["source"] == f"oakestra/{seat}"
+
+
+def test_a_build_redelivered_to_a_restarted_adapter_runs_no_second_builder(
+    adapter: OakestraAdapter,
+    side: ManagerSide,
+    control: FakeControl,
+    names: dict[str, str],
+    broker: BrokerAddress,
+    fake: FakeSystemManager,
+) -> None:
+    """The handled command ids outlive the adapter: a build that completed (its one-shot service deleted) and that
+    the manager re-sends to a restarted adapter (the receipt was lost) is receipted again and not run again."""
+    seat = f"oak-{names['edge']}"
+    side.status(seat)
+    project = new_id("p")
+    cmd = side.command(seat, project, "build", backend="image")
+    side.receipt(seat, cmd.command_id)
+    wait_until(lambda: any(p.startswith("DELETE /api/service/") for p in paths(control.calls())), WAIT, "deleted")
+    adapter.stop()
+    side.status(seat, online=False)
+    side.seen.clear()  # from here on, only what the restarted adapter says
+
+    again = start_adapter(broker, fake.url, adapter.config.state_dir)
+    try:
+        side.status(seat)  # announced after it subscribed to the seat's commands
+        side.resend(cmd)
+        side.receipt(seat, cmd.command_id)
+        # A later command on the same seat is handled after the resent one: once it is answered, that one was too.
+        later = side.command(seat, project, "build", backend="venv")
+        refused = side.report(later.command_id, "build.failed")
+    finally:
+        again.stop()
+
+    assert "make images" in refused["reason"]
+    assert len(posted_services(control)) == 1

@@ -24,6 +24,7 @@ import pytest
 import typer
 
 from flops import cli
+from flops.oakestra import dynsec_files
 from flops.oakestra import statuses as st
 from flops.oakestra.client import SystemManager
 from flops.oakestra.fake import FakeSystemManager
@@ -39,6 +40,8 @@ ENTRYPOINT = "/usr/local/bin/flops-entrypoint"
 INTEGERS = ("memory", "vcpus", "vgpus", "vtpus", "storage", "bandwidth_in", "bandwidth_out")
 VIRTUALIZATIONS = {"container", "unikernel", "crosvm"}
 CLUSTER, NODE, NODE_AGENT, BROKER_IP = "cluster1", "worker1", "node-1", "10.30.70.1"
+IMAGE = "registry.example:5000/flops-control:test"
+OAKESTRA_ENV = "FLOPS_DEPLOYER=oakestra\nFLOPS_OAKESTRA_URL=http://192.168.1.2:10000\nFLOPS_OAKESTRA_PASSWORD=oak-pw\n"
 POLLS = 10  # the fake's "ok" script reaches RUNNING on the 3rd poll after the instance is asked for
 
 
@@ -187,12 +190,10 @@ def load_render() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def production_setup(directory: Path) -> Path:
     """``flops setup production`` as the README says, the broker's --host being its round-robin IP."""
     if shutil.which("mosquitto_passwd") is None and not Path("/usr/bin/mosquitto_passwd").exists():
         pytest.skip("mosquitto_passwd (Mosquitto) is needed by flops setup production")
-    directory = tmp_path_factory.mktemp("oak") / "flops"
     args = ["setup", "production", "--dir", str(directory), "--host", BROKER_IP, "--agents", "node-1,node-2"]
     args += ["--customers", "alice", "--operators", "ops", "--agent-host", f"{NODE_AGENT}=192.168.1.11"]
     done = subprocess.run(
@@ -210,11 +211,43 @@ def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return production_setup(tmp_path_factory.mktemp("oak") / "flops")
+
+
+@pytest.fixture(scope="module")
+def oakestra_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A setup whose manager places actors on Oakestra (README, "FL actors on Oakestra"): env/oakestra.env, and the
+    dynamic-security plugin's files and config lines for per-project actor logins."""
+    directory = production_setup(tmp_path_factory.mktemp("oak-deployer") / "flops")
+    (directory / "env" / "oakestra.env").write_text(OAKESTRA_ENV)
+    assert dynsec_files.main([str(directory)]) == 0
+    plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"  # the control image's (amd64)
+    conf = directory / "mosquitto.conf"
+    conf.write_text(conf.read_text() + dynsec_files.config_lines(directory / "dynamic-security.json", plugin))
+    return directory
+
+
+def render_all(directory: Path, *, oakestra: bool = False) -> list[dict[str, Any]]:
+    render = load_render()
+    given = render.values(directory, IMAGE, CLUSTER, NODE, NODE_AGENT, oakestra=oakestra)
+    return [json.loads(render.render(path.read_text(), given)) for path in sla_files()]
+
+
+@pytest.fixture(scope="module")
 def rendered(setup_dir: Path) -> list[dict[str, Any]]:
     """Every SLA file rendered by render.py with the test's deployment values."""
-    render = load_render()
-    given = render.values(setup_dir, "registry.example:5000/flops-control:test", CLUSTER, NODE, NODE_AGENT)
-    return [json.loads(render.render(path.read_text(), given)) for path in sla_files()]
+    return render_all(setup_dir)
+
+
+@pytest.fixture(params=["agents", "oakestra"])
+def deployment(request: pytest.FixtureRequest) -> tuple[list[dict[str, Any]], Path]:
+    """(rendered SLAs, setup directory) for a manager whose actors run on agents, and one placing them on
+    Oakestra (``render.py --oakestra``)."""
+    if request.param == "agents":
+        return request.getfixturevalue("rendered"), request.getfixturevalue("setup_dir")
+    directory = request.getfixturevalue("oakestra_dir")
+    return render_all(directory, oakestra=True), directory
 
 
 def services(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -336,7 +369,7 @@ def bundle_files(ms: dict[str, Any]) -> dict[str, bytes]:
             handle = tar.extractfile(member)
             assert handle is not None
             out["/" + member.name] = handle.read()
-            assert member.mode & 0o077 == 0 or not member.name.endswith((".key", ".env", "passwd", "tokens.json"))
+            assert member.mode & 0o077 == 0 or member.name.endswith(".crt")  # only certificates are public
     return out
 
 
@@ -345,8 +378,9 @@ def named_paths(text: str, directory: Path) -> set[str]:
 
 
 def test_each_bundle_holds_exactly_what_its_service_reads_and_never_the_ca_key(
-    rendered: list[dict[str, Any]], setup_dir: Path
+    deployment: tuple[list[dict[str, Any]], Path],
 ) -> None:
+    rendered, setup_dir = deployment
     for doc in rendered:
         for ms in services(doc):
             files = bundle_files(ms)
@@ -367,8 +401,9 @@ def test_each_bundle_holds_exactly_what_its_service_reads_and_never_the_ca_key(
 
 
 def test_the_entry_point_unpacks_the_bundle_loads_the_env_file_and_forgets_the_bundle(
-    rendered: list[dict[str, Any]], setup_dir: Path, tmp_path: Path
+    deployment: tuple[list[dict[str, Any]], Path], tmp_path: Path
 ) -> None:
+    rendered, setup_dir = deployment
     manager = next(s for doc in rendered for s in services(doc) if s["microservice_name"] == "manager")
     env = {"PATH": os.environ["PATH"], "FLOPS_BUNDLE_ROOT": str(tmp_path)}
     env.update(e.split("=", 1) for e in manager["environment"])
@@ -383,6 +418,37 @@ def test_the_entry_point_unpacks_the_bundle_loads_the_env_file_and_forgets_the_b
     key = tmp_path / str(setup_dir / "certs" / "manager.key").lstrip("/")
     assert key.read_bytes() == (setup_dir / "certs" / "manager.key").read_bytes()
     assert key.stat().st_mode & 0o077 == 0
+    if (setup_dir / "env" / "oakestra.env").exists():  # its actors on Oakestra, with per-project logins
+        settings = Settings(**{k.removeprefix("FLOPS_").lower(): v for k, v in seen.items() if k.startswith("FLOPS_")})
+        assert (settings.deployer, settings.oakestra_url) == ("oakestra", "http://192.168.1.2:10000")
+        assert settings.oakestra_dynsec_username == "flops-dynsec" and settings.oakestra_dynsec_password
+
+
+def test_the_broker_of_a_manager_on_oakestra_carries_the_plugins_state(oakestra_dir: Path) -> None:
+    docs = render_all(oakestra_dir, oakestra=True)
+    broker = next(s for doc in docs for s in services(doc) if s["microservice_name"] == "broker")
+    files = bundle_files(broker)
+    state = str(oakestra_dir / "dynamic-security.json")
+    assert files[state] == (oakestra_dir / "dynamic-security.json").read_bytes()
+    assert b"plugin_opt_config_file " + state.encode() in files[str(oakestra_dir / "mosquitto.conf")]
+
+
+def test_render_for_oakestra_refuses_a_manager_its_actors_could_not_reach_or_log_in_to(
+    oakestra_dir: Path, tmp_path: Path
+) -> None:
+    render = load_render()
+    other = production_setup(tmp_path / "flops")
+    with pytest.raises(SystemExit, match=r"env/oakestra\.env"):
+        render.values(other, IMAGE, CLUSTER, NODE, NODE_AGENT, oakestra=True)
+    (other / "env" / "oakestra.env").write_text("FLOPS_OAKESTRA_URL=http://192.168.1.2:10000\n")
+    with pytest.raises(SystemExit, match="FLOPS_DEPLOYER=oakestra"):
+        render.values(other, IMAGE, CLUSTER, NODE, NODE_AGENT, oakestra=True)
+    (other / "env" / "oakestra.env").write_text(OAKESTRA_ENV)
+    with pytest.raises(SystemExit, match="broker logins"):
+        render.values(other, IMAGE, CLUSTER, NODE, NODE_AGENT, oakestra=True)
+    assert dynsec_files.main([str(other)]) == 0  # the plugin's files, but its lines not added to mosquitto.conf
+    with pytest.raises(SystemExit, match="does not load the dynamic-security plugin"):
+        render.values(other, IMAGE, CLUSTER, NODE, NODE_AGENT, oakestra=True)
 
 
 # --- what the files name exists -------------------------------------------------------------------------------

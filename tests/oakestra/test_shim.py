@@ -19,24 +19,9 @@ from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.messages import new_id
 from flops.settings import BrokerAddress
+from tests.oakestra.support import run_shim
 from tests.support import REPO_ROOT
 
-ACTOR = """
-import argparse
-import json
-
-from flops.runtime.reports import ReportWriter
-
-parser = argparse.ArgumentParser()
-parser.add_argument("--script")
-parser.add_argument("--exit-code", type=int)
-parser.add_argument("--report-fd", type=int)
-args = parser.parse_args()
-out = ReportWriter.open(args.report_fd)
-for kind, payload in json.loads(args.script):
-    out.emit(kind, **payload)
-raise SystemExit(args.exit_code)
-"""
 END = b"end-of-test"
 
 
@@ -58,11 +43,8 @@ def shim(
     exit_code: int = 0,
     **extra_env: str,
 ) -> tuple[str, int]:
-    (tmp_path / "fake_actor.py").write_text(ACTOR)
     command_id = new_id("c")
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]),
         "FLOPS_BROKER_URL": broker.url,
         "FLOPS_PROJECT_ID": "p-shim",
         "FLOPS_COMMAND_ID": command_id,
@@ -70,10 +52,7 @@ def shim(
         "FLOPS_AGENT_ID": seat,
         **extra_env,
     }
-    argv = [sys.executable, "-m", "flops.oakestra.shim", "fake_actor", "--script", json.dumps(script)]
-    argv += ["--exit-code", str(exit_code)]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    return command_id, done.returncode
+    return command_id, run_shim(env, script, tmp_path, exit_code)
 
 
 def collected(bus: Bus, seat: str, timeout: float = 20.0) -> list[dict[str, Any]]:
