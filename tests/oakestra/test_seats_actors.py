@@ -121,6 +121,15 @@ def test_a_build_is_a_one_shot_of_the_builder_image_on_a_cluster_offering_image_
     assert (spec.memory, spec.vcpus) == (2000, 1)
 
 
+def test_a_model_image_build_is_a_one_shot_of_the_builder_image_with_buildahs_storage_nested_safely() -> None:
+    model = {"model_ref": "oci://reg/acme/model-files@sha256:" + "0" * 64}
+    spec = placed(command("build_model_image", artifact={"details": IMAGES}, model=model, customer="acme"))
+
+    assert spec.image == "reg/builder:1" and spec.one_shot and spec.addon == "image-builder"
+    assert spec.cmd[3] == "flops.builder.model_image" and spec.cmd[spec.cmd.index("--storage-driver") + 1] == "vfs"
+    assert json.loads(spec.cmd[spec.cmd.index("--spec") + 1])["model"] == model
+
+
 def test_an_aggregator_listens_on_all_interfaces_at_its_port() -> None:
     spec = placed(
         command(
