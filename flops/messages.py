@@ -147,6 +147,8 @@ class TrainingSucceeded(ReportBase):
     best_round: int
     loss: float | None = None
     accuracy: float | None = None
+    # A path on the aggregator's host, or (an Oakestra aggregator's) the oci:// reference of the model files its
+    # shim pushed to the registry (flops.runtime.model_files).
     model_ref: str
 
 

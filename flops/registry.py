@@ -8,18 +8,21 @@ certificate it serves HTTPS.
 ``RegistryClient`` speaks the registry HTTP API (distribution spec v2) with the standard library: the tags of a
 repository, a manifest, and the platforms an image reference provides (a manifest list / OCI index names
 them; a single manifest's config blob does). ``has_image(ref, platforms)`` is the cache check: the tag exists
-and provides every requested platform.
+and provides every requested platform. It also pushes and reads blobs and manifests, for the small artifacts
+that are no images (an Oakestra aggregator's model files, :mod:`flops.runtime.model_files`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import ssl
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -165,7 +168,14 @@ class RegistryClient:
         self._ssl = ssl.create_default_context(cafile=str(ca_file) if ca_file else None) if tls else None
 
     def _get(self, path: str, accept: Iterable[str] = ()) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(self.base + path, headers={"Accept": ", ".join(accept)} if accept else {})
+        return self._request("GET", path, headers={"Accept": ", ".join(accept)} if accept else {})
+
+    def _request(
+        self, method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of one call; ``url`` is a path on the registry or an absolute URL it gave."""
+        full = url if "://" in url else self.base + url
+        request = urllib.request.Request(full, data=body, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._ssl) as response:
                 return response.status, dict(response.headers), response.read()
@@ -225,7 +235,47 @@ class RegistryClient:
         )
         if status != 200:
             return None
-        return next((v for k, v in headers.items() if k.lower() == "docker-content-digest"), None)
+        return _header(headers, "Docker-Content-Digest")
+
+    def push_blob(self, repository: str, data: bytes) -> str:
+        """Upload ``data`` as a blob of ``repository`` (monolithic: one POST, one PUT); its digest. A blob the
+        registry holds already is not sent again."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        status, _, _ = self._request("HEAD", f"/v2/{repository}/blobs/{digest}")
+        if status == 200:
+            return digest
+        status, headers, body = self._request("POST", f"/v2/{repository}/blobs/uploads/", b"")
+        location = _header(headers, "Location")
+        if status != 202 or not location:
+            raise RegistryError(f"{self.base}: starting an upload to {repository} answered {status}: {body[:200]!r}")
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(self.base + "/", location))
+        query = "&".join(q for q in (parts.query, urllib.parse.urlencode({"digest": digest})) if q)
+        target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        status, _, body = self._request("PUT", target, data, {"Content-Type": "application/octet-stream"})
+        if status != 201:
+            raise RegistryError(f"{self.base}: uploading {digest} to {repository} answered {status}: {body[:200]!r}")
+        return digest
+
+    def put_manifest(self, repository: str, reference: str, manifest: dict[str, Any]) -> str:
+        """Store ``manifest`` (its ``mediaType`` says which kind) as ``repository:reference``; its digest."""
+        raw = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+        media_type = str(manifest.get("mediaType") or MANIFEST_TYPES[1])
+        status, headers, body = self._request(
+            "PUT", f"/v2/{repository}/manifests/{reference}", raw, {"Content-Type": media_type}
+        )
+        if status != 201:
+            raise RegistryError(f"{self.base}: manifest {repository}:{reference} refused ({status}): {body[:300]!r}")
+        return _header(headers, "Docker-Content-Digest") or "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    def blob(self, repository: str, digest: str) -> bytes:
+        """The blob ``digest`` of ``repository``, checked against its digest."""
+        status, _, body = self._get(f"/v2/{repository}/blobs/{digest}")
+        if status != 200:
+            raise RegistryError(f"{self.base}: blob {digest} of {repository} answered {status}")
+        algorithm, _, expected = digest.partition(":")
+        if algorithm != "sha256" or hashlib.sha256(body).hexdigest() != expected:
+            raise RegistryError(f"{self.base}: blob {digest} of {repository} does not match its digest")
+        return body
 
     def has_image(self, ref: str, platforms: Iterable[str]) -> bool:
         """Whether ``ref``'s tag exists and provides every platform in ``platforms`` (the cache check)."""
@@ -258,6 +308,10 @@ def has_image(
     with contextlib.suppress(OSError, urllib.error.URLError):
         return client.has_image(ref, platforms)
     return False
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
 
 
 def _platform(spec: dict[str, Any]) -> str:

@@ -60,6 +60,8 @@ class Aggregation(StageHooks):
                 # Only these learners' SuperNodes may join (registered when the SuperLink runs TLS).
                 "supernode_keys": [keys[agent] for agent in sorted(keys)],
                 "tracking": aggregator_spec(project),
+                # Whose registry namespace its model files go to where they must leave its container (Oakestra).
+                "customer": project.record.customer,
                 **project.sla.actor_resources(),
             },
         )

@@ -173,6 +173,8 @@ def start_aggregators(project: Project, ctx: StageContext, timeouts: dict[str, f
             **timeouts,
             # Only the root logs to MLflow (one run per cycle); cluster aggregators and learners never do.
             "tracking": aggregator_spec(project, unit="cycle"),
+            # Whose registry namespace its model files go to where they must leave its container (Oakestra).
+            "customer": project.record.customer,
             **project.sla.actor_resources(),
         },
     )

@@ -272,11 +272,35 @@ def wait_no_processes(project_id: str, *, allow: tuple[str, ...] = (), timeout: 
         time.sleep(0.1)  # polling /proc: a process ending has no event to wait on
 
 
+def digits_features(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Digits as the example's DataManager prepares them: 64 pixels scaled to 0..1, and the labels."""
+    table = load_dataset("digits", split=split)  # type: ignore[arg-type]
+    images = np.asarray(table.column("image").to_pylist(), dtype=np.float64)
+    return images.reshape(len(images), -1) / 16.0, np.asarray(table.column("label").to_pylist())
+
+
 def held_out_digits() -> tuple[np.ndarray, np.ndarray]:
     """The test split (never pushed to any agent) as the example DataManager prepares rows: pixels / 16."""
-    test = load_dataset("digits", split="test")
-    images = np.asarray(test.column("image").to_pylist(), dtype=np.float64)
-    return images.reshape(len(images), -1) / 16.0, np.asarray(test.column("label").to_pylist())
+    return digits_features("test")
+
+
+def train_example_model() -> tuple[list[np.ndarray], Any]:
+    """(parameters, model) fitted through the example's ModelManager, handed the data directly instead of through
+    a data server. The repo's modules are imported by their top-level names, so they are removed again afterwards
+    to keep other tests' repos importable in this process."""
+    from flops.runtime.repo import new_model_manager
+
+    saved_path = list(sys.path)
+    try:
+        manager = new_model_manager(EXAMPLE_REPO)
+        # set_model_data() would call the DataManager, which needs a data server; the data is the same.
+        manager.x_train, manager.y_train = digits_features("train")
+        manager.fit_model()
+        return [np.array(p) for p in manager.get_model_parameters()], manager.get_model()
+    finally:
+        sys.path[:] = saved_path
+        for name in ("model_manager", "data_manager"):
+            sys.modules.pop(name, None)
 
 
 def invoke_model(url: str, rows: np.ndarray, token: str | None) -> np.ndarray:

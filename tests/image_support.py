@@ -71,13 +71,22 @@ def inspect_raw(ref: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    """The example repo built for linux/amd64 and pushed to a loopback registry (both live for the run)."""
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    """The run's FLOps registry: Debian's docker-registry on a free loopback port, plain HTTP."""
+    if shutil.which("docker-registry") is None:
+        pytest.fail("docker-registry not installed: run bash scripts/test.sh, which installs it")
+    running = start_registry(tmp_path_factory.mktemp("registry"), port=free_port())
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory, registry: RunningRegistry) -> Iterator[Built]:
+    """The example repo built for linux/amd64 and pushed to the run's registry (it lives for the run)."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run bash scripts/test.sh, which installs them")
     tmp = tmp_path_factory.mktemp("images")
-    registry = start_registry(tmp / "registry", port=free_port())
     lines: list[tuple[str, str]] = []
     builder = ImageBuilder(ImageBuilderSettings(registry=registry.address), on_line=lambda s, ln: lines.append((s, ln)))
     repo_url = example_repo(tmp)
@@ -89,5 +98,4 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     try:
         yield state
     finally:
-        registry.stop()
         forget_local(state.refs, ("linux/amd64", "linux/arm64"))

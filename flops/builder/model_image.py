@@ -12,8 +12,11 @@ learner image (the repo, its dependencies and our runtime, pulled from the regis
   project the one the aggregator logged to MLflow;
 - the entrypoint ``python -m flops.runtime.mlflow_serve --model /opt/flops/model``.
 
-Our packages are copied in again, so the serving code is the agent's version whatever built the learner
-image. Reports ``model.built`` ``{image_ref: "image://<ref>"}`` or ``model.failed`` ``{reason, log_tail}``.
+The model is ``spec.model.model_ref``: a path on this host (an agent's aggregator left it there) or an
+``oci://`` reference to the model files an Oakestra aggregator pushed (:mod:`flops.runtime.model_files`), pulled
+into the workdir first. Our packages are copied in again, so the serving code is the agent's version whatever
+built the learner image. Reports ``model.built`` ``{image_ref: "image://<ref>"}`` or ``model.failed``
+``{reason, log_tail}``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from flops.builder import containerfile as cf
 from flops.builder.buildah import stream, succeeds
 from flops.builder.image_backend import copy_own_packages, download_wheels, native_platform
 from flops.builder.images import component
+from flops.builder.model_package import DEFAULT_MODEL_FILE
 from flops.builder.process import StepFailed
+from flops.registry import RegistryError
+from flops.runtime import model_files
 from flops.runtime.reports import MODEL_BUILT, MODEL_FAILED, ReportWriter
 
 log = structlog.get_logger(__name__)
@@ -49,12 +55,15 @@ PARAMS = "/flops-params"
 @dataclass(frozen=True)
 class ModelImageSpec:
     learner_image: str  # the project's learner image in the registry
-    model_file: Path  # the aggregator's best parameters (model.npz) on this host
+    model_file: Path  # the aggregator's best parameters (model.npz) on this host, or in its pulled model files
     flavor: str
     customer: str
     project_id: str
     model_uri: str | None = None  # the best model logged to MLflow (tracked projects)
     tracking_uri: str | None = None
+    # oci://…: the aggregator's model files in the registry (an Oakestra aggregator's: its container is gone),
+    # pulled to this builder's workdir first; model_file is then the name of the parameters among them.
+    model_files: str | None = None
 
     def ref(self, registry: str) -> str:
         return f"{registry}/{component(self.customer, 'customer')}/trained_model:{component(self.project_id, 'p')}"
@@ -67,6 +76,7 @@ class ModelImageBuilder:
         self, registry: str, workdir: Path, *, registry_tls: bool = False, storage_driver: str = "overlay"
     ) -> None:
         self.registry = registry
+        self.registry_tls = registry_tls
         self.workdir = workdir
         self.tls = [] if registry_tls else ["--tls-verify=false"]
         self.storage_driver = storage_driver
@@ -74,8 +84,7 @@ class ModelImageBuilder:
 
     def build(self, spec: ModelImageSpec) -> str:
         """Build and push the image; returns its reference. Raises StepFailed naming the step."""
-        if not spec.model_file.is_file():
-            raise StepFailed("model", f"trained model not found on this agent: {spec.model_file}")
+        model_file = self.model_file(spec)
         ref = spec.ref(self.registry)
         wheels = self._wheels()
         ctr = self._buildah("pull", f"pulling {spec.learner_image}", ["from", *self.tls, spec.learner_image])[-1]
@@ -96,9 +105,9 @@ class ModelImageBuilder:
                 'zz_flops_base.pth"'
             )
             self._run(ctr, "mlflow", "installing mlflow-skinny", ["sh", "-c", script], {str(wheels): WHEELS})
-            params = {str(spec.model_file.parent): PARAMS}
+            params = {str(model_file.parent): PARAMS}
             save = [f"{MLFLOW_VENV}/bin/python", "-m", "flops.runtime.mlflow_model", "--repo", REPO_DIR]
-            save += ["--params", f"{PARAMS}/{spec.model_file.name}", "--flavor", spec.flavor, "--out", MODEL_DIR]
+            save += ["--params", f"{PARAMS}/{model_file.name}", "--flavor", spec.flavor, "--out", MODEL_DIR]
             if spec.model_uri and spec.tracking_uri:  # tracked: the model logged to MLflow is the one served
                 save += ["--model-uri", spec.model_uri, "--tracking-uri", spec.tracking_uri]
             self._run(ctr, "model", "saving the model in MLflow's format", save, params)
@@ -111,12 +120,30 @@ class ModelImageBuilder:
             self._buildah("commit", "committing the image", ["commit", "--quiet", ctr, ref])
         finally:
             succeeds("buildah", [*self.storage, "rm", ctr])
+            if spec.model_files:
+                shutil.rmtree(model_file.parent, ignore_errors=True)
         try:
             self._buildah("push", f"pushing {ref}", ["push", *self.tls, ref, f"docker://{ref}"])
         finally:
             if self.storage_driver == "vfs":
                 succeeds("buildah", [*self.storage, "rmi", ref])  # the registry has it; vfs copies cost GBs
         return ref
+
+    def model_file(self, spec: ModelImageSpec) -> Path:
+        """The parameters file on this host: the aggregator's, or pulled from its model files in the registry."""
+        model_file = spec.model_file
+        if spec.model_files:
+            dest = self.workdir / "model-files" / component(spec.project_id, "p")
+            try:
+                model_file = model_files.pull(spec.model_files, dest, tls=self.registry_tls) / spec.model_file.name
+            except (RegistryError, OSError) as exc:  # OSError: the registry unreachable
+                raise StepFailed("model", f"trained model not fetched from {spec.model_files}: {exc}") from exc
+            where = f"in {spec.model_files}"
+        else:
+            where = "on this agent"
+        if not model_file.is_file():
+            raise StepFailed("model", f"trained model not found {where}: {model_file}")
+        return model_file
 
     def _wheels(self) -> Path:
         """mlflow-skinny and its dependencies as wheels for this host's platform (downloaded once)."""
@@ -146,10 +173,13 @@ class ModelImageBuilder:
 def parse_spec(raw: dict[str, Any]) -> ModelImageSpec:
     """The ``build_model_image`` command's spec: the project's image artifact and the trained model."""
     details = raw.get("artifact", {}).get("details", {})
-    model_ref = Path(raw["model"]["model_ref"])
+    reference = str(raw["model"]["model_ref"])
+    remote = model_files.is_remote(reference)
+    model_ref = Path(DEFAULT_MODEL_FILE if remote else reference)  # pushed model files hold model.npz at their top
     return ModelImageSpec(
         learner_image=str(details["images"]["learner"]),
-        model_file=model_ref if model_ref.suffix else model_ref / "model.npz",
+        model_file=model_ref if model_ref.suffix else model_ref / DEFAULT_MODEL_FILE,
+        model_files=reference if remote else None,
         flavor=str(details.get("flavor") or "sklearn"),
         customer=str(raw.get("customer") or "default"),
         project_id=str(raw.get("project_id") or raw["model"].get("project_id") or "model"),

@@ -5,7 +5,11 @@ child processes or containers (:mod:`flops.agent`); on Oakestra each becomes one
 application running the artifact's image. Its ``cmd`` is the actor's command line (the modules and flags the agent
 uses) run by :mod:`flops.oakestra.shim`, which publishes the actor's report lines itself; its ``environment`` is
 what the shim needs for that: the broker as actors reach it, the project, the command, the seat it reports as.
-Secrets (broker password, data token) go into the environment, never on a command line. Pure: no IO;
+Secrets (broker password, data token, the model server's bearer token) go into the environment, never on a
+command line. The project's aggregator is told where its model files go (:mod:`flops.runtime.model_files`: its
+container takes them along when it ends), and the model builder pulls them from there. A model server asks for a
+service IP derived like an aggregator's and reports its URL at it, so the project's ``model_url`` is where users
+reach it through Oakestra, not the container's own address. Pure: no IO;
 :mod:`flops.oakestra.adapter` acts on the result.
 """
 
@@ -30,8 +34,11 @@ from flops.oakestra.shim import (  # what the shim reads, set here
     ENV_BROKER_USERNAME,
     ENV_COMMAND,
     ENV_KIND,
+    ENV_MODEL_FILES,
     ENV_PROJECT,
+    ENV_REGISTRY_TLS,
 )
+from flops.runtime import model_files
 from flops.runtime.reports import FAILURE_KIND
 
 SHIM = "flops.oakestra.shim"  # runs the actor and publishes its report lines (no agent forwards them)
@@ -50,6 +57,7 @@ SERVICE_PREFIX = {
 PLACEMENT_NEWS = frozenset({EventKind.SCHEDULED, EventKind.PLACED, EventKind.RUNNING, EventKind.RESTARTED})
 WORKDIR = "/tmp/flops"  # inside the container: scratch space of the actor
 SERVE_PORT = 8080
+MODEL_TOKEN_ENV = "FLOPS_MODEL_TOKEN"  # flops.runtime.serve.TOKEN_ENV (that module needs numpy: not the manager's)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class ActorConfig:
     # is granted by an agent's data server when it starts a learner; on Oakestra no agent does, so a configured
     # node read token comes first.
     data_token: str | None = field(default=None, repr=False)
+    # Where a model server listens in its container; users reach it at its service IP on this port.
+    serve_port: int = SERVE_PORT
     # Per command kind, unless the command's spec says ``resources: {memory, vcpus}`` (the SLA's constraints).
     sizes: Mapping[str, Size] = field(
         default_factory=lambda: {
@@ -139,8 +149,7 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
         return size
     try:
         made = _command_line(cmd, seat, config, env)
-        # An aggregator asks for the service IP its learners were told (reachable()), and reports it.
-        rr_ip = service_ip(cmd.project_id, seat.agent_id, int(spec["port"])) if cmd.kind == "run_aggregator" else None
+        rr_ip = _service_address(cmd, seat, config)
     except KeyError as exc:  # the spec lacks what the actor needs: the user sees which field
         return Refusal(f"spec.{exc.args[0]}: required for {cmd.kind} on Oakestra")
     if isinstance(made, Refusal):
@@ -163,6 +172,16 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
     )
 
 
+def _service_address(cmd: Command, seat: Seat, config: ActorConfig) -> str | None:
+    """The service IP an actor asks for: an aggregator the one its learners were told (:func:`reachable`), a model
+    server one derived the same way, which it reports as its URL (the user's way in); others need none."""
+    if cmd.kind == "run_aggregator":
+        return service_ip(cmd.project_id, seat.agent_id, int(cmd.spec["port"]))
+    if cmd.kind == "serve_model":
+        return service_ip(cmd.project_id, seat.agent_id, config.serve_port)
+    return None
+
+
 def _command_line(
     cmd: Command, seat: Seat, config: ActorConfig, env: dict[str, str]
 ) -> tuple[str, list[str], str | None] | Refusal:
@@ -177,13 +196,19 @@ def _command_line(
             return Refusal("builds on Oakestra make images: set FLOPS_ARTIFACTS=image on the manager")
         module = "flops.builder.worker" if cmd.kind == "build" else "flops.builder.model_image"
         argv = [module, "--spec", json.dumps(spec), "--workdir", WORKDIR, *registry]
-        argv += ["--backend", "image"] if cmd.kind == "build" else []
+        # The model builder's buildah runs inside its service's container, whose root is an overlay already: vfs
+        # storage works there, overlay on overlay does not.
+        argv += ["--backend", "image"] if cmd.kind == "build" else ["--storage-driver", "vfs"]
         return config.builder_image, argv, BUILDER_ADDON
     if cmd.kind == "serve_model":
         ref = str(spec.get("image_ref", ""))
         if not ref.startswith("image://"):
             return Refusal(f"serve_model on Oakestra needs a model image, not {ref or 'nothing'}")
-        argv = ["flops.runtime.mlflow_serve", "--model", cf.MODEL_DIR, "--host", "0.0.0.0", "--port", str(SERVE_PORT)]
+        argv = ["flops.runtime.mlflow_serve", "--model", cf.MODEL_DIR, "--host", "0.0.0.0"]
+        advertised = service_ip(cmd.project_id, seat.agent_id, config.serve_port)  # its URL: the service IP
+        argv += ["--port", str(config.serve_port), "--advertise-host", advertised]
+        if spec.get("token"):  # the project's bearer token: a secret, so in the environment
+            env[MODEL_TOKEN_ENV] = str(spec["token"])
         return ref.removeprefix("image://"), argv, None
     image = _role_image(spec, "learner" if cmd.kind == "run_learner" else "aggregator")
     if isinstance(image, Refusal):
@@ -199,6 +224,11 @@ def _command_line(
         data_server = config.data_servers.get(seat.agent_id, config.data_server)
         argv += ["--data-server", data_server, "--data-tags", tags, "--work-dir", WORKDIR]
         return image, argv, LEARNER_ADDON
+    if "cluster" not in spec:  # the project's (root) aggregator: its model must outlive its container
+        customer = str(spec.get("customer") or "default")
+        env[ENV_MODEL_FILES] = model_files.target(config.registry, customer, cmd.project_id)
+        if config.registry_tls:
+            env[ENV_REGISTRY_TLS] = "1"
     return image, _aggregator_argv(spec, cmd.project_id), None
 
 

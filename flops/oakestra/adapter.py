@@ -290,8 +290,9 @@ class OakestraAdapter:
     def _check_address(
         self, cmd: Command, seat: Seat, placement: Placement, name: str, wanted: str, bound: Any
     ) -> None:
-        """An aggregator must have the service IP its learners were told; Oakestra gives another when that one is
-        taken (the client retries with a random one), and then nobody finds it: fail it now, with the reason."""
+        """An aggregator must have the service IP its learners were told, a model server the one its URL names;
+        Oakestra gives another when that one is taken (the client retries with a random one), and then nobody
+        finds it: fail it now, with the reason."""
         actor = placement.actors.get(name)
         if actor is None or actor.done or actor.service_id is None:
             return
@@ -303,8 +304,9 @@ class OakestraAdapter:
         except SystemManagerError as exc:
             bound.warning("oakestra service IP not checked", error=str(exc)[:300])
             return
-        reason = f"{name}: Oakestra gave it service IP {service.rr_ip}, not {wanted} where its learners look for it"
-        bound.warning("oakestra aggregator unreachable", reason=reason)
+        who = "its learners look for it" if cmd.kind == "run_aggregator" else "it is reported"
+        reason = f"{name}: Oakestra gave it service IP {service.rr_ip}, not {wanted} where {who}"
+        bound.warning("oakestra actor unreachable", reason=reason)
         self._events(cmd.project_id, events)
         self._fail(cmd, seat, reason, "address")
 

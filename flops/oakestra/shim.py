@@ -8,6 +8,12 @@ agent would give it. A child that exits before reporting an outcome becomes its 
 needs comes from the environment the adapter set (:mod:`flops.oakestra.actors`): broker URL and identity, project,
 command and its kind, seat.
 
+An aggregator's container takes its model with it when it ends, so when the adapter names a registry tag for its
+model files, the shim pushes the model directory there before it forwards ``training.succeeded``, whose
+``model_ref`` then names the pushed files (:mod:`flops.runtime.model_files`, where the model builder service finds
+them). Here and not in the aggregator: only the shim knows the aggregator runs in a container that will vanish;
+on an agent the same aggregator leaves its model on the host and reports its path, as before.
+
 Exit status: the child's, so Oakestra sees the actor's outcome (a one-shot builder ends COMPLETED or DEAD).
 """
 
@@ -18,8 +24,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,7 +36,8 @@ from flops import topics
 from flops.bus import Bus, BusOptions
 from flops.errors import FlopsError
 from flops.messages import decode_report
-from flops.runtime import reports
+from flops.registry import RegistryError
+from flops.runtime import model_files, reports
 from flops.runtime.reports import FAILURE_KIND, TERMINAL
 from flops.settings import BrokerAddress
 
@@ -46,6 +55,10 @@ ENV_KIND = "FLOPS_COMMAND_KIND"
 ENV_ADVERTISE_HOST = "FLOPS_ADVERTISE_HOST"  # the aggregator's service IP, for the address it reports
 # The broker's CA certificate itself (PEM, public), not a path: the actor's image does not carry the fleet's CA.
 ENV_BROKER_CA_PEM = "FLOPS_BROKER_CA_PEM"
+# An aggregator's model files go to this registry tag before training.succeeded (flops.runtime.model_files).
+ENV_MODEL_FILES = "FLOPS_MODEL_FILES"
+ENV_REGISTRY_TLS = "FLOPS_REGISTRY_TLS"  # "1": the registry speaks HTTPS
+HAND_OVER_ATTEMPTS = 3  # a registry that blinks is tried again (1 s, then 2 s later) before the model is given up
 PUBLISH_TIMEOUT_S = 30.0  # per report: the broker's PUBACK; a report not acknowledged by then is lost (logged)
 
 
@@ -60,6 +73,8 @@ class Identity:
     agent_id: str
     advertise_host: str | None = None  # an aggregator's service IP: where others reach what it reports
     ca_pem: str | None = None  # a TLS broker's CA certificate
+    model_files: str | None = None  # an aggregator's: where its model files go (registry/repository:tag)
+    registry_tls: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Identity:
@@ -76,7 +91,14 @@ class Identity:
         ca_pem = env.get(ENV_BROKER_CA_PEM) or None
         if ca_pem and "BEGIN CERTIFICATE" not in ca_pem:
             raise ValueError(f"{ENV_BROKER_CA_PEM} holds no PEM certificate")
-        return cls(address, *ids, advertise_host=env.get(ENV_ADVERTISE_HOST) or None, ca_pem=ca_pem)
+        return cls(
+            address,
+            *ids,
+            advertise_host=env.get(ENV_ADVERTISE_HOST) or None,
+            ca_pem=ca_pem,
+            model_files=env.get(ENV_MODEL_FILES) or None,
+            registry_tls=env.get(ENV_REGISTRY_TLS) == "1",
+        )
 
 
 class Reporter:
@@ -96,8 +118,10 @@ class Reporter:
             self.log.warning("unreadable report line", line=text[:200])
             return
         self.lines += 1
-        self.terminal = self.terminal or kind in TERMINAL
         fields = dict(payload)
+        if kind == reports.TRAINING_SUCCEEDED and self.identity.model_files:
+            kind, fields = self.hand_over(fields, self.identity.model_files)
+        self.terminal = self.terminal or kind in TERMINAL
         if kind == reports.AGGREGATOR_STARTED and self.identity.advertise_host and "address" in fields:
             # It listens on every interface of its container; others reach it at its service IP.
             port = str(fields["address"]).rpartition(":")[2]
@@ -107,6 +131,26 @@ class Reporter:
             fields.pop("node_id", None)
             fields.pop("aggregator", None)
         self.send(kind, fields, f"{self.identity.command_id}.r{self.lines}")
+
+    def hand_over(self, fields: dict[str, Any], to: str) -> tuple[str, dict[str, Any]]:
+        """``training.succeeded`` with its model files pushed to the registry (``model_ref`` their ``oci://``
+        reference), or ``training.failed`` when they cannot be: the container and its model are about to go."""
+        model_ref = Path(str(fields.get("model_ref", "")))
+        model_dir = model_ref.parent if model_ref.suffix else model_ref
+        error: Exception | None = None
+        for attempt in range(HAND_OVER_ATTEMPTS):
+            if attempt:
+                time.sleep(attempt)  # a retry's back-off, not a synchronisation
+            try:
+                ref = model_files.push(model_dir, to, tls=self.identity.registry_tls)
+            except (RegistryError, OSError) as exc:  # OSError: the registry unreachable, the files unreadable
+                error = exc
+                self.log.warning("model files not pushed", to=to, attempt=attempt + 1, error=str(exc)[:300])
+                continue
+            self.log.info("model files pushed", ref=ref, model_dir=str(model_dir))
+            return reports.TRAINING_SUCCEEDED, {**fields, "model_ref": ref}
+        reason = f"the trained model could not be handed over to the registry ({to}): {error}"
+        return reports.TRAINING_FAILED, {"reason": reason[:4000]}
 
     def exited(self, code: int) -> None:
         """The child is gone: without an outcome reported, that is its command's failure."""

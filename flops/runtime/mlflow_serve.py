@@ -1,10 +1,11 @@
 """MLflow's own scoring server for the trained-model image, behind the project's bearer token.
 
 ``python -m flops.runtime.mlflow_serve --model DIR|--package DIR [--host H] [--port P] [--advertise-host H]
-[--token-file F] [--report-fd FD]`` loads the MLflow model at DIR (``mlflow.pyfunc.load_model``), builds
-MLflow's scoring application (``mlflow.pyfunc.scoring_server.init``: ``/ping``, ``/health``, ``/version``,
-``/invocations`` with MLflow's request formats) and serves it with uvicorn. The only thing added is access
-control: with a token every path except the liveness probes wants ``Authorization: Bearer <token>``.
+[--token-file F] [--report-fd FD]`` (the token in a file, or in ``$FLOPS_MODEL_TOKEN``) loads the MLflow model at
+DIR (``mlflow.pyfunc.load_model``), builds MLflow's scoring application (``mlflow.pyfunc.scoring_server.init``:
+``/ping``, ``/health``, ``/version``, ``/invocations`` with MLflow's request formats) and serves it with uvicorn.
+The only thing added is access control: with a token every path except the liveness probes wants
+``Authorization: Bearer <token>``.
 Once it listens it reports ``model.served`` ``{url}``; a model that cannot be loaded reports ``model.failed``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import os
 import socket
 import sys
 import threading
@@ -24,7 +26,7 @@ import structlog
 
 from flops.builder.model_package import MLFLOW_MODEL_DIR
 from flops.runtime.reports import MODEL_FAILED, MODEL_SERVED, ReportWriter
-from flops.runtime.serve import advertised_url, load_token
+from flops.runtime.serve import TOKEN_ENV, advertised_url, load_token
 from flops.supervisor import exit_with_owner
 
 log = structlog.get_logger(__name__)
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace, reports: ReportWriter) -> int:
     import uvicorn
 
     try:
-        token = load_token(args.token_file, None)
+        token = load_token(args.token_file, os.environ.get(TOKEN_ENV) or None)
         app = with_token(scoring_app(args.model), token)
     except Exception as exc:
         log.exception("model not loaded", model=str(args.model))

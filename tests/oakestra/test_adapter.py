@@ -77,14 +77,14 @@ class ManagerSide:
 
         return AgentStatus.model_validate_json(self.wait(f"{agent_id} online={online}", match).payload)
 
-    def report(self, command_id: str, kind: str) -> dict[str, Any]:
+    def report(self, command_id: str, kind: str, timeout: float = WAIT) -> dict[str, Any]:
         def match(message: Inbound) -> bool:
             if topics.parse(message.topic).kind != "agent_reports":
                 return False
             body = json.loads(message.payload)
             return bool(body.get("command_id") == command_id and body.get("kind") == kind)
 
-        return dict(json.loads(self.wait(f"{kind} for {command_id}", match).payload))
+        return dict(json.loads(self.wait(f"{kind} for {command_id}", match, timeout).payload))
 
     def receipt(self, agent_id: str, command_id: str) -> None:
         def match(message: Inbound) -> bool:

@@ -2,7 +2,7 @@
 (``tests.image_support.built``) pushed to its registry (so the builder stage is a cache hit), trains with three
 learners and an aggregator that the manager's Oakestra adapter places through the fake System Manager, which runs
 them as podman containers. The learners read their own node's data server, reach the aggregator at its service IP
-(on loopback) and report over MQTT through the shim.
+(on loopback) and report over MQTT through the shim; the aggregator's shim hands its model over to the registry.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def test_the_base_case_trains_in_containers_the_fake_oakestra_runs(built: Built,
     state = result.state
     assert (state.outcome, state.reason) == (Outcome.COMPLETED, "training completed")
     assert state.progress.round == 3 and (state.progress.accuracy or 0) > 0.8
+    # The aggregator's model outlived its container: its shim pushed the model files, tagged with the project.
+    assert result.project_id in built.registry.client().tags("demo/model-files")
     logs = {p.name: p.read_text(errors="replace") for p in (tmp_path / "logs" / "oakestra").iterdir()}
     assert len(logs) == 4  # three learners and the aggregator, one container each
     fetched = [text for text in logs.values() if "data.fetched" in text]

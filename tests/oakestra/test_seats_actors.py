@@ -9,11 +9,21 @@ from typing import Any
 import pytest
 
 from flops.messages import Command, decode_report
-from flops.oakestra.actors import ActorConfig, Refusal, actor_spec, failure_report, reachable, service_ip, service_name
+from flops.oakestra.actors import (
+    MODEL_TOKEN_ENV,
+    ActorConfig,
+    Refusal,
+    actor_spec,
+    failure_report,
+    reachable,
+    service_ip,
+    service_name,
+)
 from flops.oakestra.deploy import ActorSpec
 from flops.oakestra.fake_state import cluster_doc
 from flops.oakestra.models import Cluster
 from flops.oakestra.seats import Seat, seat_id, seats
+from flops.runtime.serve import TOKEN_ENV
 
 CONFIG = ActorConfig(
     broker_url="mqtt://broker:1883", broker_username="actor", broker_password="s3cret", builder_image="reg/builder:1"
@@ -111,6 +121,15 @@ def test_a_build_is_a_one_shot_of_the_builder_image_on_a_cluster_offering_image_
     assert (spec.memory, spec.vcpus) == (2000, 1)
 
 
+def test_a_model_image_build_is_a_one_shot_of_the_builder_image_with_buildahs_storage_nested_safely() -> None:
+    model = {"model_ref": "oci://reg/acme/model-files@sha256:" + "0" * 64}
+    spec = placed(command("build_model_image", artifact={"details": IMAGES}, model=model, customer="acme"))
+
+    assert spec.image == "reg/builder:1" and spec.one_shot and spec.addon == "image-builder"
+    assert spec.cmd[3] == "flops.builder.model_image" and spec.cmd[spec.cmd.index("--storage-driver") + 1] == "vfs"
+    assert json.loads(spec.cmd[spec.cmd.index("--spec") + 1])["model"] == model
+
+
 def test_an_aggregator_listens_on_all_interfaces_at_its_port() -> None:
     spec = placed(
         command(
@@ -196,3 +215,27 @@ def test_addresses_outside_oakestra_stay_what_they_are_and_a_cluster_aggregator_
     spec = placed(command("run_aggregator", artifact={"details": IMAGES}, port=19100, **training, **hierarchy))
 
     assert spec.cmd[spec.cmd.index("--root-address") + 1] == f"{service_ip('p-1', 'oak-root', 19200)}:19200"
+    assert "FLOPS_MODEL_FILES" not in spec.env  # a cluster aggregator's model is the root's business
+
+
+def test_the_projects_aggregator_is_told_where_its_model_files_go_in_its_customers_namespace() -> None:
+    training = {"rounds": 1, "min_available_clients": 1, "min_fit_clients": 1, "min_evaluate_clients": 1}
+    config = ActorConfig(broker_url="mqtt://b", registry="reg.example:5000", registry_tls=True)
+    spec = actor_spec(
+        command("run_aggregator", artifact={"details": IMAGES}, port=19100, customer="Acme", **training), SEAT, config
+    )
+
+    assert isinstance(spec, ActorSpec)
+    assert spec.env["FLOPS_MODEL_FILES"] == "reg.example:5000/acme/model-files:p-1"
+    assert spec.env["FLOPS_REGISTRY_TLS"] == "1"
+
+
+def test_a_model_server_reports_its_url_at_the_service_ip_it_asks_for_and_gets_its_token_privately() -> None:
+    spec = placed(command("serve_model", image_ref="image://reg/acme/trained_model:p-1", token="t0ken"))
+
+    ip = service_ip("p-1", "oak-c1", 8080)
+    assert spec.image == "reg/acme/trained_model:p-1" and not spec.one_shot
+    assert spec.rr_ip == ip and spec.cmd[spec.cmd.index("--advertise-host") + 1] == ip
+    assert spec.cmd[spec.cmd.index("--host") + 1] == "0.0.0.0" and spec.cmd[spec.cmd.index("--port") + 1] == "8080"
+    assert spec.env[MODEL_TOKEN_ENV] == "t0ken" and "t0ken" not in " ".join(spec.cmd)
+    assert MODEL_TOKEN_ENV == TOKEN_ENV  # the variable the model server reads

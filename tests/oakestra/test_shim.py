@@ -1,11 +1,13 @@
 """The actor-side shim as an Oakestra service would run it: a runtime module's report lines become the seat's
-reports over MQTT (what an agent would have forwarded), and an exit without an outcome becomes the failure."""
+reports over MQTT (what an agent would have forwarded), an exit without an outcome becomes the failure, and an
+aggregator's model files reach the model builder through the run's registry."""
 
 from __future__ import annotations
 
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import time
@@ -13,11 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from flops import topics
+from flops.builder.model_image import ModelImageBuilder, parse_spec
 from flops.bus import Bus, BusOptions
 from flops.messages import new_id
+from flops.ports import free_port
+from flops.registry import RunningRegistry
+from flops.runtime import model_files
 from flops.settings import BrokerAddress
 from tests.oakestra.support import run_shim
 from tests.support import REPO_ROOT
@@ -133,3 +140,59 @@ def test_the_shim_imports_only_what_an_actors_image_carries() -> None:
     ).stdout.split()
 
     assert not {"flops.agent", "flops.lifecycle", "flops.oakestra.client", "transitions", "httpx", "sh"} & set(loaded)
+
+
+def test_an_aggregators_model_files_go_to_the_registry_and_the_model_builder_unpacks_them(
+    broker: BrokerAddress, reports: tuple[str, Bus], registry: RunningRegistry, tmp_path: Path
+) -> None:
+    """The hand-over on Oakestra: the aggregator's container takes its model directory along when it ends, so the
+    shim pushes it before training.succeeded goes out and the model builder pulls what the report names."""
+    seat, bus = reports
+    model_dir = tmp_path / "container" / "model"
+    model_dir.mkdir(parents=True)
+    np.savez(model_dir / "model.npz", np.arange(6.0).reshape(2, 3), np.ones(2))
+    (model_dir / "metrics.json").write_text('{"best_round": 2}')
+    succeeded = {"best_round": 2, "loss": 0.3, "accuracy": 0.9, "model_ref": str(model_dir / "model.npz")}
+    to = model_files.target(registry.address, "Acme Corp", "p-shim")
+    _, code = shim(broker, seat, "run_aggregator", [["training.succeeded", succeeded]], tmp_path, FLOPS_MODEL_FILES=to)
+    got = collected(bus, seat)
+    shutil.rmtree(model_dir.parent)  # the container is gone
+
+    assert code == 0
+    assert [r["kind"] for r in got] == ["training.succeeded"]
+    model_ref = got[0]["model_ref"]
+    assert model_ref.startswith(f"oci://{registry.address}/acme-corp/model-files@sha256:"), model_ref
+    assert registry.client().tags("acme-corp/model-files") == ["p-shim"]
+    # The model builder's spec carries the project's model as the aggregation stage recorded it.
+    images = {"kind": "image", "images": {"learner": f"{registry.address}/acme/digits/learner:abc"}}
+    spec = parse_spec({"artifact": {"details": images}, "model": got[0], "customer": "Acme Corp", "project_id": "p"})
+    builder = ModelImageBuilder(registry.address, tmp_path / "builder")
+    model_file = builder.model_file(spec)
+    assert model_file.name == "model.npz" and (model_file.parent / "metrics.json").read_text() == '{"best_round": 2}'
+    with np.load(model_file) as params:
+        assert [params[k].tolist() for k in params.files] == [[[0, 1, 2], [3, 4, 5]], [1, 1]]
+
+
+def test_an_aggregator_whose_model_cannot_be_handed_over_fails_its_training_saying_where_to(
+    broker: BrokerAddress, reports: tuple[str, Bus], tmp_path: Path
+) -> None:
+    seat, bus = reports
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    np.savez(model_dir / "model.npz", np.ones(2))
+    nowhere = f"127.0.0.1:{free_port()}"  # no registry listens there
+    succeeded = {"best_round": 1, "model_ref": str(model_dir / "model.npz")}
+    command_id, code = shim(
+        broker,
+        seat,
+        "run_aggregator",
+        [["training.succeeded", succeeded]],
+        tmp_path,
+        FLOPS_MODEL_FILES=model_files.target(nowhere, "acme", "p-shim"),
+    )
+    got = collected(bus, seat)
+
+    assert code == 0
+    assert [r["kind"] for r in got] == ["training.failed"]
+    assert f"handed over to the registry ({nowhere}/acme/model-files:p-shim)" in got[0]["reason"]
+    assert got[0]["event_id"] == f"{command_id}.r1"

@@ -23,9 +23,8 @@ import psutil
 import pytest
 
 from flops.builder import ArtifactRef, package_model
-from flops.data.mock import load_dataset
-from flops.runtime.repo import new_model_manager
 from flops.runtime.serve import MODEL_FAILED, MODEL_SERVED, PredictError, predict, serve_command
+from tests.base_support import digits_features, train_example_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ml_repos" / "digits_sklearn"
 MAX_BODY = 200_000
@@ -42,32 +41,6 @@ class Server:
     @property
     def url(self) -> str:
         return str(self.report["payload"]["url"])
-
-
-def _features(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Digits as the example's DataManager prepares them: 64 pixels scaled to 0..1, and the labels."""
-    table = load_dataset("digits", split=split)  # type: ignore[arg-type]
-    images = np.asarray(table.column("image").to_pylist(), dtype=np.float64)
-    return images.reshape(len(images), -1) / 16.0, np.asarray(table.column("label").to_pylist())
-
-
-def _train_with_example_repo() -> tuple[list[np.ndarray], Any]:
-    """Fit through the example's ModelManager, handing it data directly instead of through a data server.
-
-    The repo's modules are imported by their top-level names, so they are removed again afterwards to keep
-    other tests' repos importable in this process.
-    """
-    saved_path = list(sys.path)
-    try:
-        manager = new_model_manager(EXAMPLE)
-        # set_model_data() would call the DataManager, which needs a data server; the data is the same.
-        manager.x_train, manager.y_train = _features("train")
-        manager.fit_model()
-        return [np.array(p) for p in manager.get_model_parameters()], manager.get_model()
-    finally:
-        sys.path[:] = saved_path
-        for name in ("model_manager", "data_manager"):
-            sys.modules.pop(name, None)
 
 
 def _read_report(fd: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = START_TIMEOUT) -> dict[str, Any]:
@@ -122,7 +95,7 @@ def _ref(python: str = sys.executable) -> ArtifactRef:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """A packaged model (saved as the aggregator saves it) and the in-process model it was made from."""
-    parameters, model = _train_with_example_repo()
+    parameters, model = train_example_model()
     root = tmp_path_factory.mktemp("serve")
     model_out = root / "model-out"
     model_out.mkdir()
@@ -142,7 +115,7 @@ def server(trained: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def rows() -> np.ndarray:
     """Held-out rows (never trained on)."""
-    return _features("test")[0][:25]
+    return digits_features("test")[0][:25]
 
 
 def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
