@@ -36,6 +36,7 @@ from flops.oakestra.shim import (  # what the shim reads, set here
     ENV_KIND,
     ENV_MODEL_FILES,
     ENV_PROJECT,
+    ENV_REGISTRY_CA_PEM,
     ENV_REGISTRY_TLS,
 )
 from flops.runtime import model_files
@@ -74,6 +75,7 @@ class ActorConfig:
     broker_username: str | None = None
     broker_password: str | None = field(default=None, repr=False)
     broker_ca_pem: str | None = None  # a TLS broker's CA certificate, handed to actors in their environment
+    registry_ca_pem: str | None = None  # the CA of a TLS registry's certificate, likewise
     builder_image: str | None = None
     registry: str = "127.0.0.1:5000"
     registry_tls: bool = False
@@ -229,6 +231,8 @@ def _command_line(
         env[ENV_MODEL_FILES] = model_files.target(config.registry, customer, cmd.project_id)
         if config.registry_tls:
             env[ENV_REGISTRY_TLS] = "1"
+            if config.registry_ca_pem:
+                env[ENV_REGISTRY_CA_PEM] = config.registry_ca_pem
     return image, _aggregator_argv(spec, cmd.project_id), None
 
 

@@ -476,6 +476,7 @@ def from_settings(settings: Settings, address: BrokerAddress) -> OakestraAdapter
         broker_password=password.get_secret_value() if (password := settings.oakestra_actor_password) else None,
         # Actors verify a TLS broker with the CA the manager does; their images do not carry it.
         broker_ca_pem=settings.broker_ca_file.read_text() if settings.broker_ca_file else None,
+        registry_ca_pem=settings.tls_ca_file.read_text() if settings.registry_tls and settings.tls_ca_file else None,
         builder_image=settings.oakestra_builder_image,
         registry=settings.registry,
         registry_tls=settings.registry_tls,

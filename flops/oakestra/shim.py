@@ -58,6 +58,7 @@ ENV_BROKER_CA_PEM = "FLOPS_BROKER_CA_PEM"
 # An aggregator's model files go to this registry tag before training.succeeded (flops.runtime.model_files).
 ENV_MODEL_FILES = "FLOPS_MODEL_FILES"
 ENV_REGISTRY_TLS = "FLOPS_REGISTRY_TLS"  # "1": the registry speaks HTTPS
+ENV_REGISTRY_CA_PEM = "FLOPS_REGISTRY_CA_PEM"  # its CA certificate (PEM), when not a public one
 HAND_OVER_ATTEMPTS = 3  # a registry that blinks is tried again (1 s, then 2 s later) before the model is given up
 PUBLISH_TIMEOUT_S = 30.0  # per report: the broker's PUBACK; a report not acknowledged by then is lost (logged)
 
@@ -75,6 +76,7 @@ class Identity:
     ca_pem: str | None = None  # a TLS broker's CA certificate
     model_files: str | None = None  # an aggregator's: where its model files go (registry/repository:tag)
     registry_tls: bool = False
+    registry_ca_pem: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Identity:
@@ -88,9 +90,7 @@ class Identity:
                 update={"username": env[ENV_BROKER_USERNAME], "password": env.get(ENV_BROKER_PASSWORD)}
             )
         ids = (env[ENV_PROJECT], env[ENV_COMMAND], env[ENV_KIND], env[ENV_AGENT])
-        ca_pem = env.get(ENV_BROKER_CA_PEM) or None
-        if ca_pem and "BEGIN CERTIFICATE" not in ca_pem:
-            raise ValueError(f"{ENV_BROKER_CA_PEM} holds no PEM certificate")
+        ca_pem, registry_ca_pem = (_pem(env, name) for name in (ENV_BROKER_CA_PEM, ENV_REGISTRY_CA_PEM))
         return cls(
             address,
             *ids,
@@ -98,15 +98,24 @@ class Identity:
             ca_pem=ca_pem,
             model_files=env.get(ENV_MODEL_FILES) or None,
             registry_tls=env.get(ENV_REGISTRY_TLS) == "1",
+            registry_ca_pem=registry_ca_pem,
         )
+
+
+def _pem(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name) or None
+    if value and "BEGIN CERTIFICATE" not in value:
+        raise ValueError(f"{name} holds no PEM certificate")
+    return value
 
 
 class Reporter:
     """Publishes the reports of one actor as its seat's, numbered like an agent's (``<command>.r<n>``)."""
 
-    def __init__(self, identity: Identity, bus: Bus) -> None:
+    def __init__(self, identity: Identity, bus: Bus, *, registry_ca_file: Path | None = None) -> None:
         self.identity = identity
         self.bus = bus
+        self.registry_ca_file = registry_ca_file
         self.lines = 0
         self.terminal = False
         self.log = log.bind(project_id=identity.project_id, command_id=identity.command_id, agent_id=identity.agent_id)
@@ -142,7 +151,7 @@ class Reporter:
             if attempt:
                 time.sleep(attempt)  # a retry's back-off, not a synchronisation
             try:
-                ref = model_files.push(model_dir, to, tls=self.identity.registry_tls)
+                ref = model_files.push(model_dir, to, tls=self.identity.registry_tls, ca_file=self.registry_ca_file)
             except (RegistryError, OSError) as exc:  # OSError: the registry unreachable, the files unreadable
                 error = exc
                 self.log.warning("model files not pushed", to=to, attempt=attempt + 1, error=str(exc)[:300])
@@ -188,19 +197,26 @@ def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """Run ``python -m argv…`` with a report pipe, publish its lines; the child's exit status."""
     identity = Identity.from_env(env)
     with tempfile.TemporaryDirectory(prefix="flops-shim-") as tmp:
-        ca_file = None
-        if identity.ca_pem:  # paho reads the CA from a file
-            ca_file = os.path.join(tmp, "broker-ca.crt")
-            with open(ca_file, "w", encoding="ascii") as out:
-                out.write(identity.ca_pem)
-        bus = Bus(identity.broker, BusOptions(client_id=f"flops-actor-{identity.command_id}", ca_file=ca_file))
+        # paho and urllib read CA certificates from files.
+        ca_file, registry_ca_file = (
+            _written(Path(tmp) / name, pem)
+            for name, pem in (("broker-ca.crt", identity.ca_pem), ("registry-ca.crt", identity.registry_ca_pem))
+        )
+        options = BusOptions(client_id=f"flops-actor-{identity.command_id}", ca_file=str(ca_file) if ca_file else None)
+        bus = Bus(identity.broker, options)
         bus.connect()
-        return _run_child(argv, env, identity, bus)
+        return _run_child(argv, env, Reporter(identity, bus, registry_ca_file=registry_ca_file))
 
 
-def _run_child(argv: Sequence[str], env: Mapping[str, str], identity: Identity, bus: Bus) -> int:
-    """The actor itself, its report lines published through ``bus``; its exit status."""
-    reporter = Reporter(identity, bus)
+def _written(path: Path, text: str | None) -> Path | None:
+    if text is None:
+        return None
+    path.write_text(text, encoding="ascii")
+    return path
+
+
+def _run_child(argv: Sequence[str], env: Mapping[str, str], reporter: Reporter) -> int:
+    """The actor itself, its report lines published by ``reporter``; its exit status."""
     # The child runs the project's code and never speaks MQTT: it does not get the broker password.
     child_env = {k: v for k, v in env.items() if k != ENV_BROKER_PASSWORD}
     try:
@@ -219,7 +235,7 @@ def _run_child(argv: Sequence[str], env: Mapping[str, str], identity: Identity, 
         reporter.exited(code)
         return code
     finally:
-        bus.close()
+        reporter.bus.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,10 @@ from flops.builder.model_image import ModelImageBuilder, parse_spec
 from flops.bus import Bus, BusOptions
 from flops.messages import new_id
 from flops.ports import free_port
-from flops.registry import RunningRegistry
+from flops.registry import RunningRegistry, start_registry
 from flops.runtime import model_files
 from flops.settings import BrokerAddress
+from tests.certs import fleet_certificates
 from tests.oakestra.support import run_shim
 from tests.support import REPO_ROOT
 
@@ -196,3 +197,42 @@ def test_an_aggregator_whose_model_cannot_be_handed_over_fails_its_training_sayi
     assert [r["kind"] for r in got] == ["training.failed"]
     assert f"handed over to the registry ({nowhere}/acme/model-files:p-shim)" in got[0]["reason"]
     assert got[0]["event_id"] == f"{command_id}.r1"
+
+
+def test_model_files_reach_a_tls_registry_with_the_private_ca_the_adapter_hands_over(
+    broker: BrokerAddress, reports: tuple[str, Bus], tmp_path: Path
+) -> None:
+    """The production registry's certificate is signed by the fleet CA, which the actor's image does not carry:
+    with the CA the adapter puts in the environment the push verifies the registry; without it, it is refused."""
+    seat, bus = reports
+    certs = fleet_certificates(tmp_path / "certs")
+    registry = start_registry(
+        tmp_path / "registry", port=free_port(), cert_file=certs["cert"], key_file=certs["key"], ca_file=certs["ca"]
+    )
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    np.savez(model_dir / "model.npz", np.ones(2))
+    succeeded = {"best_round": 1, "model_ref": str(model_dir / "model.npz")}
+    to = model_files.target(registry.address, "acme", "p-shim")
+    tls = {"FLOPS_MODEL_FILES": to, "FLOPS_REGISTRY_TLS": "1"}
+    try:
+        shim(broker, seat, "run_aggregator", [["training.succeeded", succeeded]], tmp_path, **tls)
+        without_ca = collected(bus, seat)
+        ca = certs["ca"].read_text()
+        shim(
+            broker,
+            seat,
+            "run_aggregator",
+            [["training.succeeded", succeeded]],
+            tmp_path,
+            **tls,
+            FLOPS_REGISTRY_CA_PEM=ca,
+        )
+        with_ca = collected(bus, seat)
+    finally:
+        registry.stop()
+
+    assert [r["kind"] for r in without_ca] == ["training.failed"]
+    assert "CERTIFICATE_VERIFY_FAILED" in without_ca[0]["reason"]
+    assert [r["kind"] for r in with_ca] == ["training.succeeded"]
+    assert with_ca[0]["model_ref"].startswith(f"oci://{registry.address}/acme/model-files@sha256:")
