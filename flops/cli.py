@@ -250,7 +250,10 @@ def demo(
     ] = False,
     oakestra: Annotated[
         bool,
-        typer.Option(help="Learners and aggregator as services of a fake Oakestra (podman; implies --images)"),
+        typer.Option(
+            help="Learners and aggregators as services of a fake Oakestra (podman; implies --images); "
+            "with --hierarchical on two fake clusters"
+        ),
     ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
@@ -262,9 +265,9 @@ def demo(
     if settings.log_level == "info":
         logs.configure(settings.log_format, "warning")
     console = Console()
-    if oakestra and (hierarchical or web):
-        # Not silently ignored: the Oakestra demo runs the classic base case without the web view.
-        Console(stderr=True).print("[red]--oakestra runs the classic base case: drop --hierarchical and --ui[/]")
+    if oakestra and web:
+        # Not silently ignored: the Oakestra demo runs without the web view.
+        Console(stderr=True).print("[red]--oakestra runs without the web view: drop --ui[/]")
         raise typer.Exit(2)
     with _errors():
         if oakestra:
@@ -272,9 +275,10 @@ def demo(
 
             result = run_oakestra_demo(
                 settings,
-                work_dir or settings.data_dir / "demo-oakestra",
+                work_dir or settings.data_dir / ("demo-oakestra-hierarchical" if hierarchical else "demo-oakestra"),
                 console,
                 agents=agents,
+                hierarchical=hierarchical,
                 timeout=timeout if timeout is not None else 1800.0,
             )
         elif hierarchical:

@@ -323,24 +323,45 @@ def submit_example(
 ) -> tuple[str, ProjectState]:
     """The example SLA for ``learners`` learners (without post-training steps if asked) submitted and followed
     to its end: (project id, final state)."""
-    from flops.client import Client
+    sla = classic_sla(repo_url, learners, post_training=post_training)
+    return submit_and_follow(address, sla, console, timeout, ui_url=ui_url)
 
-    body = json.loads(EXAMPLE_SLA.read_text())
+
+def classic_sla(repo_url: str, learners: int, *, post_training: bool = True) -> ProjectSLA:
+    """The example (classic) SLA for the demo's repo and ``learners`` learners."""
+    body = example_sla(EXAMPLE_SLA, repo_url, post_training=post_training)
+    tc = body["training_configuration"]
+    tc["min_available_clients"] = tc["min_fit_clients"] = tc["min_evaluate_clients"] = learners
+    return ProjectSLA.model_validate(body)
+
+
+def example_sla(path: Path, repo_url: str, *, post_training: bool = True) -> dict[str, Any]:
+    """An example SLA's body for the demo's repo, without its post-training steps if asked."""
+    body: dict[str, Any] = json.loads(path.read_text())
     body["ml_repo_url"] = repo_url
     if not post_training:
         body["post_training_steps"] = []
-    tc = body["training_configuration"]
-    tc["min_available_clients"] = tc["min_fit_clients"] = tc["min_evaluate_clients"] = learners
-    sla = ProjectSLA.model_validate(body)
+    return body
+
+
+def submit_and_follow(
+    address: BrokerAddress, sla: ProjectSLA, console: Console, timeout: float, *, ui_url: str | None = None
+) -> tuple[str, ProjectState]:
+    """``sla`` submitted and followed to its end (every round of every cycle): (project id, final state)."""
+    from flops.client import Client
+
+    tc = sla.training_configuration
     with Client(address) as client:
         reply = client.submit(sla)
         if reply.errors or not reply.project_id:
             raise FlopsError(f"project rejected: {reply.errors}")
         project_id = reply.project_id
-        console.print(f"project [bold]{project_id}[/] submitted")
+        cycles = f": {tc.training_cycles} cycles x {tc.training_rounds} rounds" if tc.mode == "hierarchical" else ""
+        console.print(f"project [bold]{project_id}[/] submitted{cycles}")
         if ui_url:
             console.print(f"watch it at {ui_url}/projects/{project_id}", markup=False)
-        return project_id, follow(client, project_id, sla.training_configuration.training_rounds, console, timeout)
+        # training_cycles is 1 in classic mode
+        return project_id, follow(client, project_id, tc.training_cycles * tc.training_rounds, console, timeout)
 
 
 def stage_seconds(state: ProjectState) -> dict[str, float]:

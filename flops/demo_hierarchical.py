@@ -9,7 +9,6 @@ both levels: the root aggregator, one cluster aggregator per cluster, the learne
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -26,11 +25,11 @@ from flops.demo import (
     artifacts,
     ask_model,
     example_repo,
-    follow,
+    example_sla,
     running_system,
     stage_seconds,
+    submit_and_follow,
 )
-from flops.errors import FlopsError
 from flops.messages import AgentStatus, ProjectState
 from flops.settings import BrokerAddress, Settings
 from flops.sla import ProjectSLA
@@ -82,11 +81,17 @@ def run_hierarchical_demo(
         return _run_hierarchical_demo(settings, work, console, timeout, agent_env)
 
 
+def hierarchical_sla(repo_url: str, *, post_training: bool = True, **training: int) -> ProjectSLA:
+    """The example hierarchical SLA for the demo's repo; ``training`` overrides its training configuration
+    (e.g. fewer rounds)."""
+    body = example_sla(HIERARCHICAL_SLA, repo_url, post_training=post_training)
+    body["training_configuration"].update(training)
+    return ProjectSLA.model_validate(body)
+
+
 def _run_hierarchical_demo(
     settings: Settings, work: Path, console: Console, timeout: float, agent_env: dict[str, str]
 ) -> DemoResult:
-    from flops.client import Client
-
     started = time.monotonic()
     repo_url = example_repo(work)
     with running_system(settings, work, len(AGENTS), agent_env, fleet_class=ClusteredFleet) as (address, fleet):
@@ -97,19 +102,7 @@ def _run_hierarchical_demo(
         )
         statuses = fleet.wait_online()
         fleet.push_digits(statuses, fleet.learners, settings.tls_ca_file)
-        body = json.loads(HIERARCHICAL_SLA.read_text())
-        body["ml_repo_url"] = repo_url
-        sla = ProjectSLA.model_validate(body)
-        tc = sla.training_configuration
-        with Client(address) as client:
-            reply = client.submit(sla)
-            if reply.errors or not reply.project_id:
-                raise FlopsError(f"project rejected: {reply.errors}")
-            project_id = reply.project_id
-            console.print(
-                f"project [bold]{project_id}[/] submitted: {tc.training_cycles} cycles x {tc.training_rounds} rounds"
-            )
-            state = follow(client, project_id, tc.training_cycles * tc.training_rounds, console, timeout)
+        project_id, state = submit_and_follow(address, hierarchical_sla(repo_url), console, timeout)
         if state.model_url:
             ask_model(state.model_url, console, token=state.model_token)
         print_clusters(state, console)

@@ -14,9 +14,17 @@ holding that node's digits partition. It stands in for the node's ml-data-server
 this host, so they cannot all listen there); learners are told their node's server per seat
 (``FLOPS_OAKESTRA_DATA_SERVERS``) and present a node read token (``FLOPS_OAKESTRA_DATA_TOKEN``).
 
+With ``hierarchical`` (``flops demo --oakestra --hierarchical``) it runs the example hierarchical project
+(``examples/projects/digits_hierarchical.json``: 2 cycles x 3 rounds, two learners per cluster) instead, on two fake
+clusters ``east`` and ``west`` of two ``FLOps-learner`` nodes each: the adapter announces the seats ``oak-east``,
+``oak-east-2``, ``oak-west``, ``oak-west-2``, the manager places one cluster aggregator on each cluster's first
+seat and the root aggregator where the adapter's placement puts it (the first aggregator seat, ``oak-east``: every
+seat has a cluster), and every actor (root, cluster aggregators, learners) is a podman container of the fake,
+with real Flower at both levels. Cluster aggregators reach the root at its service IP as learners reach theirs.
+
 Not on Oakestra yet, so not here: the build runs on a build host agent (``flops agent --roles builder``, the fake
-cluster offers no ``image-builder``), and post-training is skipped (the trained model stays in the aggregator's
-container, where no model builder service can read it).
+clusters offer no ``image-builder``), and post-training is skipped in both projects (the trained model stays in
+the aggregator's container, where no model builder service can read it).
 """
 
 from __future__ import annotations
@@ -25,17 +33,28 @@ import contextlib
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pydantic import SecretStr
 from rich.console import Console
 
-from flops.demo import DemoResult, Fleet, artifacts, example_repo, running_system, stage_seconds, submit_example
+from flops.demo import (
+    DemoResult,
+    Fleet,
+    artifacts,
+    classic_sla,
+    example_repo,
+    running_system,
+    stage_seconds,
+    submit_and_follow,
+)
 from flops.messages import AgentStatus
 from flops.settings import Settings
+from flops.sla import ProjectSLA
 
 CLUSTER = "demo"
+HIERARCHICAL_CLUSTERS = {"east": 2, "west": 2}  # as flops demo --hierarchical: two clusters of two learners
 DATA_TAG = "digits"
 READ_GRANT = "oakestra-demo"  # the data servers' grant name for the node read token (no project owns it)
 
@@ -82,9 +101,10 @@ def node_data(work: Path, seats: list[str], read_token: str) -> Iterator[dict[st
 
 
 @contextlib.contextmanager
-def fake_oakestra(work: Path, nodes: int) -> Iterator[str]:
-    """The fake System Manager on a free loopback port with one cluster of ``nodes`` learner nodes, running its
-    services as podman containers (logs under ``work/logs/oakestra``); yields its URL."""
+def fake_oakestra(work: Path, clusters: Mapping[str, int]) -> Iterator[str]:
+    """The fake System Manager on a free loopback port with one cluster per entry of ``clusters`` (name -> how many
+    learner nodes it has), running its services as podman containers (logs under ``work/logs/oakestra``); yields
+    its URL."""
     from flops.oakestra.fake import FakeSystemManager
     from flops.oakestra.fake_podman import PodmanOptions, PodmanRunner
     from flops.oakestra.fake_state import FakeState, cluster_doc
@@ -94,20 +114,38 @@ def fake_oakestra(work: Path, nodes: int) -> Iterator[str]:
     log_dir.mkdir(parents=True, exist_ok=True)
     state = FakeState(runner=PodmanRunner(PodmanOptions(tls_verify=False), log_dir=log_dir))
     # supported_addons repeats FLOps-learner once per node offering it: one learner seat each.
-    state.clusters = [cluster_doc({"cluster_name": CLUSTER, "supported_addons": ["FLOps-learner"] * nodes}, 0)]
+    state.clusters = [
+        cluster_doc({"cluster_name": name, "supported_addons": ["FLOps-learner"] * nodes}, index)
+        for index, (name, nodes) in enumerate(clusters.items())
+    ]
     with FakeSystemManager(state=state) as fake:
         yield fake.url
 
 
 def run_oakestra_demo(
-    settings: Settings, work: Path, console: Console, *, agents: int = 3, timeout: float = 1800.0
+    settings: Settings,
+    work: Path,
+    console: Console,
+    *,
+    agents: int = 3,
+    hierarchical: bool = False,
+    timeout: float = 1800.0,
 ) -> DemoResult:
-    """The demo: the registry, then the project with its learners and aggregator as services of the fake Oakestra."""
+    """The demo: the registry, then the project (the base case, or the hierarchical one on two clusters) with its
+    actors as services of the fake Oakestra."""
+    from flops.demo_hierarchical import hierarchical_sla
+
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     repo_url = example_repo(work)
     with artifacts(settings, work, console, True) as (settings, agent_env):
-        result = run_on_fake_oakestra(settings, work, console, repo_url, agent_env, agents=agents, timeout=timeout)
+        if hierarchical:
+            sla = hierarchical_sla(repo_url, post_training=False)
+            result = run_on_fake_oakestra(
+                settings, work, console, repo_url, agent_env, clusters=HIERARCHICAL_CLUSTERS, sla=sla, timeout=timeout
+            )
+        else:
+            result = run_on_fake_oakestra(settings, work, console, repo_url, agent_env, agents=agents, timeout=timeout)
     result.total_seconds = time.monotonic() - started
     return result
 
@@ -120,18 +158,25 @@ def run_on_fake_oakestra(
     agent_env: dict[str, str],
     *,
     agents: int = 3,
+    clusters: Mapping[str, int] | None = None,
+    sla: ProjectSLA | None = None,
     timeout: float = 1800.0,
 ) -> DemoResult:
-    """The example project of ``repo_url`` with ``settings`` naming the registry (image artifacts): node data
-    servers, the fake System Manager running podman containers, the manager with its Oakestra adapter, a build
-    host agent; stops all of it before returning."""
+    """A project of ``repo_url`` with ``settings`` naming the registry (image artifacts): node data servers, the
+    fake System Manager with ``clusters`` (name -> learner nodes; default one cluster of ``agents``) running
+    podman containers, the manager with its Oakestra adapter, a build host agent; stops all of it before
+    returning. The project is ``sla``, by default the example's base case for ``agents`` learners without
+    post-training."""
+    from flops.demo_hierarchical import print_clusters
     from flops.oakestra.adapter import from_settings
     from flops.oakestra.seats import seat_id
 
     started = time.monotonic()
-    seats = [seat_id(CLUSTER, n) for n in range(1, agents + 1)]
+    clusters = clusters or {CLUSTER: agents}
+    sla = sla or classic_sla(repo_url, agents, post_training=False)
+    seats = [seat_id(name, n) for name, nodes in clusters.items() for n in range(1, nodes + 1)]
     read_token = secrets.token_urlsafe(24)
-    with node_data(work, seats, read_token) as data_servers, fake_oakestra(work, agents) as oakestra_url:
+    with node_data(work, seats, read_token) as data_servers, fake_oakestra(work, clusters) as oakestra_url:
         settings = settings.model_copy(
             update={
                 "deployer": "oakestra",
@@ -147,13 +192,16 @@ def run_on_fake_oakestra(
             shutil.rmtree(work / "oakestra-adapter", ignore_errors=True)
             adapter = from_settings(adapter_settings, address).start()
             try:
+                nodes = ", ".join(f"cluster {name}: {n} learner nodes" for name, n in clusters.items())
                 console.print(
                     f"[bold]FLOps demo on Oakestra[/]: broker {address.url}, manager, fake System Manager "
-                    f"{oakestra_url} (cluster {CLUSTER}: {agents} learner nodes, podman), build host agent ({work})"
+                    f"{oakestra_url} ({nodes}, podman), build host agent ({work})"
                 )
                 console.print("node data servers: " + ", ".join(f"{k} {v}" for k, v in data_servers.items()))
                 fleet.wait_online()
-                project_id, state = submit_example(address, repo_url, agents, console, timeout, post_training=False)
+                project_id, state = submit_and_follow(address, sla, console, timeout)
             finally:
                 adapter.stop()
+    if sla.training_configuration.mode == "hierarchical":
+        print_clusters(state, console)
     return DemoResult(project_id, state, stage_seconds(state), time.monotonic() - started, [], [])

@@ -100,12 +100,13 @@ def place(project: Project, ctx: StageContext, allocate: PortAllocator) -> Decis
     if not aggregators:
         return Decision.fail("no online aggregator agent")
     root_agent = next((a for a in aggregators if a.cluster is None), aggregators[0])
-    taken: dict[str, set[int]] = {}
+    mine: set[int] = set()  # the ports this project's aggregators got so far, on any agent
 
     def seat(agent: AgentStatus) -> dict[str, Any]:
-        in_use = taken.setdefault(agent.agent_id, set(ctx.ports_in_use(agent.agent_id)))
-        port = allocate(project, agent.agent_id, ctx, in_use)
-        in_use.add(port)
+        # No two of the project's aggregators share a port, even on different agents: agents (or Oakestra
+        # services with host networking) may share one host's network, where they would collide.
+        port = allocate(project, agent.agent_id, ctx, set(ctx.ports_in_use(agent.agent_id)) | mine)
+        mine.add(port)
         return {"agent_id": agent.agent_id, "port": port, "address": f"{agent.host}:{port}"}
 
     project.ctx["aggregator"] = seat(root_agent)

@@ -129,6 +129,23 @@ def test_aggregation_starts_a_root_and_one_aggregator_per_cluster(h: EngineHarne
     assert len(set(ports)) == 3  # one agent may host several aggregators
 
 
+def test_aggregators_on_different_agents_of_one_host_network_never_share_a_port(h: EngineHarness) -> None:
+    """As Oakestra seats: an aggregator agent in each cluster and none without, so the root shares one with its
+    cluster; containers on one host network (the fake Oakestra) would collide on a port used twice."""
+    _agent(h, "builder-1", ("builder",), None, tags=False)
+    for cluster in ("east", "west"):
+        _agent(h, f"{cluster}-agg", ("aggregator", "serve"), cluster, tags=False)
+        for i in range(2):
+            _agent(h, f"{cluster}-learner-{i}", ("learner",), cluster)
+    project_id = _to_learners(h, _body())
+    _ready(h, project_id)
+
+    aggregators = h.commands(project_id, "run_aggregator")
+    placed = sorted((c.agent_id, c.spec.get("cluster", "root")) for c in aggregators)
+    assert placed == [("east-agg", "east"), ("east-agg", "root"), ("west-agg", "west")]
+    assert len({c.spec["port"] for c in aggregators}) == 3
+
+
 def test_with_tracking_only_the_root_aggregator_gets_a_tracking_spec(tmp_path: Path) -> None:
     h = EngineHarness(tmp_path, tracking_uri="http://127.0.0.1:5005")
     project_id = _to_aggregation(h)

@@ -18,6 +18,7 @@ Run it alone with ``python -m flops.oakestra.fake --port N``, or in-process with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -287,7 +288,8 @@ def _handler(api: FakeApi, lock: threading.Lock) -> type[BaseHTTPRequestHandler]
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up waiting
+                self.wfile.write(data)
 
         do_GET = do_POST = do_DELETE = do_PUT = _serve
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flops.oakestra import statuses as st
-from flops.oakestra.fake_podman import Container, PodmanRunner
+from flops.oakestra.fake_podman import Container, PodmanRunner, stop_containers
 
 RR_IP = re.compile(r"^10\.30\.(\d{1,3})\.(\d{1,3})$")
 TOKEN_LIFETIME = 600.0  # access tokens live 10 minutes
@@ -229,7 +229,11 @@ class FakeState:
         app = self.apps.get(app_id)
         if app is None or app["userId"] != user:
             return False
-        for service_id in list(dict.fromkeys(app["microservices"])):
+        service_ids = list(dict.fromkeys(app["microservices"]))
+        # Their containers first, all at once (a stopped container's stop is a no-op in delete_service).
+        services = [self.services[s] for s in service_ids if s in self.services]
+        stop_containers(i.container for service in services for i in service.instances if i.container is not None)
+        for service_id in service_ids:
             self.delete_service(service_id)
         del self.apps[app_id]
         return True
@@ -380,9 +384,7 @@ class FakeState:
         service = self.services.pop(service_id, None)
         if service is None:
             return False
-        for inst in service.instances:
-            if inst.container is not None:
-                inst.container.stop()
+        stop_containers(inst.container for inst in service.instances if inst.container is not None)
         self.rr_ips = {ip: job for ip, job in self.rr_ips.items() if job != service.doc["job_name"]}
         app = self.apps.get(service.doc["applicationID"])
         if app is not None:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from flops.oakestra.client import ServiceSpec, SystemManager
 from flops.oakestra.fake import FakeSystemManager
+from flops.oakestra.fake_state import FakeState
 from flops.ports import free_port, port_open
 from tests.oakestra.support import FakeControl
 from tests.support import REPO_ROOT, terminate, wait_until
@@ -129,6 +131,36 @@ def test_instances_follow_their_script_per_poll_or_per_tick(
     assert status(a) == ("RUNNING", ["RUNNING", "RUNNING"])
     doc = sm.service(a)
     assert doc is not None and [i.number for i in doc.instances] == [0, 1]
+
+
+class SlowContainer:
+    """Stands in for a podman container whose stop takes its grace period: it returns only once all three of an
+    application's containers are stopping at the same time (one after the other, the barrier times out)."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        self.barrier = barrier
+        self.stopped = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.barrier.wait()
+            self.stopped = True
+
+
+def test_deleting_an_application_stops_its_containers_side_by_side() -> None:
+    """Seven containers stopped one after the other outlasted the client's 10 s timeout (the hierarchical demo)."""
+    state = FakeState()
+    app = state.create_app("Admin", {"application_name": "projabc", "application_namespace": "flops"})
+    assert app is not None
+    barrier = threading.Barrier(3, timeout=20)
+    containers = [SlowContainer(barrier) for _ in range(3)]
+    for n, container in enumerate(containers):
+        service_id, _ = state.create_service(app, microservice(f"aggregator{n}"))
+        state.add_instance(service_id)
+        state.services[service_id].instances[0].container = container  # type: ignore[assignment]
+
+    assert state.delete_app("Admin", app["applicationID"])
+    assert all(c.stopped for c in containers) and state.services == {}
 
 
 def test_runs_on_its_own_as_a_module() -> None:
