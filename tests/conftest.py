@@ -15,7 +15,7 @@ import structlog
 from flops.broker import MosquittoBroker
 from flops.settings import BrokerAddress
 from tests.browser_support import browser, page  # noqa: F401  (one headless Chromium per run)
-from tests.image_support import built  # noqa: F401  (one image build per run, shared by the image tests)
+from tests.image_support import builder_image, built  # noqa: F401  (one image build per run, shared by the image tests)
 from tests.support import FakeWorkers, ManagerProcess
 
 
