@@ -14,9 +14,16 @@ holding that node's digits partition. It stands in for the node's ml-data-server
 this host, so they cannot all listen there); learners are told their node's server per seat
 (``FLOPS_OAKESTRA_DATA_SERVERS``) and present a node read token (``FLOPS_OAKESTRA_DATA_TOKEN``).
 
-Not on Oakestra yet, so not here: the build runs on a build host agent (``flops agent --roles builder``, the fake
-cluster offers no ``image-builder``), and post-training is skipped (the trained model stays in the aggregator's
-container, where no model builder service can read it).
+The build is an Oakestra service too: the fake cluster offers ``image-builder``, so the adapter announces a builder
+seat and places the project's ``build`` as a one-shot service of the builder image
+(:mod:`flops.builder.builder_image`: buildah, git and the build worker on our Debian base), made once per key on
+this machine and pushed to the demo's registry with the Debian base and the runtime image it builds FROM. In its
+container (unprivileged) buildah uses ``vfs`` storage and ``chroot`` isolation. The example repo is served to it by
+``git daemon`` on loopback (containers share the host network). With the repo's images in the registry the build is
+a cache hit; otherwise it builds them in the container (~3.5 min, vfs copies).
+
+Not on Oakestra yet, so not here: post-training (the trained model stays in the aggregator's container, where no
+model builder service can read it).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +39,8 @@ from pathlib import Path
 from pydantic import SecretStr
 from rich.console import Console
 
-from flops.demo import DemoResult, Fleet, artifacts, example_repo, running_system, stage_seconds, submit_example
-from flops.messages import AgentStatus
+from flops.demo import DemoResult, artifacts, example_repo, running_system, stage_seconds, submit_example
+from flops.errors import FlopsError
 from flops.settings import Settings
 
 CLUSTER = "demo"
@@ -40,21 +48,32 @@ DATA_TAG = "digits"
 READ_GRANT = "oakestra-demo"  # the data servers' grant name for the node read token (no project owns it)
 
 
-class BuildHost(Fleet):
-    """One ``flops agent --roles builder``: the build host, which needs no data server."""
+@contextlib.contextmanager
+def served_repo(repo_url: str, timeout_s: float = 30.0) -> Iterator[str]:
+    """The ``file://`` repo as containers on the host network reach it: ``git daemon`` on a free loopback port,
+    serving the repo's grandparent directory, so the URL ``git://127.0.0.1:PORT/<parent>/<repo>`` keeps the
+    owner and name the image names come from (``images.repo_owner_and_name``). Yields that URL."""
+    from flops.builder.repo import local_path
+    from flops.ports import free_port, port_open
+    from flops.supervisor import popen, stop_groups
 
-    def start(self) -> None:
-        self.ids = ["build-host"]
-        super().start()
-
-    def roles(self, agent_id: str) -> str:
-        return "builder"
-
-    waiting_for = "the build host agent online (see its log in the demo directory)"
-
-    @staticmethod
-    def ready(status: AgentStatus) -> bool:
-        return status.online  # a builder: no data server
+    repo = local_path(repo_url)
+    if repo is None:  # already remote: whatever serves it
+        yield repo_url
+        return
+    root, port = repo.resolve().parent.parent, free_port()
+    argv = ["git", "daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1", f"--port={port}"]
+    proc = popen([*argv, f"--base-path={root}", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                error = proc.stderr.read().decode(errors="replace")[-300:] if proc.poll() is not None else ""
+                raise FlopsError(f"git daemon did not serve {repo} on 127.0.0.1:{port}: {error or 'timed out'}")
+            time.sleep(0.05)
+        yield f"git://127.0.0.1:{port}/{repo.parent.name}/{repo.name}"
+    finally:
+        stop_groups([proc])  # the daemon and the upload-pack children it forked for clones
 
 
 @contextlib.contextmanager
@@ -94,7 +113,9 @@ def fake_oakestra(work: Path, nodes: int) -> Iterator[str]:
     log_dir.mkdir(parents=True, exist_ok=True)
     state = FakeState(runner=PodmanRunner(PodmanOptions(tls_verify=False), log_dir=log_dir))
     # supported_addons repeats FLOps-learner once per node offering it: one learner seat each.
-    state.clusters = [cluster_doc({"cluster_name": CLUSTER, "supported_addons": ["FLOps-learner"] * nodes}, 0)]
+    # ... and image-builder once: the builder seat, where the build runs in the builder image.
+    addons = ["FLOps-learner"] * nodes + ["image-builder"]
+    state.clusters = [cluster_doc({"cluster_name": CLUSTER, "supported_addons": addons}, 0)]
     with FakeSystemManager(state=state) as fake:
         yield fake.url
 
@@ -106,10 +127,24 @@ def run_oakestra_demo(
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     repo_url = example_repo(work)
-    with artifacts(settings, work, console, True) as (settings, agent_env):
-        result = run_on_fake_oakestra(settings, work, console, repo_url, agent_env, agents=agents, timeout=timeout)
+    with artifacts(settings, work, console, True) as (settings, _):
+        builder_image = make_builder_image(settings.registry, work, console)
+        result = run_on_fake_oakestra(settings, work, console, repo_url, builder_image, agents=agents, timeout=timeout)
     result.total_seconds = time.monotonic() - started
     return result
+
+
+def make_builder_image(registry: str, work: Path, console: Console) -> str:
+    """The builder image in ``registry`` (made once per key on this machine), with the Debian base and the runtime
+    image a build in it starts FROM shared there; its reference."""
+    from flops.builder.builder_image import ensure_builder_image
+    from flops.builder.image_backend import ImageBuilder, ImageBuilderSettings
+
+    started = time.monotonic()
+    builder = ImageBuilder(ImageBuilderSettings(registry=registry, share_bases=True))
+    ref = ensure_builder_image(builder, work / "builder-image")
+    console.print(f"builder image: {ref} ({time.monotonic() - started:.1f} s)")
+    return ref
 
 
 def run_on_fake_oakestra(
@@ -117,42 +152,47 @@ def run_on_fake_oakestra(
     work: Path,
     console: Console,
     repo_url: str,
-    agent_env: dict[str, str],
+    builder_image: str,
     *,
     agents: int = 3,
     timeout: float = 1800.0,
 ) -> DemoResult:
     """The example project of ``repo_url`` with ``settings`` naming the registry (image artifacts): node data
-    servers, the fake System Manager running podman containers, the manager with its Oakestra adapter, a build
-    host agent; stops all of it before returning."""
+    servers, the fake System Manager running podman containers (the build too, in ``builder_image``), the manager
+    with its Oakestra adapter; stops all of it before returning."""
     from flops.oakestra.adapter import from_settings
     from flops.oakestra.seats import seat_id
 
     started = time.monotonic()
     seats = [seat_id(CLUSTER, n) for n in range(1, agents + 1)]
     read_token = secrets.token_urlsafe(24)
-    with node_data(work, seats, read_token) as data_servers, fake_oakestra(work, agents) as oakestra_url:
+    with (
+        node_data(work, seats, read_token) as data_servers,
+        fake_oakestra(work, agents) as oakestra_url,
+        served_repo(repo_url) as repo_url,
+    ):
         settings = settings.model_copy(
             update={
                 "deployer": "oakestra",
                 "oakestra_url": oakestra_url,
+                "oakestra_builder_image": builder_image,
                 "oakestra_data_tags": {DATA_TAG: 1},
                 "oakestra_data_servers": data_servers,
                 "oakestra_data_token": SecretStr(read_token),
                 "oakestra_poll_s": 1.0,
             }
         )
-        with running_system(settings, work, 1, agent_env, fleet_class=BuildHost) as (address, fleet):
+        with running_system(settings, work, 0) as (address, _):  # no agents: every actor is an Oakestra service
             adapter_settings = settings.model_copy(update={"data_dir": work / "oakestra-adapter"})
             shutil.rmtree(work / "oakestra-adapter", ignore_errors=True)
             adapter = from_settings(adapter_settings, address).start()
             try:
                 console.print(
                     f"[bold]FLOps demo on Oakestra[/]: broker {address.url}, manager, fake System Manager "
-                    f"{oakestra_url} (cluster {CLUSTER}: {agents} learner nodes, podman), build host agent ({work})"
+                    f"{oakestra_url} (cluster {CLUSTER}: {agents} learner nodes and an image builder, podman; {work})"
                 )
                 console.print("node data servers: " + ", ".join(f"{k} {v}" for k, v in data_servers.items()))
-                fleet.wait_online()
+                console.print(f"repo: {repo_url} (git daemon)")
                 project_id, state = submit_example(address, repo_url, agents, console, timeout, post_training=False)
             finally:
                 adapter.stop()
