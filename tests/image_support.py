@@ -95,8 +95,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
 
 
 @pytest.fixture(scope="session")
-def builder_image(built: Built) -> str:
+def builder_image(built: Built) -> Iterator[str]:
     """The builder image (buildah and the build worker, what Oakestra's builder services run) in the run's
     registry: made once per key on this machine (its tools layer survives runs, like the runtime image), pushed
     once per run."""
-    return ensure_builder_image(built.builder, built.workdir)
+    ref = ensure_builder_image(built.builder, built.workdir)
+    yield ref
+    buildah("rmi", ref)  # the registry's name podman pulled it under (the image stays as localhost/flops/builder)
