@@ -250,7 +250,7 @@ def demo(
     ] = False,
     oakestra: Annotated[
         bool,
-        typer.Option(help="Learners and aggregator as services of a fake Oakestra (podman; implies --images)"),
+        typer.Option(help="Build, learners and aggregator as services of a fake Oakestra (podman; implies --images)"),
     ] = False,
 ) -> None:
     """The base case on one machine: broker, manager, agents, mock data, a project, an inference server."""
