@@ -251,7 +251,7 @@ def demo(
     oakestra: Annotated[
         bool,
         typer.Option(
-            help="Learners and aggregators as services of a fake Oakestra (podman; implies --images); "
+            help="Build, learners and aggregators as services of a fake Oakestra (podman; implies --images); "
             "with --hierarchical on two fake clusters"
         ),
     ] = False,

@@ -9,7 +9,6 @@ prints the final accuracy, asks the inference server about held-out digits, and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -201,13 +200,9 @@ def _registry_storage(root: Path) -> Path:
     """The registry's storage for this FLOps code: images are found by (repo, commit), and they carry our own
     packages, so a demo after a change to FLOps must not reuse images built with the old code. Storages of other
     code are removed (nothing else uses them)."""
-    from flops.builder.runtime_base import OWN_PACKAGES, own_packages_dir
+    from flops.builder.runtime_base import own_code_digest
 
-    digest = hashlib.sha256()
-    for name in OWN_PACKAGES:
-        for path in sorted((own_packages_dir() / name).rglob("*.py")):
-            digest.update(str(path.relative_to(own_packages_dir())).encode() + b"\0" + path.read_bytes())
-    storage = root / digest.hexdigest()[:16]
+    storage = root / own_code_digest()[:16]
     if root.is_dir():
         for other in root.iterdir():
             if other != storage:

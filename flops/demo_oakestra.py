@@ -22,9 +22,16 @@ seat and the root aggregator where the adapter's placement puts it (the first ag
 seat has a cluster), and every actor (root, cluster aggregators, learners) is a podman container of the fake,
 with real Flower at both levels. Cluster aggregators reach the root at its service IP as learners reach theirs.
 
-Not on Oakestra yet, so not here: the build runs on a build host agent (``flops agent --roles builder``, the fake
-clusters offer no ``image-builder``), and post-training is skipped in both projects (the trained model stays in
-the aggregator's container, where no model builder service can read it).
+The build is an Oakestra service too: the fake's first cluster offers ``image-builder``, so the adapter announces a
+builder seat and places the project's ``build`` as a one-shot service of the builder image
+(:mod:`flops.builder.builder_image`: buildah, git and the build worker on our Debian base), made once per key on
+this machine and pushed to the demo's registry with the Debian base and the runtime image it builds FROM. In its
+container (unprivileged) buildah uses ``vfs`` storage and ``chroot`` isolation. The example repo is served to it by
+``git daemon`` on loopback (containers share the host network). With the repo's images in the registry the build is
+a cache hit; otherwise it builds them in the container (~3.5 min, vfs copies).
+
+Not on Oakestra yet, so not here: post-training (the trained model stays in the aggregator's container, where no
+model builder service can read it).
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -41,7 +49,6 @@ from rich.console import Console
 
 from flops.demo import (
     DemoResult,
-    Fleet,
     artifacts,
     classic_sla,
     example_repo,
@@ -49,7 +56,7 @@ from flops.demo import (
     stage_seconds,
     submit_and_follow,
 )
-from flops.messages import AgentStatus
+from flops.errors import FlopsError
 from flops.settings import Settings
 from flops.sla import ProjectSLA
 
@@ -59,21 +66,32 @@ DATA_TAG = "digits"
 READ_GRANT = "oakestra-demo"  # the data servers' grant name for the node read token (no project owns it)
 
 
-class BuildHost(Fleet):
-    """One ``flops agent --roles builder``: the build host, which needs no data server."""
+@contextlib.contextmanager
+def served_repo(repo_url: str, timeout_s: float = 30.0) -> Iterator[str]:
+    """The ``file://`` repo as containers on the host network reach it: ``git daemon`` on a free loopback port,
+    serving the repo's grandparent directory, so the URL ``git://127.0.0.1:PORT/<parent>/<repo>`` keeps the
+    owner and name the image names come from (``images.repo_owner_and_name``). Yields that URL."""
+    from flops.builder.repo import local_path
+    from flops.ports import free_port, port_open
+    from flops.supervisor import popen, stop_groups
 
-    def start(self) -> None:
-        self.ids = ["build-host"]
-        super().start()
-
-    def roles(self, agent_id: str) -> str:
-        return "builder"
-
-    waiting_for = "the build host agent online (see its log in the demo directory)"
-
-    @staticmethod
-    def ready(status: AgentStatus) -> bool:
-        return status.online  # a builder: no data server
+    repo = local_path(repo_url)
+    if repo is None:  # already remote: whatever serves it
+        yield repo_url
+        return
+    root, port = repo.resolve().parent.parent, free_port()
+    argv = ["git", "daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1", f"--port={port}"]
+    proc = popen([*argv, f"--base-path={root}", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                error = proc.stderr.read().decode(errors="replace")[-300:] if proc.poll() is not None else ""
+                raise FlopsError(f"git daemon did not serve {repo} on 127.0.0.1:{port}: {error or 'timed out'}")
+            time.sleep(0.05)
+        yield f"git://127.0.0.1:{port}/{repo.parent.name}/{repo.name}"
+    finally:
+        stop_groups([proc])  # the daemon and the upload-pack children it forked for clones
 
 
 @contextlib.contextmanager
@@ -113,9 +131,12 @@ def fake_oakestra(work: Path, clusters: Mapping[str, int]) -> Iterator[str]:
     shutil.rmtree(log_dir, ignore_errors=True)  # the fake numbers its services from 1 again: no stale logs
     log_dir.mkdir(parents=True, exist_ok=True)
     state = FakeState(runner=PodmanRunner(PodmanOptions(tls_verify=False), log_dir=log_dir))
-    # supported_addons repeats FLOps-learner once per node offering it: one learner seat each.
+    # supported_addons repeats FLOps-learner once per node offering it: one learner seat each; the first cluster
+    # also offers image-builder once: the builder seat, where the build runs in the builder image.
     state.clusters = [
-        cluster_doc({"cluster_name": name, "supported_addons": ["FLOps-learner"] * nodes}, index)
+        cluster_doc(
+            {"cluster_name": name, "supported_addons": ["FLOps-learner"] * nodes + ["image-builder"][index:]}, index
+        )
         for index, (name, nodes) in enumerate(clusters.items())
     ]
     with FakeSystemManager(state=state) as fake:
@@ -131,23 +152,45 @@ def run_oakestra_demo(
     hierarchical: bool = False,
     timeout: float = 1800.0,
 ) -> DemoResult:
-    """The demo: the registry, then the project (the base case, or the hierarchical one on two clusters) with its
-    actors as services of the fake Oakestra."""
+    """The demo: the registry and the builder image, then the project (the base case, or the hierarchical one on
+    two clusters) with its build and actors as services of the fake Oakestra."""
     from flops.demo_hierarchical import hierarchical_sla
 
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     repo_url = example_repo(work)
-    with artifacts(settings, work, console, True) as (settings, agent_env):
+    with artifacts(settings, work, console, True) as (settings, _):
+        builder_image = make_builder_image(settings.registry, work, console)
         if hierarchical:
-            sla = hierarchical_sla(repo_url, post_training=False)
             result = run_on_fake_oakestra(
-                settings, work, console, repo_url, agent_env, clusters=HIERARCHICAL_CLUSTERS, sla=sla, timeout=timeout
+                settings,
+                work,
+                console,
+                repo_url,
+                builder_image,
+                clusters=HIERARCHICAL_CLUSTERS,
+                sla=lambda url: hierarchical_sla(url, post_training=False),
+                timeout=timeout,
             )
         else:
-            result = run_on_fake_oakestra(settings, work, console, repo_url, agent_env, agents=agents, timeout=timeout)
+            result = run_on_fake_oakestra(
+                settings, work, console, repo_url, builder_image, agents=agents, timeout=timeout
+            )
     result.total_seconds = time.monotonic() - started
     return result
+
+
+def make_builder_image(registry: str, work: Path, console: Console) -> str:
+    """The builder image in ``registry`` (made once per key on this machine), with the Debian base and the runtime
+    image a build in it starts FROM shared there; its reference."""
+    from flops.builder.builder_image import ensure_builder_image
+    from flops.builder.image_backend import ImageBuilder, ImageBuilderSettings
+
+    started = time.monotonic()
+    builder = ImageBuilder(ImageBuilderSettings(registry=registry, share_bases=True))
+    ref = ensure_builder_image(builder, work / "builder-image")
+    console.print(f"builder image: {ref} ({time.monotonic() - started:.1f} s)")
+    return ref
 
 
 def run_on_fake_oakestra(
@@ -155,39 +198,44 @@ def run_on_fake_oakestra(
     work: Path,
     console: Console,
     repo_url: str,
-    agent_env: dict[str, str],
+    builder_image: str,
     *,
     agents: int = 3,
     clusters: Mapping[str, int] | None = None,
-    sla: ProjectSLA | None = None,
+    sla: Callable[[str], ProjectSLA] | None = None,
     timeout: float = 1800.0,
 ) -> DemoResult:
     """A project of ``repo_url`` with ``settings`` naming the registry (image artifacts): node data servers, the
-    fake System Manager with ``clusters`` (name -> learner nodes; default one cluster of ``agents``) running
-    podman containers, the manager with its Oakestra adapter, a build host agent; stops all of it before
-    returning. The project is ``sla``, by default the example's base case for ``agents`` learners without
-    post-training."""
+    fake System Manager with ``clusters`` (name -> learner nodes; default one cluster of ``agents``) running podman
+    containers (the build too, in ``builder_image``), the manager with its Oakestra adapter; stops all of it before
+    returning. The project is ``sla(repo URL as the containers reach it)``, by default the example's base case for
+    ``agents`` learners without post-training."""
     from flops.demo_hierarchical import print_clusters
     from flops.oakestra.adapter import from_settings
     from flops.oakestra.seats import seat_id
 
     started = time.monotonic()
     clusters = clusters or {CLUSTER: agents}
-    sla = sla or classic_sla(repo_url, agents, post_training=False)
     seats = [seat_id(name, n) for name, nodes in clusters.items() for n in range(1, nodes + 1)]
     read_token = secrets.token_urlsafe(24)
-    with node_data(work, seats, read_token) as data_servers, fake_oakestra(work, clusters) as oakestra_url:
+    with (
+        node_data(work, seats, read_token) as data_servers,
+        fake_oakestra(work, clusters) as oakestra_url,
+        served_repo(repo_url) as repo_url,
+    ):
+        project = sla(repo_url) if sla else classic_sla(repo_url, agents, post_training=False)
         settings = settings.model_copy(
             update={
                 "deployer": "oakestra",
                 "oakestra_url": oakestra_url,
+                "oakestra_builder_image": builder_image,
                 "oakestra_data_tags": {DATA_TAG: 1},
                 "oakestra_data_servers": data_servers,
                 "oakestra_data_token": SecretStr(read_token),
                 "oakestra_poll_s": 1.0,
             }
         )
-        with running_system(settings, work, 1, agent_env, fleet_class=BuildHost) as (address, fleet):
+        with running_system(settings, work, 0) as (address, _):  # no agents: every actor is an Oakestra service
             adapter_settings = settings.model_copy(update={"data_dir": work / "oakestra-adapter"})
             shutil.rmtree(work / "oakestra-adapter", ignore_errors=True)
             adapter = from_settings(adapter_settings, address).start()
@@ -195,13 +243,13 @@ def run_on_fake_oakestra(
                 nodes = ", ".join(f"cluster {name}: {n} learner nodes" for name, n in clusters.items())
                 console.print(
                     f"[bold]FLOps demo on Oakestra[/]: broker {address.url}, manager, fake System Manager "
-                    f"{oakestra_url} ({nodes}, podman), build host agent ({work})"
+                    f"{oakestra_url} ({nodes}, an image builder; podman; {work})"
                 )
                 console.print("node data servers: " + ", ".join(f"{k} {v}" for k, v in data_servers.items()))
-                fleet.wait_online()
-                project_id, state = submit_and_follow(address, sla, console, timeout)
+                console.print(f"repo: {repo_url} (git daemon)")
+                project_id, state = submit_and_follow(address, project, console, timeout)
             finally:
                 adapter.stop()
-    if sla.training_configuration.mode == "hierarchical":
+    if project.training_configuration.mode == "hierarchical":
         print_clusters(state, console)
     return DemoResult(project_id, state, stage_seconds(state), time.monotonic() - started, [], [])

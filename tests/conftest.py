@@ -15,7 +15,7 @@ import structlog
 from flops.broker import MosquittoBroker
 from flops.settings import BrokerAddress
 from tests.browser_support import browser, page  # noqa: F401  (one headless Chromium per run)
-from tests.image_support import built, registry  # noqa: F401  (one registry and image build per run, shared)
+from tests.image_support import builder_image, built, registry  # noqa: F401  (one registry and image build per run, shared)
 from tests.support import FakeWorkers, ManagerProcess
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from flops.builder import BuildFailure, BuildResult
+from flops.builder.builder_image import ensure_builder_image
 from flops.builder.image_backend import ImageBuilder, ImageBuilderSettings
 from flops.builder.images import platform_suffix
 from flops.demo import example_repo
@@ -99,3 +100,13 @@ def built(tmp_path_factory: pytest.TempPathFactory, registry: RunningRegistry) -
         yield state
     finally:
         forget_local(state.refs, ("linux/amd64", "linux/arm64"))
+
+
+@pytest.fixture(scope="session")
+def builder_image(built: Built) -> Iterator[str]:
+    """The builder image (buildah and the build worker, what Oakestra's builder services run) in the run's
+    registry: made once per key on this machine (its tools layer survives runs, like the runtime image), pushed
+    once per run."""
+    ref = ensure_builder_image(built.builder, built.workdir)
+    yield ref
+    buildah("rmi", ref)  # the registry's name podman pulled it under (the image stays as localhost/flops/builder)

@@ -89,6 +89,9 @@ class ImageBuilderSettings:
     host_python: str = field(default_factory=lambda: sys.executable)  # its pip's config and downloads
     storage_driver: str = "overlay"
     isolation: str = "chroot"
+    # Push the runtime and dependency images it builds FROM to the registry (``<registry>/flops/runtime:<key>``),
+    # so builders in containers (the Oakestra builder image) pull them instead of building them again.
+    share_bases: bool = False
     git_timeout_s: float = 300.0
     debootstrap_timeout_s: float = 1800.0
     step_timeout_s: float = 3600.0
@@ -269,11 +272,12 @@ class ImageBuilder:
             return s.base_image
         _, arch, _ = parse_platform(platform)
         local = f"localhost/flops/debian:{s.debian_suite}-{platform_suffix(platform)}"
+        remote = shared_ref(s.registry, local)
         if not self._local_image(local):
             with file_lock(s.rootfs_cache / f"{s.debian_suite}-{arch}.lock", timeout_s=s.lock_timeout_s):
-                if not self._local_image(local):
+                # A builder in a container (the Oakestra builder image) has no debootstrap: the registry's copy.
+                if not self._local_image(local) and not self._pull_shared(remote, local, platform):
                     self._import_rootfs(self._rootfs_tar(arch), local, arch)
-        remote = f"{s.registry}/flops/debian:{s.debian_suite}-{platform_suffix(platform)}"
         if not self._remote_has(remote, platform):
             self._buildah("debian", "pushing the Debian base", ["push", *self._tls(), local, f"docker://{remote}"])
         return local
@@ -378,12 +382,34 @@ class ImageBuilder:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         platform = str(identity["platform"])
         name = f"localhost/flops/{role}:{key}-{platform_suffix(platform)}"
+        remote = shared_ref(self.settings.registry, name)
         lock = self.settings.rootfs_cache / "locks" / f"{role}-{key}.lock"
         with file_lock(lock, timeout_s=self.settings.lock_timeout_s):
-            if not self._local_image(name):
+            if not self._local_image(name) and not self._pull_shared(remote, name, platform):
                 labels = {"org.flops.role": role, f"org.flops.{role}-key": key}
                 self._bud(role, containerfile(labels), ctx, platform, name, build_args, volumes)
+        if self.settings.share_bases:
+            self.share(name, platform)
         return name
+
+    def share(self, local: str, platform: str) -> str:
+        """Push the local image ``localhost/flops/<role>:<tag>`` to the registry as ``<registry>/flops/<role>:<tag>``
+        unless it is there: what a builder without it (in a container) pulls instead of building."""
+        remote = shared_ref(self.settings.registry, local)
+        if not self._remote_has(remote, platform):
+            self._buildah("push", f"pushing {remote}", ["push", *self._tls(), local, f"docker://{remote}"])
+        return remote
+
+    def _pull_shared(self, remote: str, local: str, platform: str) -> bool:
+        """Pull ``remote`` (a shared base another builder pushed) and name it ``local``; False when the registry
+        lacks it (then it is built here)."""
+        if not self._remote_has(remote, platform):
+            return False
+        what = f"pulling {remote}"
+        self._buildah("pull", what, ["pull", "--quiet", *self._tls(), "--platform", platform, f"docker://{remote}"])
+        self._buildah("pull", what, ["tag", remote, local])
+        self._progress("pull", f"{local} pulled from {remote}")
+        return True
 
     def _image_id(self, name: str) -> str:
         return output("buildah", [*self._global(), "images", "--quiet", "--no-trunc", name]).strip()
@@ -637,6 +663,12 @@ def copy_own_packages(dest: Path) -> None:
     """Our ``flops`` and ``flops_utils`` packages, without caches, for the base image's ``src/``."""
     for name in OWN_PACKAGES:
         shutil.copytree(own_packages_dir() / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def shared_ref(registry: str, local: str) -> str:
+    """The registry's name of a local shared image: ``localhost/flops/runtime:<tag>`` ->
+    ``<registry>/flops/runtime:<tag>``."""
+    return f"{registry}/{local.removeprefix('localhost/')}"
 
 
 def _copy_repo(repo_dir: Path, dest: Path) -> None:

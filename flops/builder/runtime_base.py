@@ -59,6 +59,16 @@ def own_packages_dir() -> Path:
     return Path(flops.__file__).resolve().parent.parent
 
 
+def own_code_digest() -> str:
+    """A digest of our packages' Python sources: what an image carrying them (the builder image, the demo's
+    registry) is keyed by, so a change to FLOps never reuses one made with the old code."""
+    digest = hashlib.sha256()
+    for name in OWN_PACKAGES:
+        for path in sorted((own_packages_dir() / name).rglob("*.py")):
+            digest.update(str(path.relative_to(own_packages_dir())).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def runtime_base_key(python_version: str, requirements: tuple[str, ...], installer_mode: str) -> str:
     """Identity of a base env: changing the interpreter, the runtime pins or our source location
     makes a new one instead of mutating one that project envs already point at."""

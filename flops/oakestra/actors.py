@@ -197,10 +197,9 @@ def _command_line(
         if cmd.kind == "build" and spec.get("backend") != "image":
             return Refusal("builds on Oakestra make images: set FLOPS_ARTIFACTS=image on the manager")
         module = "flops.builder.worker" if cmd.kind == "build" else "flops.builder.model_image"
-        argv = [module, "--spec", json.dumps(spec), "--workdir", WORKDIR, *registry]
-        # The model builder's buildah runs inside its service's container, whose root is an overlay already: vfs
-        # storage works there, overlay on overlay does not.
-        argv += ["--backend", "image"] if cmd.kind == "build" else ["--storage-driver", "vfs"]
+        # buildah in the builder image keeps vfs storage (no overlay on the container's own overlay).
+        argv = [module, "--spec", json.dumps(spec), "--workdir", WORKDIR, *registry, "--storage-driver", "vfs"]
+        argv += ["--backend", "image"] if cmd.kind == "build" else []
         return config.builder_image, argv, BUILDER_ADDON
     if cmd.kind == "serve_model":
         ref = str(spec.get("image_ref", ""))

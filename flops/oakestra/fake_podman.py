@@ -9,6 +9,13 @@ this machine: it is added to the loopback interface (``ip addr add IP/32 dev lo`
 container runs, so containers on the host network reach the service there as they would through Oakestra's
 NetManager; without the right to add it the container still runs, and the address is logged as unreachable.
 Podman flags as ``flops.containers`` uses them on these hosts (runc, ulimits within the hard limits).
+
+A service that needs the ``image-builder`` add-on (the builder image, :mod:`flops.builder.builder_image`) runs
+buildah inside its container. It is started like any other: with ``vfs`` storage and ``chroot`` isolation buildah
+pulls, unpacks, runs ``RUN`` steps (bind mounts too) and pushes in a container with podman's default capabilities,
+as on an Oakestra node, whose NodeEngine adds only ``/dev/fuse`` to a ``privileged`` service. Measured here: adding
+``CAP_SYS_ADMIN`` alone *breaks* it (buildah then unpacks layers as a privileged root would, and creating their
+device nodes fails: "ApplyLayer: operation not permitted"); ``--privileged`` works but is not needed.
 """
 
 from __future__ import annotations

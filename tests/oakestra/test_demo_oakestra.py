@@ -1,9 +1,10 @@
-"""``flops demo --oakestra`` (and ``--hierarchical``) without its build: the example project, whose images the run's
-shared build (``tests.image_support.built``) pushed to its registry (so the builder stage is a cache hit), trains
-with learners and aggregators that the manager's Oakestra adapter places through the fake System Manager, which
-runs them as podman containers. The learners read their own node's data server, reach their aggregator at its
-service IP (on loopback), cluster aggregators reach the root at its own, and all report over MQTT through the shim;
-the project's aggregator's shim hands its model over to the registry.
+"""``flops demo --oakestra`` (and ``--hierarchical``) on the run's shared image build (``tests.image_support.built``):
+the example project's build is an Oakestra service of the builder image (``tests.image_support.builder_image``) in a
+container, which clones the repo from ``git daemon`` and finds the run's images in the registry (a cache hit, so no
+buildah work); its learners and aggregators are placed by the manager's Oakestra adapter through the fake System
+Manager, which runs them as podman containers. The learners read their own node's data server, reach their
+aggregator at its service IP (on loopback), cluster aggregators reach the root at its own, and all report over MQTT
+through the shim; the project's aggregator's shim hands its model over to the registry.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ def assert_nothing_left(names: list[str], logs: dict[str, str]) -> None:
     assert used and not used & set(SERVICE_IP.findall(loopback.stdout))
 
 
-def test_the_base_case_trains_in_containers_the_fake_oakestra_runs(built: Built, tmp_path: Path) -> None:
+def test_the_base_case_builds_and_trains_in_containers_the_fake_oakestra_runs(
+    built: Built, builder_image: str, tmp_path: Path
+) -> None:
     built.ok()
     settings = Settings(data_dir=tmp_path, artifacts="image", registry=built.registry.address)
 
-    result = run_on_fake_oakestra(
-        settings, tmp_path, Console(quiet=True), built.repo_url, {"FLOPS_REGISTRY": built.registry.address}
-    )
+    result = run_on_fake_oakestra(settings, tmp_path, Console(quiet=True), built.repo_url, builder_image)
 
     state = result.state
     assert (state.outcome, state.reason) == (Outcome.COMPLETED, "training completed")
@@ -63,27 +64,31 @@ def test_the_base_case_trains_in_containers_the_fake_oakestra_runs(built: Built,
     # The aggregator's model outlived its container: its shim pushed the model files, tagged with the project.
     assert result.project_id in built.registry.client().tags("demo/model-files")
     logs = container_logs(tmp_path)
-    assert len(logs) == 4  # three learners and the aggregator, one container each
+    assert len(logs) == 5  # the builder, three learners and the aggregator, one container each
+    (build_log,) = [text for text in logs.values() if "image build succeeded" in text]
+    assert "cached=True" in build_log and "git://127.0.0.1:" in build_log  # found by the worker in its container
+    assert "builder_at" in state.stage_timestamps
     fetched = [text for text in logs.values() if "data.fetched" in text]
     assert len(fetched) == 3 and len({data_server(t) for t in fetched}) == 3
     assert_nothing_left(list(logs), logs)
 
 
-def test_the_hierarchical_project_trains_on_two_fake_oakestra_clusters(built: Built, tmp_path: Path) -> None:
+def test_the_hierarchical_project_trains_on_two_fake_oakestra_clusters(
+    built: Built, builder_image: str, tmp_path: Path
+) -> None:
     """2 cycles of 1 round (the example has 3): the root's second cycle starts the clusters from its model."""
     built.ok()
     settings = Settings(data_dir=tmp_path, artifacts="image", registry=built.registry.address)
     out = io.StringIO()
-    sla = hierarchical_sla(built.repo_url, post_training=False, training_rounds=1)
 
     result = run_on_fake_oakestra(
         settings,
         tmp_path,
         Console(file=out, width=1000),
         built.repo_url,
-        {"FLOPS_REGISTRY": built.registry.address},
+        builder_image,
         clusters=HIERARCHICAL_CLUSTERS,
-        sla=sla,
+        sla=lambda url: hierarchical_sla(url, post_training=False, training_rounds=1),
     )
 
     state = result.state
@@ -94,7 +99,7 @@ def test_the_hierarchical_project_trains_on_two_fake_oakestra_clusters(built: Bu
     logs = container_logs(tmp_path)
     learners = {name: text for name, text in logs.items() if "data.fetched" in text}
     aggregators = {name: text for name, text in logs.items() if "flower-superlink" in text}
-    assert (len(logs), len(learners), len(aggregators)) == (7, 4, 3)  # one container per actor
+    assert (len(logs), len(learners), len(aggregators)) == (8, 4, 3)  # one container per actor, and the builder
     # Cluster aggregators join the root at its service IP; the root joins nobody.
     roots = {m for text in aggregators.values() for m in re.findall(r"'--superlink', '([\d.:]+)'", text)}
     assert len(roots) == 1 and sum("root-supernode" in text for text in aggregators.values()) == 2

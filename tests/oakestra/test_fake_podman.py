@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -83,3 +84,17 @@ def test_containers_decide_completed_failed_and_running(placement: Placement) ->
     assert running_names(f"fakeoak-{learner_id}") == [f"fakeoak-{learner_id}-0"]
     placement.close("cancelled")
     assert running_names(f"fakeoak-{learner_id}") == []
+
+
+def test_an_image_builder_service_runs_buildah_in_a_default_container(
+    placement: Placement, builder_image: str, built: Built
+) -> None:
+    """As on a node with the ``image-builder`` add-on (whose NodeEngine adds no capabilities): buildah in the
+    builder image pulls the Debian base from the registry and runs a step in it (vfs storage, chroot isolation)."""
+    debian = f"{built.registry.address}/flops/debian:bookworm-linux-amd64"
+    script = f"c=$(buildah from -q --tls-verify=false docker://{debian}) && buildah run $c -- sh -c 'echo ran in $c'"
+    local = "localhost/" + builder_image.split("/", 1)[1]  # in local storage: no pull over plain HTTP here
+    placement.deploy(replace(actor("builder", script, image=local), addon="image-builder"))
+    list(placement.follow(timeout=300))
+
+    assert placement.actors["builder"].phase is Phase.COMPLETED, placement.actors["builder"].reason

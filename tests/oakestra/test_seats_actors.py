@@ -118,6 +118,7 @@ def test_a_build_is_a_one_shot_of_the_builder_image_on_a_cluster_offering_image_
 
     assert spec.image == "reg/builder:1" and spec.one_shot and spec.addon == "image-builder"
     assert spec.cmd[3] == "flops.builder.worker" and spec.cmd[spec.cmd.index("--backend") + 1] == "image"
+    assert spec.cmd[spec.cmd.index("--storage-driver") + 1] == "vfs"  # buildah inside the builder image
     assert (spec.memory, spec.vcpus) == (2000, 1)
 
 
