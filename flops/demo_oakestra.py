@@ -30,8 +30,10 @@ container (unprivileged) buildah uses ``vfs`` storage and ``chroot`` isolation. 
 ``git daemon`` on loopback (containers share the host network). With the repo's images in the registry the build is
 a cache hit; otherwise it builds them in the container (~3.5 min, vfs copies).
 
-Not on Oakestra yet, so not here: post-training (the trained model stays in the aggregator's container, where no
-model builder service can read it).
+Post-training runs there as well: the aggregator's shim hands its model files over to the registry before it reports
+success (:mod:`flops.runtime.model_files`), the model builder (a one-shot service of the builder image on the
+aggregator's cluster) pulls them and makes the trained-model image, and the model server runs that image at its
+service IP, where the demo asks it about held-out digits with the project's token.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from rich.console import Console
 from flops.demo import (
     DemoResult,
     artifacts,
+    ask_model,
     classic_sla,
     example_repo,
     running_system,
@@ -169,7 +172,7 @@ def run_oakestra_demo(
                 repo_url,
                 builder_image,
                 clusters=HIERARCHICAL_CLUSTERS,
-                sla=lambda url: hierarchical_sla(url, post_training=False),
+                sla=lambda url: hierarchical_sla(url, post_training=True),
                 timeout=timeout,
             )
         else:
@@ -209,7 +212,7 @@ def run_on_fake_oakestra(
     fake System Manager with ``clusters`` (name -> learner nodes; default one cluster of ``agents``) running podman
     containers (the build too, in ``builder_image``), the manager with its Oakestra adapter; stops all of it before
     returning. The project is ``sla(repo URL as the containers reach it)``, by default the example's base case for
-    ``agents`` learners without post-training."""
+    ``agents`` learners, with post-training: then the model server is asked about held-out digits."""
     from flops.demo_hierarchical import print_clusters
     from flops.oakestra.adapter import from_settings
     from flops.oakestra.seats import seat_id
@@ -223,7 +226,7 @@ def run_on_fake_oakestra(
         fake_oakestra(work, clusters) as oakestra_url,
         served_repo(repo_url) as repo_url,
     ):
-        project = sla(repo_url) if sla else classic_sla(repo_url, agents, post_training=False)
+        project = sla(repo_url) if sla else classic_sla(repo_url, agents, post_training=True)
         settings = settings.model_copy(
             update={
                 "deployer": "oakestra",
@@ -248,8 +251,12 @@ def run_on_fake_oakestra(
                 console.print("node data servers: " + ", ".join(f"{k} {v}" for k, v in data_servers.items()))
                 console.print(f"repo: {repo_url} (git daemon)")
                 project_id, state = submit_and_follow(address, project, console, timeout)
+                if project.training_configuration.mode == "hierarchical":
+                    print_clusters(state, console)
+                # Asked while the fake still runs the server's container (its application goes with the fake).
+                predictions, labels = (
+                    ask_model(state.model_url, console, token=state.model_token) if state.model_url else ([], [])
+                )
             finally:
                 adapter.stop()
-    if project.training_configuration.mode == "hierarchical":
-        print_clusters(state, console)
-    return DemoResult(project_id, state, stage_seconds(state), time.monotonic() - started, [], [])
+    return DemoResult(project_id, state, stage_seconds(state), time.monotonic() - started, predictions, labels)

@@ -3,7 +3,8 @@
 ``<registry>/flops/builder:<key>`` is the local Debian base (``ImageBuilder``'s, the one the runtime is built FROM)
 with buildah and git from Debian's archive (apt inside the build; the mirror is the base's ``sources.list``), a
 virtual environment at :data:`flops.builder.containerfile.VENV` holding only what ``flops.builder.worker``,
-``flops.builder.model_image`` and ``flops.oakestra.shim`` import (no Flower: the images it builds carry that), and
+``flops.builder.model_image`` and ``flops.oakestra.shim`` import (no Flower: the images it builds carry that), the
+wheels of mlflow-skinny the model builder installs into a trained-model image (so it downloads nothing), and
 our ``flops`` / ``flops_utils`` packages. Inside it buildah keeps its storage with ``vfs`` (no overlay on overlay,
 no fuse device) and runs ``RUN`` steps with ``chroot`` isolation (no nested runtime, no user namespaces), set in
 ``/etc/containers`` so any buildah call there uses them. So it runs in a container with the default capabilities,
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from flops.builder import containerfile as cf
 from flops.builder.image_backend import ImageBuilder, copy_own_packages, native_platform, shared_ref
+from flops.builder.model_image import BAKED_WHEELS, MLFLOW_REQUIREMENT
 from flops.builder.runtime_base import own_code_digest
 
 DEBIAN_PACKAGES = ("buildah", "git", "ca-certificates", "python3", "python3-venv")
@@ -65,7 +67,10 @@ RUN --mount=type=bind,source=build,target={cf.BUILD_MOUNT} set -eu; \\
     printf '{STORAGE_CONF}' > /etc/containers/storage.conf; \\
     python3 -m venv {cf.VENV}; \\
     PIP_CONFIG_FILE={cf.BUILD_MOUNT}/{cf.PIP_CONF} {cf.VENV}/bin/python -m pip install --progress-bar off \\
-        -r {cf.BUILD_MOUNT}/{REQUIREMENTS_FILE}
+        -r {cf.BUILD_MOUNT}/{REQUIREMENTS_FILE}; \\
+    PIP_CONFIG_FILE={cf.BUILD_MOUNT}/{cf.PIP_CONF} {cf.VENV}/bin/python -m pip download --only-binary=:all: \\
+        --progress-bar off -d {BAKED_WHEELS} '{MLFLOW_REQUIREMENT}'; \\
+    touch {BAKED_WHEELS}/.complete
 {cf._labels(labels or {})}"""
 
 

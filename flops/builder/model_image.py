@@ -46,6 +46,9 @@ from flops.runtime.reports import MODEL_BUILT, MODEL_FAILED, ReportWriter
 log = structlog.get_logger(__name__)
 
 MLFLOW_REQUIREMENT = "mlflow-skinny>=3,<4"
+# The builder image (flops.builder.builder_image) carries those wheels here: a model builder on Oakestra needs no
+# download (a node may reach no package index, or only through a proxy whose CA the image lacks).
+BAKED_WHEELS = Path("/opt/flops/wheels-mlflow")
 MLFLOW_VENV, MODEL_DIR, BASE_VENV, SRC_DIR, REPO_DIR = cf.MLFLOW_VENV, cf.MODEL_DIR, cf.VENV, cf.SRC_DIR, cf.REPO_DIR
 WHEELS = "/flops-wheels"
 PYTHON_VERSION = "3.11.2"  # the Debian base's python3 (as ImageBuilderSettings.python_version)
@@ -146,7 +149,9 @@ class ModelImageBuilder:
         return model_file
 
     def _wheels(self) -> Path:
-        """mlflow-skinny and its dependencies as wheels for this host's platform (downloaded once)."""
+        """mlflow-skinny and its dependencies as wheels for this host's platform (baked in, or downloaded once)."""
+        if (BAKED_WHEELS / ".complete").exists():
+            return BAKED_WHEELS
         wheels = self.workdir / "cache" / "wheels-mlflow"
         if not (wheels / ".complete").exists():
             arch = native_platform().split("/")[1]

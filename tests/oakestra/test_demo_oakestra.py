@@ -50,21 +50,27 @@ def assert_nothing_left(names: list[str], logs: dict[str, str]) -> None:
     assert used and not used & set(SERVICE_IP.findall(loopback.stdout))
 
 
-def test_the_base_case_builds_and_trains_in_containers_the_fake_oakestra_runs(
+def test_the_base_case_builds_trains_and_serves_in_containers_the_fake_oakestra_runs(
     built: Built, builder_image: str, tmp_path: Path
 ) -> None:
     built.ok()
     settings = Settings(data_dir=tmp_path, artifacts="image", registry=built.registry.address)
+    out = io.StringIO()
 
-    result = run_on_fake_oakestra(settings, tmp_path, Console(quiet=True), built.repo_url, builder_image)
+    result = run_on_fake_oakestra(settings, tmp_path, Console(file=out, width=1000), built.repo_url, builder_image)
 
     state = result.state
-    assert (state.outcome, state.reason) == (Outcome.COMPLETED, "training completed")
+    assert state.outcome == Outcome.COMPLETED, out.getvalue()[-3000:]
+    assert re.fullmatch(r"model served at http://10\.30\.\d+\.\d+:8080/", state.reason or ""), state.reason
     assert state.progress.round == 3 and (state.progress.accuracy or 0) > 0.8
-    # The aggregator's model outlived its container: its shim pushed the model files, tagged with the project.
+    # The aggregator's model outlived its container: its shim pushed the model files, tagged with the project; the
+    # model builder made the trained-model image from them, and its server answered held-out digits.
     assert result.project_id in built.registry.client().tags("demo/model-files")
+    assert state.model_url and state.model_token
+    right = sum(int(p == y) for p, y in zip(result.predictions, result.labels, strict=True))
+    assert result.labels and right / len(result.labels) > 0.8
     logs = container_logs(tmp_path)
-    assert len(logs) == 5  # the builder, three learners and the aggregator, one container each
+    assert len(logs) == 7  # the builder, three learners, the aggregator, the model builder and server: one each
     (build_log,) = [text for text in logs.values() if "image build succeeded" in text]
     assert "cached=True" in build_log and "git://127.0.0.1:" in build_log  # found by the worker in its container
     assert "builder_at" in state.stage_timestamps
