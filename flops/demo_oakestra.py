@@ -216,6 +216,7 @@ def run_on_fake_oakestra(
     from flops.demo_hierarchical import print_clusters
     from flops.oakestra.adapter import from_settings
     from flops.oakestra.seats import seat_id
+    from flops.ports import free_port
 
     started = time.monotonic()
     clusters = clusters or {CLUSTER: agents}
@@ -236,6 +237,8 @@ def run_on_fake_oakestra(
                 "oakestra_data_servers": data_servers,
                 "oakestra_data_token": SecretStr(read_token),
                 "oakestra_poll_s": 1.0,
+                # The fake's containers share this host's network: a free port, not 8080, which may be taken.
+                "oakestra_serve_port": free_port(),
             }
         )
         with running_system(settings, work, 0) as (address, _):  # no agents: every actor is an Oakestra service

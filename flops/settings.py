@@ -166,6 +166,7 @@ class Settings(BaseSettings):
     oakestra_data_servers: dict[str, str] = {}
     oakestra_data_token: SecretStr | None = None
     oakestra_poll_s: float = Field(3.0, gt=0, description="How often Oakestra's services are looked at")
+    oakestra_serve_port: int = Field(8080, ge=1, le=65535, description="The model server's port on its service IP")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -483,6 +483,7 @@ def from_settings(settings: Settings, address: BrokerAddress) -> OakestraAdapter
         data_server=settings.oakestra_data_server,
         data_servers=settings.oakestra_data_servers,
         data_token=token.get_secret_value() if (token := settings.oakestra_data_token) else None,
+        serve_port=settings.oakestra_serve_port,
     )
     config = AdapterConfig(
         actors=actors,

@@ -61,7 +61,7 @@ def test_the_base_case_builds_trains_and_serves_in_containers_the_fake_oakestra_
 
     state = result.state
     assert state.outcome == Outcome.COMPLETED, out.getvalue()[-3000:]
-    assert re.fullmatch(r"model served at http://10\.30\.\d+\.\d+:8080/", state.reason or ""), state.reason
+    assert re.fullmatch(r"model served at http://10\.30\.\d+\.\d+:\d+/", state.reason or ""), state.reason
     assert state.progress.round == 3 and (state.progress.accuracy or 0) > 0.8
     # The aggregator's model outlived its container: its shim pushed the model files, tagged with the project; the
     # model builder made the trained-model image from them, and its server answered held-out digits.
