@@ -22,7 +22,7 @@ from flops.builder import image_backend as backend
 from flops.builder.image_backend import ImageBuilder, ImageBuilderSettings
 from flops.builder.images import image_names
 from tests.builder.conftest import DATA_MANAGER, MODEL_MANAGER, GitRepo
-from tests.image_support import PODMAN, PODMAN_RUN, Built, buildah, inspect_raw
+from tests.image_support import PODMAN, PODMAN_RUN, Built, buildah, forget_local, inspect_raw
 
 pytestmark = [pytest.mark.timeout(1800)]
 
@@ -178,10 +178,16 @@ def test_two_platforms_make_one_manifest_list_with_both(built: Built) -> None:
         assert archs == ["amd64", "arm64"]
     learner = result.artifact.images["learner"]  # type: ignore[union-attr]
     code = "import platform, flwr, sklearn; print(platform.machine())"
-    machine = subprocess.run(
-        [*PODMAN, *PODMAN_RUN, "--arch", "arm64", "--pull", "always", "--entrypoint", "python", learner, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv = [*PODMAN, *PODMAN_RUN, "--arch", "arm64", "--pull", "always", "--entrypoint", "python", learner, "-c", code]
+    try:
+        machine = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        # The pull left the arm64 image under the run's shared names: a later podman run of them on this amd64 host
+        # would take it from local storage and emulate it (the Oakestra demo test's containers did). They pull again.
+        forget_local(list(result.artifact.images.values()), ("linux/amd64", "linux/arm64"))  # type: ignore[union-attr]
     assert machine.stdout.strip().splitlines()[-1] == "aarch64", machine.stderr[-2000:]
