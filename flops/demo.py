@@ -89,6 +89,7 @@ class Fleet:
             # Fresh data and state every run; builds (and so the builder cache) survive between runs.
             for sub in ("data", "state", "work"):
                 shutil.rmtree(agent_dir / sub, ignore_errors=True)
+            roles = "learner,builder,aggregator,serve" if agent_id == self.ids[0] else "learner"
             with (self.work / "logs" / f"{agent_id}.log").open("wb") as out:
                 self.procs.append(
                     subprocess.Popen(
@@ -102,7 +103,7 @@ class Fleet:
                             "--data-dir",
                             str(agent_dir),
                             "--roles",
-                            self.roles(agent_id),
+                            roles,
                         ],
                         env=env,
                         stdout=out,
@@ -111,27 +112,17 @@ class Fleet:
                     )
                 )
 
-    def roles(self, agent_id: str) -> str:
-        """The first agent builds, aggregates and serves besides learning; the others learn."""
-        return "learner,builder,aggregator,serve" if agent_id == self.ids[0] else "learner"
-
-    waiting_for = "all demo agents online (see the logs in the demo directory)"
-
-    @staticmethod
-    def ready(status: AgentStatus) -> bool:
-        """An agent of this fleet is ready: online with its data server (learners get data pushed)."""
-        return status.online and bool(status.data_server)
-
     def wait_online(self, timeout: float = 60.0) -> dict[str, AgentStatus]:
         seen: dict[str, AgentStatus] = {}
         with Bus(
             self.address, BusOptions(client_id=new_id("demo-fleet"), subscriptions=[topics.ALL_AGENT_STATUS])
         ) as bus:
             deadline = time.monotonic() + timeout
-            while set(self.ids) - {k for k, v in seen.items() if self.ready(v)}:
+            # Ready: online with its data server (learners get data pushed).
+            while set(self.ids) - {k for k, v in seen.items() if v.online and v.data_server}:
                 left = deadline - time.monotonic()
                 if left <= 0 or any(p.poll() is not None for p in self.procs):
-                    raise TimedOut(self.waiting_for, timeout)
+                    raise TimedOut("all demo agents online (see the logs in the demo directory)", timeout)
                 with contextlib.suppress(Exception):
                     message = bus.inbox.get(timeout=min(left, 0.5))
                     if message.payload:
@@ -294,7 +285,7 @@ def _run_demo(
         partitions = fleet.push_digits(statuses, fleet.ids, settings.tls_ca_file)
         shares = ", ".join(f"{a}: {p.num_rows} rows" for a, p in zip(fleet.ids, partitions, strict=True))
         console.print(f"data: digits train split → {shares}")
-        project_id, state = submit_example(address, repo_url, agents, console, timeout, ui_url=ui_url)
+        project_id, state = submit_and_follow(address, classic_sla(repo_url, agents), console, timeout, ui_url=ui_url)
         predictions: list[int] = []
         labels: list[int] = []
         if state.model_url:
@@ -306,25 +297,9 @@ def _run_demo(
     return DemoResult(project_id, state, stage_seconds(state), total, predictions, labels)
 
 
-def submit_example(
-    address: BrokerAddress,
-    repo_url: str,
-    learners: int,
-    console: Console,
-    timeout: float,
-    *,
-    post_training: bool = True,
-    ui_url: str | None = None,
-) -> tuple[str, ProjectState]:
-    """The example SLA for ``learners`` learners (without post-training steps if asked) submitted and followed
-    to its end: (project id, final state)."""
-    sla = classic_sla(repo_url, learners, post_training=post_training)
-    return submit_and_follow(address, sla, console, timeout, ui_url=ui_url)
-
-
-def classic_sla(repo_url: str, learners: int, *, post_training: bool = True) -> ProjectSLA:
+def classic_sla(repo_url: str, learners: int) -> ProjectSLA:
     """The example (classic) SLA for the demo's repo and ``learners`` learners."""
-    body = example_sla(EXAMPLE_SLA, repo_url, post_training=post_training)
+    body = example_sla(EXAMPLE_SLA, repo_url)
     tc = body["training_configuration"]
     tc["min_available_clients"] = tc["min_fit_clients"] = tc["min_evaluate_clients"] = learners
     return ProjectSLA.model_validate(body)

@@ -45,6 +45,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 from rich.console import Console
@@ -164,21 +165,10 @@ def run_oakestra_demo(
     repo_url = example_repo(work)
     with artifacts(settings, work, console, True) as (settings, _):
         builder_image = make_builder_image(settings.registry, work, console)
-        if hierarchical:
-            result = run_on_fake_oakestra(
-                settings,
-                work,
-                console,
-                repo_url,
-                builder_image,
-                clusters=HIERARCHICAL_CLUSTERS,
-                sla=lambda url: hierarchical_sla(url, post_training=True),
-                timeout=timeout,
-            )
-        else:
-            result = run_on_fake_oakestra(
-                settings, work, console, repo_url, builder_image, agents=agents, timeout=timeout
-            )
+        project: dict[str, Any] = (
+            {"clusters": HIERARCHICAL_CLUSTERS, "sla": hierarchical_sla} if hierarchical else {"agents": agents}
+        )
+        result = run_on_fake_oakestra(settings, work, console, repo_url, builder_image, timeout=timeout, **project)
     result.total_seconds = time.monotonic() - started
     return result
 
@@ -227,7 +217,7 @@ def run_on_fake_oakestra(
         fake_oakestra(work, clusters) as oakestra_url,
         served_repo(repo_url) as repo_url,
     ):
-        project = sla(repo_url) if sla else classic_sla(repo_url, agents, post_training=True)
+        project = sla(repo_url) if sla else classic_sla(repo_url, agents)
         settings = settings.model_copy(
             update={
                 "deployer": "oakestra",

@@ -81,8 +81,9 @@ def plugin_state(directory: Path) -> list[str]:
     return names
 
 
-def oakestra_env_files(directory: Path, broker_files: list[str]) -> list[str]:
-    """The manager's env files besides its own for ``--deployer oakestra``, checked for what the actors need."""
+def oakestra_env_files(directory: Path, plugin_loaded: bool) -> list[str]:
+    """The manager's env files besides its own for ``--deployer oakestra``, checked for what the actors need
+    (``plugin_loaded``: the broker's config loads the dynamic-security plugin)."""
     oakestra = directory / "env" / "oakestra.env"
     if not oakestra.is_file():
         raise SystemExit(f"render: --oakestra needs {oakestra} (FLOPS_DEPLOYER=oakestra, FLOPS_OAKESTRA_URL, ...)")
@@ -91,7 +92,7 @@ def oakestra_env_files(directory: Path, broker_files: list[str]) -> list[str]:
         raise SystemExit(f"render: {oakestra} must set FLOPS_DEPLOYER=oakestra and FLOPS_OAKESTRA_URL")
     names = ["env/oakestra.env"]
     if (directory / "env" / "oakestra-dynsec.env").is_file():
-        if not any(name.endswith(".json") for name in broker_files):
+        if not plugin_loaded:
             raise SystemExit(
                 "render: env/oakestra-dynsec.env exists but mosquitto.conf does not load the dynamic-security "
                 "plugin: add the lines `python -m flops.oakestra.dynsec_files` printed"
@@ -120,8 +121,9 @@ def values(
     if node_agent not in setup["agents"]:
         raise SystemExit(f"render: --node-agent {node_agent!r} is not an agent of {directory}")
     node_cert = [f"certs/{node_agent}-node.crt", f"certs/{node_agent}-node.key"]
-    broker_files = ["mosquitto.conf", "ca.crt", "broker.crt", "broker.key", "passwd", "acl", *plugin_state(directory)]
-    manager_env = ["env/manager.env", *(oakestra_env_files(directory, broker_files) if oakestra else [])]
+    state = plugin_state(directory)
+    broker_files = ["mosquitto.conf", "ca.crt", "broker.crt", "broker.key", "passwd", "acl", *state]
+    manager_env = ["env/manager.env", *(oakestra_env_files(directory, bool(state)) if oakestra else [])]
     return {
         "FLOPS_CONTROL_IMAGE": image,
         "FLOPS_DIR": str(directory),

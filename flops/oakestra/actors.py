@@ -150,8 +150,8 @@ def actor_spec(cmd: Command, seat: Seat, config: ActorConfig) -> ActorSpec | Ref
     if isinstance(size, Refusal):
         return size
     try:
-        made = _command_line(cmd, seat, config, env)
         rr_ip = _service_address(cmd, seat, config)
+        made = _command_line(cmd, seat, config, env, rr_ip)
     except KeyError as exc:  # the spec lacks what the actor needs: the user sees which field
         return Refusal(f"spec.{exc.args[0]}: required for {cmd.kind} on Oakestra")
     if isinstance(made, Refusal):
@@ -185,10 +185,10 @@ def _service_address(cmd: Command, seat: Seat, config: ActorConfig) -> str | Non
 
 
 def _command_line(
-    cmd: Command, seat: Seat, config: ActorConfig, env: dict[str, str]
+    cmd: Command, seat: Seat, config: ActorConfig, env: dict[str, str], rr_ip: str | None
 ) -> tuple[str, list[str], str | None] | Refusal:
     """(image, ``python -m`` arguments, the add-on its cluster must offer) of each kind, as :mod:`flops.agent`
-    builds them for a container."""
+    builds them for a container; ``rr_ip`` is the service IP it asks for (:func:`_service_address`)."""
     spec = cmd.spec
     registry = ["--registry", config.registry, *(["--registry-tls"] if config.registry_tls else [])]
     if cmd.kind in ("build", "build_model_image"):
@@ -206,8 +206,7 @@ def _command_line(
         if not ref.startswith("image://"):
             return Refusal(f"serve_model on Oakestra needs a model image, not {ref or 'nothing'}")
         argv = ["flops.runtime.mlflow_serve", "--model", cf.MODEL_DIR, "--host", "0.0.0.0"]
-        advertised = service_ip(cmd.project_id, seat.agent_id, config.serve_port)  # its URL: the service IP
-        argv += ["--port", str(config.serve_port), "--advertise-host", advertised]
+        argv += ["--port", str(config.serve_port), "--advertise-host", str(rr_ip)]  # its URL: the service IP
         if spec.get("token"):  # the project's bearer token: a secret, so in the environment
             env[MODEL_TOKEN_ENV] = str(spec["token"])
         return ref.removeprefix("image://"), argv, None

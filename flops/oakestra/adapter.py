@@ -53,7 +53,6 @@ log = structlog.get_logger(__name__)
 
 # Put on the worker's queue after every (re)connect: announce every seat again (a fresh broker forgot them).
 _ANNOUNCE = object()
-# Command ids remembered for idempotency (a redelivery comes long before 10,000 newer commands).
 
 
 @dataclass(frozen=True)

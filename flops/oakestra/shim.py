@@ -205,7 +205,10 @@ def run(argv: Sequence[str], env: Mapping[str, str]) -> int:
         options = BusOptions(client_id=f"flops-actor-{identity.command_id}", ca_file=str(ca_file) if ca_file else None)
         bus = Bus(identity.broker, options)
         bus.connect()
-        return _run_child(argv, env, Reporter(identity, bus, registry_ca_file=registry_ca_file))
+        try:
+            return _run_child(argv, env, Reporter(identity, bus, registry_ca_file=registry_ca_file))
+        finally:
+            bus.close()
 
 
 def _written(path: Path, text: str | None) -> Path | None:
@@ -219,23 +222,20 @@ def _run_child(argv: Sequence[str], env: Mapping[str, str], reporter: Reporter) 
     """The actor itself, its report lines published by ``reporter``; its exit status."""
     # The child runs the project's code and never speaks MQTT: it does not get the broker password.
     child_env = {k: v for k, v in env.items() if k != ENV_BROKER_PASSWORD}
-    try:
-        read_fd, write_fd = os.pipe()
-        with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as stream:
-            try:
-                child = subprocess.Popen(
-                    [sys.executable, "-m", *argv, "--report-fd", str(write_fd)], pass_fds=(write_fd,), env=child_env
-                )
-            finally:
-                os.close(write_fd)  # ours closed: the stream ends when the child's copy closes
-            for text in stream:
-                if text.strip():
-                    reporter.line(text.strip())
-        code = child.wait()
-        reporter.exited(code)
-        return code
-    finally:
-        reporter.bus.close()
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as stream:
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", *argv, "--report-fd", str(write_fd)], pass_fds=(write_fd,), env=child_env
+            )
+        finally:
+            os.close(write_fd)  # ours closed: the stream ends when the child's copy closes
+        for text in stream:
+            if text.strip():
+                reporter.line(text.strip())
+    code = child.wait()
+    reporter.exited(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,11 @@ import io
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from flops.demo import DemoResult
 from flops.demo_hierarchical import hierarchical_sla
 from flops.demo_oakestra import HIERARCHICAL_CLUSTERS, run_on_fake_oakestra
 from flops.lifecycle_stages import Outcome
@@ -50,17 +52,24 @@ def assert_nothing_left(names: list[str], logs: dict[str, str]) -> None:
     assert used and not used & set(SERVICE_IP.findall(loopback.stdout))
 
 
+def run_demo(built: Built, builder_image: str, work: Path, **project: Any) -> tuple[DemoResult, str]:
+    """The Oakestra demo's project on the run's images and builder image: its result and what it printed."""
+    built.ok()
+    settings = Settings(data_dir=work, artifacts="image", registry=built.registry.address)
+    out = io.StringIO()
+    result = run_on_fake_oakestra(
+        settings, work, Console(file=out, width=1000), built.repo_url, builder_image, **project
+    )
+    return result, out.getvalue()
+
+
 def test_the_base_case_builds_trains_and_serves_in_containers_the_fake_oakestra_runs(
     built: Built, builder_image: str, tmp_path: Path
 ) -> None:
-    built.ok()
-    settings = Settings(data_dir=tmp_path, artifacts="image", registry=built.registry.address)
-    out = io.StringIO()
-
-    result = run_on_fake_oakestra(settings, tmp_path, Console(file=out, width=1000), built.repo_url, builder_image)
+    result, printed = run_demo(built, builder_image, tmp_path)
 
     state = result.state
-    assert state.outcome == Outcome.COMPLETED, out.getvalue()[-3000:]
+    assert state.outcome == Outcome.COMPLETED, printed[-3000:]
     assert re.fullmatch(r"model served at http://10\.30\.\d+\.\d+:\d+/", state.reason or ""), state.reason
     assert state.progress.round == 3 and (state.progress.accuracy or 0) > 0.8
     # The aggregator's model outlived its container: its shim pushed the model files, tagged with the project; the
@@ -83,22 +92,16 @@ def test_the_hierarchical_project_trains_on_two_fake_oakestra_clusters(
     built: Built, builder_image: str, tmp_path: Path
 ) -> None:
     """2 cycles of 1 round (the example has 3): the root's second cycle starts the clusters from its model."""
-    built.ok()
-    settings = Settings(data_dir=tmp_path, artifacts="image", registry=built.registry.address)
-    out = io.StringIO()
-
-    result = run_on_fake_oakestra(
-        settings,
-        tmp_path,
-        Console(file=out, width=1000),
-        built.repo_url,
+    result, printed = run_demo(
+        built,
         builder_image,
+        tmp_path,
         clusters=HIERARCHICAL_CLUSTERS,
         sla=lambda url: hierarchical_sla(url, post_training=False, training_rounds=1),
     )
 
     state = result.state
-    assert (state.outcome, state.reason) == (Outcome.COMPLETED, "training completed"), out.getvalue()[-3000:]
+    assert (state.outcome, state.reason) == (Outcome.COMPLETED, "training completed"), printed[-3000:]
     p = state.progress
     assert (p.cycle, p.cycles, p.round) == (2, 2, 2) and (p.accuracy or 0) > 0.8
     assert {name: (c.cycle, c.round) for name, c in p.clusters.items()} == {"east": (2, 1), "west": (2, 1)}
@@ -110,7 +113,7 @@ def test_the_hierarchical_project_trains_on_two_fake_oakestra_clusters(
     roots = {m for text in aggregators.values() for m in re.findall(r"'--superlink', '([\d.:]+)'", text)}
     assert len(roots) == 1 and sum("root-supernode" in text for text in aggregators.values()) == 2
     # Each learner reads its own node's data server; the two learners of a cluster share its aggregator.
-    [servers_line] = [line for line in out.getvalue().splitlines() if line.startswith("node data servers: ")]
+    [servers_line] = [line for line in printed.splitlines() if line.startswith("node data servers: ")]
     seat_of = {where: seat for seat, where in re.findall(r"(oak-\S+) (\S+?)(?:,|$)", servers_line)}
     by_aggregator: dict[str, set[str]] = {}
     for text in learners.values():
